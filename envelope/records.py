@@ -1,0 +1,201 @@
+"""Per-request records: the frozen record type, its JSON-lines writer and reader.
+
+A record holds only what was observed while the request ran: monotonic
+timestamps from the worker that sent it, chunk arrival offsets, and the token
+counts the server reported. Every duration (TTFT, TPOT, ITL, E2E) is computed
+later by :mod:`envelope.metrics`.
+
+Timestamps named ``t_*_s`` are ``time.perf_counter()`` readings of one worker
+process; they are only meaningful as differences within one record. The single
+wall-clock reading, ``wall_start_unix_s``, places the record in a stage.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import orjson
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ErrorCategory",
+    "RequestRecord",
+    "RecordWriter",
+    "read_records",
+    "iter_record_files",
+    "RECORD_FIELDS",
+    "record_from_dict",
+]
+
+SCHEMA_VERSION = 1
+
+
+class ErrorCategory:
+    """Names of the failure categories a record can carry (``None`` = success)."""
+
+    HTTP_400 = "http_400"
+    HTTP_401 = "http_401"
+    HTTP_403 = "http_403"
+    HTTP_404 = "http_404"
+    HTTP_429 = "http_429"
+    HTTP_4XX = "http_4xx"  # any other 4xx
+    HTTP_500 = "http_500"
+    HTTP_503 = "http_503"
+    HTTP_5XX = "http_5xx"  # any other 5xx
+    CONNECT_ERROR = "connect_error"  # refused, unreachable, DNS
+    CONNECTION_RESET = "connection_reset"  # dropped while streaming
+    TIMEOUT_CONNECT = "timeout_connect"
+    TIMEOUT_FIRST_TOKEN = "timeout_first_token"
+    TIMEOUT_TOTAL = "timeout_total"
+    MALFORMED_SSE = "malformed_sse"  # an event whose JSON does not parse
+    STREAM_ERROR_EVENT = "stream_error_event"  # 200 with an error object in the stream
+    INCOMPLETE_STREAM = "incomplete_stream"  # ended without [DONE]
+    MISSING_USAGE = "missing_usage"  # no usage reported by the server
+    CLIENT_ERROR = "client_error"  # a bug or unexpected exception in the client
+
+    @staticmethod
+    def for_status(status: int) -> str:
+        """The category for an HTTP error status."""
+        specific = {400, 401, 403, 404, 429, 500, 503}
+        if status in specific:
+            return f"http_{status}"
+        if 400 <= status < 500:
+            return ErrorCategory.HTTP_4XX
+        return ErrorCategory.HTTP_5XX
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRecord:
+    """What one request did, as observed by the worker that sent it."""
+
+    # identity
+    run_id: str
+    request_id: str
+    worker_id: str  # "<host>:<pid>" of the load-generator process
+    client: str  # client (user class) name from the scenario
+    endpoint: str  # "chat" or "completions"
+    pass_name: str
+    stage_index: int  # index of the stage in the whole scenario, 0-based
+    stage_name: str
+    # time
+    wall_start_unix_s: float  # wall clock at t_start_s, to place the record in a stage
+    t_start_s: float  # request about to be sent
+    t_intended_s: float | None = None  # open-loop: when it should have been sent
+    t_first_byte_s: float | None = None  # response headers received
+    t_first_event_s: float | None = None  # first SSE event (often role-only)
+    t_first_token_s: float | None = None  # first chunk with non-empty content
+    t_end_s: float | None = None  # last chunk with non-empty content
+    t_done_s: float | None = None  # stream finished or failed
+    # arrival of every content-carrying chunk, seconds after t_start_s
+    chunk_offsets_s: tuple[float, ...] = ()
+    # tokens carried by each of those chunks (from continuous usage), None if unknown
+    chunk_tokens: tuple[int, ...] | None = None
+    # tokens
+    prompt_tokens: int | None = None  # server usage.prompt_tokens
+    output_tokens: int | None = None  # server usage.completion_tokens, else the estimate
+    output_tokens_estimated: bool = False  # True when output_tokens is the client estimate
+    output_tokens_client_estimate: int | None = None  # content chunks counted by the client
+    requested_prompt_tokens: int | None = None
+    requested_output_tokens: int | None = None
+    # outcome
+    http_status: int | None = None
+    error_category: str | None = None
+    error_detail: str | None = None  # short, never contains a secret
+    # opt-in only
+    prompt_text: str | None = None
+    completion_text: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def ok(self) -> bool:
+        return self.error_category is None
+
+    def to_json_line(self) -> bytes:
+        return orjson.dumps(self) + b"\n"
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))
+
+
+class RecordWriter:
+    """Append records as JSON lines to one file, one ``write`` per record.
+
+    The file is opened unbuffered with ``O_APPEND``, so every record reaches the
+    OS as a single write: an interrupt can lose the record being written but
+    never leaves a torn line that later records would follow.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.count = 0
+
+    def write(self, record: RequestRecord) -> None:
+        if self._fd is None:
+            raise ValueError(f"record writer for {self.path} is closed")
+        os.write(self._fd, record.to_json_line())
+        self.count += 1
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RecordWriter(path={str(self.path)!r}, count={self.count})"
+
+
+def iter_record_files(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The record files of a run directory, one per worker process, sorted."""
+    return sorted((Path(run_dir) / "records").glob("*.jsonl"))
+
+
+def read_records(
+    sources: Iterable[str | os.PathLike[str]] | str | os.PathLike[str] | IO[bytes],
+    *,
+    skipped: list[str] | None = None,
+) -> Iterator[dict]:
+    """Yield record dicts from JSON-lines files (or one open binary file).
+
+    A line that does not parse (a torn last line after a crash) is skipped and
+    described in ``skipped`` when a list is given, so callers can report it.
+    """
+    if hasattr(sources, "read"):
+        yield from _read_lines(sources, "<stream>", skipped)  # type: ignore[arg-type]
+        return
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    for src in sources:
+        with open(src, "rb") as fh:
+            yield from _read_lines(fh, str(src), skipped)
+
+
+def _read_lines(fh: IO[bytes], name: str, skipped: list[str] | None) -> Iterator[dict]:
+    for lineno, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            yield orjson.loads(line)
+        except orjson.JSONDecodeError:
+            if skipped is not None:
+                skipped.append(f"{name}:{lineno}: unreadable record line skipped")
+
+
+def record_from_dict(data: dict) -> RequestRecord:
+    """Rebuild a :class:`RequestRecord` from a parsed JSON line (unknown keys ignored)."""
+    kwargs = {k: data[k] for k in RECORD_FIELDS if k in data}
+    for key in ("chunk_offsets_s", "chunk_tokens"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    return RequestRecord(**kwargs)
+
