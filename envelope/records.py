@@ -55,6 +55,7 @@ class ErrorCategory:
     INCOMPLETE_STREAM = "incomplete_stream"  # ended without [DONE]
     MISSING_USAGE = "missing_usage"  # no usage reported by the server
     CLIENT_ERROR = "client_error"  # a bug or unexpected exception in the client
+    CANCELLED = "cancelled"  # stopped by the load generator itself (run ended or interrupted)
 
     @staticmethod
     def for_status(status: int) -> str:
