@@ -1,0 +1,291 @@
+"""Per-request metrics as pure functions over request records.
+
+Records are taken as mappings with the keys of
+:class:`envelope.records.RequestRecord` (the JSON form). Scalar functions
+return seconds, or None when the metric is undefined for that record (a failed
+request, no first token, fewer than two output tokens for TPOT).
+:func:`per_request_frame` and :func:`itl_values_ms` compute the same numbers
+for many records at once, in milliseconds.
+
+Definitions follow vLLM's benchmark (``vllm bench serve``) except where noted:
+
+- TTFT = ``t_first_token_s - t_start_s``. Differs: vLLM's benchmark stops the
+  clock at the first chunk that has ``choices``, which for chat is the role-only
+  chunk with empty content; ours is the first chunk with non-empty content. vLLM
+  sends both in the same engine step, so the two rarely differ by much.
+- E2E = ``t_end_s - t_start_s``: it ends at the last content chunk, not at
+  ``[DONE]`` or the usage-only chunk. Differs slightly: vLLM's ends at the last
+  chunk with ``choices``, which may be a finish chunk with empty content.
+- TPOT = ``(E2E - TTFT) / (output_tokens - 1)`` with ``output_tokens`` from
+  ``usage.completion_tokens`` (the client estimate when the server sent none).
+  Undefined below two output tokens (vLLM leaves such requests out as well).
+- ITL is **per token**, where vLLM's is per chunk. The gap before content chunk
+  ``i >= 1`` is spread over the ``k_i`` tokens that chunk carried: it contributes
+  ``k_i`` values of ``gap / k_i``. ``k_i`` comes from ``chunk_tokens``; when that
+  is missing, does not match the chunks, or holds a count below one, each chunk
+  counts as one token (vLLM's per-chunk ITL). Tokens beyond the first carried by
+  the *first* content chunk (``k_0 - 1``) contribute no ITL values: they arrived
+  together with the first token, and that wait is TTFT, not ITL. So a request
+  whose chunks each carry one token gives exactly vLLM's ITL values.
+- Only successful requests (``error_category`` null) have TTFT, E2E, TPOT or ITL.
+- :func:`percentiles` uses numpy's default linear interpolation, as vLLM does;
+  an empty input gives NaN where vLLM reports 0.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "ttft_s",
+    "e2e_s",
+    "tpot_s",
+    "itl_s",
+    "request_output_tokens_per_s",
+    "send_lag_s",
+    "percentiles",
+    "per_request_frame",
+    "itl_values_ms",
+    "FRAME_COLUMNS",
+]
+
+_IDENTITY_COLUMNS = (
+    "run_id",
+    "request_id",
+    "worker_id",
+    "client",
+    "endpoint",
+    "pass_name",
+    "stage_index",
+    "stage_name",
+)
+
+FRAME_COLUMNS: tuple[str, ...] = _IDENTITY_COLUMNS + (
+    "wall_start_unix_s",
+    "ok",
+    "error_category",
+    "http_status",
+    "prompt_tokens",
+    "output_tokens",
+    "output_tokens_estimated",
+    "requested_output_tokens",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "request_output_tokens_per_s",
+    "send_lag_ms",
+    "n_chunks",
+    "multi_token_chunks",
+    "itl_mean_ms",
+)
+
+
+def _ok(rec: Mapping[str, Any]) -> bool:
+    return rec.get("error_category") is None
+
+
+def _usable_chunk_tokens(offsets: Sequence[float], tokens: Sequence[int] | None) -> Sequence[int] | None:
+    """``chunk_tokens`` when it describes every chunk with counts >= 1, else None."""
+    if tokens and len(tokens) == len(offsets) and min(tokens) >= 1:
+        return tokens
+    return None
+
+
+def ttft_s(rec: Mapping[str, Any]) -> float | None:
+    """Time to first token: first content chunk minus request start."""
+    t_first = rec.get("t_first_token_s")
+    if t_first is None or not _ok(rec):
+        return None
+    return t_first - rec["t_start_s"]
+
+
+def e2e_s(rec: Mapping[str, Any]) -> float | None:
+    """End-to-end latency: last content chunk minus request start."""
+    t_end = rec.get("t_end_s")
+    if t_end is None or not _ok(rec):
+        return None
+    return t_end - rec["t_start_s"]
+
+
+def tpot_s(rec: Mapping[str, Any]) -> float | None:
+    """Time per output token after the first: ``(E2E - TTFT) / (output_tokens - 1)``."""
+    out = rec.get("output_tokens")
+    if out is None or out < 2:
+        return None
+    ttft, e2e = ttft_s(rec), e2e_s(rec)
+    if ttft is None or e2e is None:
+        return None
+    return (e2e - ttft) / (out - 1)
+
+
+def itl_s(rec: Mapping[str, Any]) -> list[float]:
+    """Per-token inter-token latencies of one request (empty when undefined)."""
+    offsets = rec.get("chunk_offsets_s") or ()
+    if len(offsets) < 2 or not _ok(rec):
+        return []
+    tokens = _usable_chunk_tokens(offsets, rec.get("chunk_tokens"))
+    values: list[float] = []
+    for i in range(1, len(offsets)):
+        gap = offsets[i] - offsets[i - 1]
+        k = tokens[i] if tokens is not None else 1
+        if k == 1:
+            values.append(gap)
+        else:
+            values.extend([gap / k] * k)
+    return values
+
+
+def request_output_tokens_per_s(rec: Mapping[str, Any]) -> float | None:
+    """Output tokens divided by E2E for one request (None when undefined)."""
+    out = rec.get("output_tokens")
+    e2e = e2e_s(rec)
+    if out is None or e2e is None or e2e <= 0:
+        return None
+    return out / e2e
+
+
+def send_lag_s(rec: Mapping[str, Any]) -> float | None:
+    """Open loop only: how late the request was sent, ``t_start_s - t_intended_s``."""
+    intended = rec.get("t_intended_s")
+    if intended is None:
+        return None
+    return rec["t_start_s"] - intended
+
+
+def percentiles(values: Iterable[float | None], qs: Sequence[float] = (50, 90, 95, 99)) -> dict[str, float]:
+    """``{"p50": …, …, "mean": …}`` of ``values`` (None and NaN ignored).
+
+    Uses numpy's default linear interpolation, like vLLM's benchmark. With no
+    values every entry is NaN. Keys are ``f"p{q:g}"`` (``p99.9`` for 99.9).
+    """
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        out = {f"p{q:g}": math.nan for q in qs}
+        out["mean"] = math.nan
+        return out
+    points = np.percentile(arr, list(qs))
+    out = {f"p{q:g}": float(p) for q, p in zip(qs, points)}
+    out["mean"] = float(arr.mean())
+    return out
+
+
+def _float_column(values: list[Any]) -> np.ndarray:
+    # numpy turns None into NaN for float arrays
+    return np.array(values, dtype=float) if values else np.empty(0, dtype=float)
+
+
+def per_request_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per record with the per-request metrics, in milliseconds.
+
+    Columns are :data:`FRAME_COLUMNS`. Undefined metrics are NaN; integer
+    columns are nullable (``Int64``). Agrees with the scalar functions.
+    ``n_chunks`` counts content chunks; ``multi_token_chunks`` those carrying more
+    than one token (0 without usable ``chunk_tokens``); ``itl_mean_ms`` is the
+    mean of the request's per-token ITL values.
+    """
+    recs = records if isinstance(records, list) else list(records)
+    columns: dict[str, Any] = {}
+    for name in _IDENTITY_COLUMNS:
+        columns[name] = [r.get(name) for r in recs]
+    columns["stage_index"] = pd.array(columns["stage_index"], dtype="Int64")
+    columns["wall_start_unix_s"] = _float_column([r.get("wall_start_unix_s") for r in recs])
+
+    errors = [r.get("error_category") for r in recs]
+    ok = np.array([e is None for e in errors], dtype=bool)
+    columns["ok"] = ok
+    columns["error_category"] = errors
+    columns["http_status"] = pd.array([r.get("http_status") for r in recs], dtype="Int64")
+    columns["prompt_tokens"] = pd.array([r.get("prompt_tokens") for r in recs], dtype="Int64")
+    out_list = [r.get("output_tokens") for r in recs]
+    columns["output_tokens"] = pd.array(out_list, dtype="Int64")
+    columns["output_tokens_estimated"] = np.array(
+        [bool(r.get("output_tokens_estimated", False)) for r in recs], dtype=bool
+    )
+    columns["requested_output_tokens"] = pd.array([r.get("requested_output_tokens") for r in recs], dtype="Int64")
+
+    t_start = _float_column([r.get("t_start_s") for r in recs])
+    ttft = _float_column([r.get("t_first_token_s") for r in recs]) - t_start
+    e2e = _float_column([r.get("t_end_s") for r in recs]) - t_start
+    nan = np.nan
+    ttft = np.where(ok, ttft, nan)
+    e2e = np.where(ok, e2e, nan)
+    out = _float_column(out_list)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpot = np.where(out >= 2, (e2e - ttft) / (out - 1), nan)
+        tps = np.where(e2e > 0, out / e2e, nan)
+    columns["ttft_ms"] = ttft * 1000.0
+    columns["tpot_ms"] = tpot * 1000.0
+    columns["e2e_ms"] = e2e * 1000.0
+    columns["request_output_tokens_per_s"] = tps
+    columns["send_lag_ms"] = (t_start - _float_column([r.get("t_intended_s") for r in recs])) * 1000.0
+
+    n_chunks: list[int] = []
+    multi: list[int] = []
+    itl_mean: list[float] = []
+    for r, good in zip(recs, ok.tolist()):
+        offsets = r.get("chunk_offsets_s") or ()
+        n = len(offsets)
+        tokens = _usable_chunk_tokens(offsets, r.get("chunk_tokens"))
+        n_chunks.append(n)
+        if tokens is None:
+            multi.append(0)
+            later_tokens = n - 1
+        else:
+            multi.append(n - tokens.count(1))  # counts are >= 1 here
+            later_tokens = sum(tokens) - tokens[0]
+        # The per-token values telescope: their sum is last minus first offset.
+        if good and n >= 2:
+            itl_mean.append((offsets[-1] - offsets[0]) / later_tokens)
+        else:
+            itl_mean.append(nan)
+    columns["n_chunks"] = np.array(n_chunks, dtype=np.int64)
+    columns["multi_token_chunks"] = np.array(multi, dtype=np.int64)
+    columns["itl_mean_ms"] = _float_column(itl_mean) * 1000.0
+    return pd.DataFrame(columns, columns=list(FRAME_COLUMNS))
+
+
+def itl_values_ms(records: Iterable[Mapping[str, Any]]) -> np.ndarray:
+    """All per-token ITL values of the successful records, concatenated, in ms.
+
+    The same values as :func:`itl_s` (times 1000), computed without a Python
+    loop over chunks.
+    """
+    offsets_list: list[Sequence[float]] = []
+    tokens_list: list[Sequence[int] | None] = []
+    for r in records:
+        offsets = r.get("chunk_offsets_s")
+        if not offsets or len(offsets) < 2 or r.get("error_category") is not None:
+            continue
+        offsets_list.append(offsets)
+        tokens_list.append(_usable_chunk_tokens(offsets, r.get("chunk_tokens")))
+    if not offsets_list:
+        return np.empty(0, dtype=float)
+    lengths = np.fromiter((len(o) for o in offsets_list), dtype=np.int64, count=len(offsets_list))
+    total = int(lengths.sum())
+    flat = np.fromiter(chain.from_iterable(offsets_list), dtype=float, count=total)
+    if any(t is not None for t in tokens_list):
+        k = np.fromiter(
+            chain.from_iterable(t if t is not None else (1,) * len(o) for o, t in zip(offsets_list, tokens_list)),
+            dtype=np.int64,
+            count=total,
+        )
+    else:
+        k = None
+    gaps = np.diff(flat)
+    # drop the "gap" from one record's last chunk to the next record's first
+    starts = np.cumsum(lengths)[:-1]
+    keep = np.ones(total - 1, dtype=bool)
+    keep[starts - 1] = False
+    gaps = gaps[keep]
+    if k is not None:
+        k_later = k[1:][keep]
+        if k_later.size and int(k_later.max()) > 1:
+            gaps = np.repeat(gaps / k_later, k_later)
+    gaps *= 1000.0
+    return gaps

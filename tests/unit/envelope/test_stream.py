@@ -1,0 +1,352 @@
+import http.client
+import socket
+
+import orjson
+import pytest
+
+from envelope.records import RequestRecord
+from envelope.stream import StreamObserver, category_for_exception
+
+
+def chat_chunk(content=None, *, role=False, completion_tokens=None, prompt_tokens=12, finish=None, choices=True):
+    """A vLLM-shaped chat.completion.chunk as JSON bytes."""
+    obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    if choices:
+        delta = {}
+        if role:
+            delta["role"] = "assistant"
+        if content is not None:
+            delta["content"] = content
+        obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    else:
+        obj["choices"] = []
+    if completion_tokens is not None:
+        obj["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens,
+        }
+    return orjson.dumps(obj)
+
+
+def completion_chunk(text, completion_tokens=None):
+    obj = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}],
+    }
+    if completion_tokens is not None:
+        obj["usage"] = {"prompt_tokens": 5, "total_tokens": 5 + completion_tokens, "completion_tokens": completion_tokens}
+    return orjson.dumps(obj)
+
+
+T0 = 100.0
+
+# continuous usage: role-only chunk, then " the" (1 token), " quick brown" (2), " fox" (1),
+# a finish chunk with empty content, the usage-only chunk, [DONE]
+CONTINUOUS = [
+    (100.50, chat_chunk("", role=True, completion_tokens=0)),
+    (100.52, chat_chunk(" the", completion_tokens=1)),
+    (100.60, chat_chunk(" quick brown", completion_tokens=3)),
+    (100.65, chat_chunk(" fox", completion_tokens=4)),
+    (100.66, chat_chunk("", completion_tokens=4, finish="length")),
+    (100.67, chat_chunk(None, choices=False, completion_tokens=4)),
+    (100.68, b"[DONE]"),
+]
+
+
+def by_bytes(events, *, t_finish=101.0, split=None, keep_text=False):
+    obs = StreamObserver(T0, keep_text=keep_text)
+    for t, payload in events:
+        raw = b"data: " + payload + b"\n\n"
+        if split is None:
+            obs.on_bytes(raw, t)
+        else:  # one event split over two reads at the same time
+            obs.on_bytes(raw[:split], t)
+            obs.on_bytes(raw[split:], t)
+    return obs, obs.finish(t_finish, http_status=200)
+
+
+def by_events(events, *, t_finish=101.0, parsed=False):
+    obs = StreamObserver(T0)
+    for t, payload in events:
+        if parsed and payload != b"[DONE]":
+            obs.on_event(orjson.loads(payload), t)
+        else:
+            obs.on_event(payload, t)
+    return obs, obs.finish(t_finish, http_status=200)
+
+
+def test_continuous_usage_stream():
+    obs, f = by_bytes(CONTINUOUS)
+    assert obs.usage_seen
+    assert f["t_first_event_s"] == 100.50  # the role-only chunk
+    assert f["t_first_token_s"] == 100.52  # first non-empty content
+    assert f["t_end_s"] == 100.65  # last content chunk, not the finish chunk or [DONE]
+    assert f["t_done_s"] == 101.0
+    assert f["chunk_offsets_s"] == pytest.approx((0.52, 0.60, 0.65))
+    assert f["chunk_tokens"] == (1, 2, 1)  # 1-0, 3-1, 4-3
+    assert f["prompt_tokens"] == 12
+    assert f["output_tokens"] == 4
+    assert f["output_tokens_estimated"] is False
+    assert f["output_tokens_client_estimate"] == 3
+    assert f["error_category"] is None and f["error_detail"] is None
+    assert f["http_status"] == 200
+    assert "completion_text" not in f
+
+
+def test_fields_build_a_record():
+    _, f = by_bytes(CONTINUOUS)
+    rec = RequestRecord(
+        run_id="r", request_id="1", worker_id="h:1", client="c", endpoint="chat",
+        pass_name="p", stage_index=0, stage_name="s", wall_start_unix_s=0.0, t_start_s=T0, **f,
+    )
+    assert rec.ok and rec.output_tokens == 4
+
+
+@pytest.mark.parametrize("split", [None, 1, 3, 5, 6, 40, -2, -1])
+def test_bytes_events_and_dicts_agree(split):
+    _, from_bytes = by_bytes(CONTINUOUS, split=split)
+    _, from_events = by_events(CONTINUOUS)
+    _, from_dicts = by_events(CONTINUOUS, parsed=True)
+    assert from_bytes == from_events == from_dicts
+
+
+def test_all_events_in_one_read_with_crlf():
+    raw = b"".join(b"data: " + p + b"\r\n\r\n" for _, p in CONTINUOUS)
+    obs = StreamObserver(T0)
+    obs.on_bytes(raw[:7], 100.7)
+    obs.on_bytes(raw[7:], 100.8)
+    f = obs.finish(101.0)
+    # every event finished by the second read gets its time
+    assert f["t_first_event_s"] == 100.8 and f["t_first_token_s"] == 100.8 and f["t_end_s"] == 100.8
+    assert f["chunk_tokens"] == (1, 2, 1)
+    assert f["error_category"] is None
+
+
+def test_final_usage_only_chunk_without_continuous_usage():
+    events = [
+        (100.5, chat_chunk("", role=True)),
+        (100.6, chat_chunk("a")),
+        (100.7, chat_chunk("b")),
+        (100.8, chat_chunk(None, choices=False, completion_tokens=2, prompt_tokens=30)),
+        (100.9, b"[DONE]"),
+    ]
+    for _, f in (by_bytes(events), by_events(events), by_events(events, parsed=True)):
+        assert f["chunk_tokens"] is None  # content chunks carried no usage
+        assert f["output_tokens"] == 2 and f["output_tokens_estimated"] is False
+        assert f["prompt_tokens"] == 30
+        assert f["t_end_s"] == 100.7
+        assert f["error_category"] is None
+
+
+def test_no_usage_falls_back_to_client_estimate():
+    events = [(100.5, chat_chunk("", role=True)), (100.6, chat_chunk("a")), (100.7, chat_chunk("b")), (100.8, b"[DONE]")]
+    obs, f = by_bytes(events)
+    assert not obs.usage_seen
+    assert f["output_tokens"] == 2 and f["output_tokens_estimated"] is True
+    assert f["output_tokens_client_estimate"] == 2
+    assert f["prompt_tokens"] is None
+    assert f["error_category"] is None  # missing usage alone is not a failure
+
+
+def test_partial_usage_gives_no_chunk_tokens():
+    events = [
+        (100.6, chat_chunk("a", completion_tokens=1)),
+        (100.7, chat_chunk("b")),  # this one lacks usage
+        (100.8, chat_chunk("c", completion_tokens=3)),
+        (100.9, b"[DONE]"),
+    ]
+    _, f = by_bytes(events)
+    assert f["chunk_tokens"] is None
+    assert f["output_tokens"] == 3
+
+
+def test_first_chunk_with_two_tokens_and_no_role_chunk():
+    events = [(100.6, chat_chunk("ab", completion_tokens=2)), (100.7, chat_chunk("c", completion_tokens=3)), (100.8, b"[DONE]")]
+    _, f = by_bytes(events)
+    assert f["chunk_tokens"] == (2, 1)  # 2-0, 3-2
+
+
+def test_tokens_of_an_empty_content_chunk_go_to_the_next_content_chunk():
+    # a token whose text is held back (half a UTF-8 character) arrives with no content
+    events = [
+        (100.6, chat_chunk("a", completion_tokens=1)),
+        (100.7, chat_chunk("", completion_tokens=2)),
+        (100.8, chat_chunk("\u00e9", completion_tokens=3)),
+        (100.9, b"[DONE]"),
+    ]
+    _, f = by_bytes(events)
+    assert f["chunk_tokens"] == (1, 2)  # 1-0, 3-1
+    assert f["output_tokens_client_estimate"] == 2
+
+
+def test_reasoning_content_counts_as_content():
+    reasoning = orjson.dumps({"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]})
+    reasoning2 = orjson.dumps({"choices": [{"index": 0, "delta": {"reasoning": "so"}}]})
+    events = [(100.6, reasoning), (100.7, reasoning2), (100.8, chat_chunk("x")), (100.9, b"[DONE]")]
+    _, f = by_bytes(events)
+    assert f["t_first_token_s"] == 100.6
+    assert f["output_tokens_client_estimate"] == 3
+
+
+def test_completions_text_chunks_and_keep_text():
+    events = [(100.6, completion_chunk("Hello", 1)), (100.7, completion_chunk(" world", 2)), (100.8, b"[DONE]")]
+    obs, f = by_bytes(events, keep_text=True)
+    assert f["chunk_offsets_s"] == pytest.approx((0.6, 0.7))
+    assert f["chunk_tokens"] == (1, 1)
+    assert f["completion_text"] == "Hello world" == obs.text
+    assert f["prompt_tokens"] == 5
+
+
+def test_chat_keep_text_skips_role_and_reasoning():
+    events = CONTINUOUS[:1] + [(100.51, orjson.dumps({"choices": [{"delta": {"reasoning_content": "r"}}]}))] + CONTINUOUS[1:]
+    _, f = by_bytes(events, keep_text=True)
+    assert f["completion_text"] == " the quick brown fox"
+
+
+def test_no_done_is_incomplete_stream():
+    _, f = by_bytes(CONTINUOUS[:4])
+    assert f["error_category"] == "incomplete_stream"
+    assert f["output_tokens"] == 4  # what was observed is kept
+    _, f = by_events(CONTINUOUS[:4])
+    assert f["error_category"] == "incomplete_stream"
+
+
+def test_final_done_without_blank_line_is_flushed_at_last_read_time():
+    obs = StreamObserver(T0)
+    obs.on_bytes(b"data: " + chat_chunk("a", completion_tokens=1) + b"\n\n", 100.5)
+    obs.on_bytes(b"data: " + chat_chunk("b", completion_tokens=2) + b"\n\ndata: [DONE]", 100.6)
+    f = obs.finish(101.0)
+    assert obs.done
+    assert f["error_category"] is None
+    assert f["t_end_s"] == 100.6
+
+
+def test_last_event_without_blank_line_keeps_its_read_time():
+    obs = StreamObserver(T0)
+    obs.on_bytes(b"data: " + chat_chunk("a", completion_tokens=1), 100.5)
+    f = obs.finish(101.0)
+    assert f["t_end_s"] == 100.5  # the bytes arrived at 100.5, not at finish
+    assert f["error_category"] == "incomplete_stream"
+
+
+ERROR_NESTED = orjson.dumps({"error": {"object": "error", "message": "boom " * 100, "type": "InternalServerError", "code": 500}})
+ERROR_FLAT = orjson.dumps({"object": "error", "message": "engine died", "type": "BadRequestError", "code": 400})
+
+
+def test_error_event_nested():
+    events = CONTINUOUS[:3] + [(100.7, ERROR_NESTED), (100.8, b"[DONE]")]
+    _, f = by_bytes(events)
+    assert f["error_category"] == "stream_error_event"
+    assert len(f["error_detail"]) == 200
+    assert f["error_detail"].startswith("boom boom")
+    assert f["t_end_s"] == 100.60
+
+
+def test_error_event_flat_and_first_error_wins():
+    events = [(100.6, chat_chunk("a")), (100.7, ERROR_FLAT), (100.75, b"{bad"), (100.8, b"[DONE]")]
+    for _, f in (by_bytes(events), by_events(events)):
+        assert f["error_category"] == "stream_error_event"
+        assert f["error_detail"] == "engine died"
+
+
+def test_malformed_event_is_recorded_and_consumption_continues():
+    events = [(100.6, chat_chunk("a", completion_tokens=1)), (100.65, b'{"choices": [tru'), (100.7, chat_chunk("b", completion_tokens=2)), (100.8, b"[DONE]")]
+    obs, f = by_bytes(events)
+    assert f["error_category"] == "malformed_sse"
+    assert f["error_detail"] == '{"choices": [tru'
+    assert f["chunk_tokens"] == (1, 1)
+    assert obs.done
+
+
+def test_non_object_json_is_malformed():
+    _, f = by_events([(100.6, b"42"), (100.8, b"[DONE]")])
+    assert f["error_category"] == "malformed_sse"
+
+
+def test_explicit_error_wins():
+    obs = StreamObserver(T0)
+    obs.on_event(ERROR_FLAT, 100.5)
+    f = obs.finish(101.0, error_category="timeout_total", error_detail="deadline 1 s", http_status=200)
+    assert f["error_category"] == "timeout_total" and f["error_detail"] == "deadline 1 s"
+    assert f["t_first_event_s"] == 100.5
+
+
+def test_nothing_received():
+    f = StreamObserver(T0).finish(101.0, error_category="http_503", http_status=503)
+    assert f["t_first_event_s"] is None and f["t_first_token_s"] is None and f["t_end_s"] is None
+    assert f["chunk_offsets_s"] == () and f["chunk_tokens"] is None
+    assert f["output_tokens"] == 0 and f["output_tokens_estimated"] is True
+    assert f["error_category"] == "http_503" and f["http_status"] == 503
+
+
+class Timeout(BaseException):
+    """Stands in for gevent.timeout.Timeout, matched by class name."""
+
+
+class APIConnectionError(Exception):
+    pass
+
+
+class RemoteProtocolError(Exception):
+    pass
+
+
+def _wrapped(outer, inner):
+    try:
+        try:
+            raise inner
+        except BaseException as e:
+            raise outer from e
+    except BaseException as e:
+        return e
+
+
+@pytest.mark.parametrize(
+    ("exc", "category"),
+    [
+        (ConnectionRefusedError(), "connect_error"),
+        (socket.gaierror(), "connect_error"),
+        (ConnectionResetError(), "connection_reset"),
+        (BrokenPipeError(), "connection_reset"),
+        (http.client.IncompleteRead(b"x"), "connection_reset"),
+        (socket.timeout(), "timeout_total"),
+        (TimeoutError(), "timeout_total"),
+        (Timeout(), "timeout_total"),
+        (ValueError("bug"), "client_error"),
+        (KeyError("bug"), "client_error"),
+        (APIConnectionError(), "connect_error"),
+        (_wrapped(APIConnectionError(), RemoteProtocolError()), "connection_reset"),
+        (_wrapped(RuntimeError(), ConnectionRefusedError()), "connect_error"),
+    ],
+)
+def test_category_for_exception(exc, category):
+    assert category_for_exception(exc) == category
+
+
+def test_category_for_real_client_exceptions():
+    httpx = pytest.importorskip("httpx")
+    openai = pytest.importorskip("openai")
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    assert category_for_exception(httpx.ConnectTimeout("t")) == "timeout_connect"
+    assert category_for_exception(httpx.ReadTimeout("t")) == "timeout_total"
+    assert category_for_exception(httpx.ConnectError("c")) == "connect_error"
+    assert category_for_exception(httpx.RemoteProtocolError("peer closed")) == "connection_reset"
+    # APITimeoutError subclasses APIConnectionError: it must still be a timeout
+    assert category_for_exception(openai.APITimeoutError(request=request)) == "timeout_total"
+    assert category_for_exception(openai.APIConnectionError(request=request)) == "connect_error"
+
+
+def test_openai_sdk_chunk_dumps_agree_with_bytes():
+    # the openai client feeds ChatCompletionChunk.model_dump(): every field present, unset ones None
+    chunk_type = pytest.importorskip("openai.types.chat").ChatCompletionChunk
+    obs = StreamObserver(T0)
+    for t, payload in CONTINUOUS:
+        if payload == b"[DONE]":
+            obs.on_event(payload, t)
+        else:
+            obs.on_event(chunk_type.model_validate_json(payload).model_dump(), t)
+    assert obs.finish(101.0, http_status=200) == by_bytes(CONTINUOUS)[1]
