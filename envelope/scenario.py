@@ -1,0 +1,559 @@
+"""Scenarios: the YAML a user writes, validated into frozen models, and its resolved form.
+
+A scenario is a list of *passes* (one question each: "is it alive", "does it
+batch", ...), each a list of *stages* (a number of users held for a duration).
+Settings cascade, merged key by key for ``workload``, ``slos`` and ``timeouts``::
+
+    defaults  <  client  <  pass  <  stage
+
+A later level overrides only the keys it sets; setting a key to ``null``
+overrides it with null (for an SLO: no target; for ``output_tokens``: free
+length). Client classes override only ``workload`` (plus their own transport
+and endpoint); passes and stages override all three.
+
+Token counts are either a positive integer or a distribution. ``prompt_tokens``
+is the whole prompt as the server counts it, shared system prefix included, so
+it is comparable with the server's ``prompt_tokens`` counters. When
+``context_fill_ratio`` is set it wins over ``prompt_tokens``: the prompt is
+``floor(ratio * max_model_len) - max(output_tokens)``, known only once the
+server's ``max_model_len`` is.
+
+:meth:`Scenario.resolve` flattens passes into :class:`ResolvedStage` objects,
+which is all the load generator needs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from envelope.config import ConfigError, FieldError, StrictModel, load_yaml_model
+
+__all__ = [
+    "Distribution",
+    "TokenCount",
+    "token_lower",
+    "token_upper",
+    "token_summary",
+    "Timeouts",
+    "Slos",
+    "Workload",
+    "Defaults",
+    "Client",
+    "Stage",
+    "Pass",
+    "Quick",
+    "Scenario",
+    "ResolvedClient",
+    "ResolvedStage",
+    "load_scenario",
+    "check_against_server",
+    "ConfigError",
+]
+
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Distribution(StrictModel):
+    """A distribution of token counts; :meth:`sample` draws a positive integer.
+
+    - ``uniform``: integers in ``[min, max]``.
+    - ``normal``: ``mean``, ``stddev``, rounded and clipped to ``[min, max]``.
+    - ``lognormal``: ``mean`` (the distribution's mean, in tokens) and ``sigma``
+      (the shape: standard deviation of the log), rounded and clipped to ``[min, max]``.
+    - ``choice``: one of ``values``, with optional relative ``weights``.
+
+    ``min`` defaults to 1; ``max`` is required except for ``choice``, so that a
+    scenario's largest request is always known before it runs.
+    """
+
+    distribution: Literal["uniform", "normal", "lognormal", "choice"]
+    min: PositiveInt | None = None
+    max: PositiveInt | None = None
+    mean: PositiveFloat | None = None
+    stddev: Annotated[float, Field(ge=0)] | None = None
+    sigma: Annotated[float, Field(ge=0)] | None = None
+    values: list[PositiveInt] | None = None
+    weights: list[PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Distribution:
+        kind = self.distribution
+        needed = {
+            "uniform": ("min", "max"),
+            "normal": ("mean", "stddev", "max"),
+            "lognormal": ("mean", "sigma", "max"),
+            "choice": ("values",),
+        }[kind]
+        allowed = set(needed) | {"min"} | ({"weights"} if kind == "choice" else set())
+        if kind == "choice":
+            allowed.discard("min")
+        for key in ("min", "max", "mean", "stddev", "sigma", "values", "weights"):
+            value = getattr(self, key)
+            if key in needed and value is None:
+                raise FieldError(f"a {kind} distribution needs {key!r}", at=())
+            if key not in allowed and value is not None:
+                raise FieldError(f"{key!r} does not apply to a {kind} distribution", at=(key,))
+        if kind != "choice" and self.lower > self.upper:
+            raise FieldError(f"min ({self.lower}) is greater than max ({self.upper})", at=("min",))
+        if kind == "choice":
+            assert self.values is not None
+            if not self.values:
+                raise FieldError("'values' must not be empty", at=("values",))
+            if self.weights is not None and len(self.weights) != len(self.values):
+                raise FieldError(
+                    f"'weights' has {len(self.weights)} entries but 'values' has {len(self.values)}", at=("weights",)
+                )
+        return self
+
+    @property
+    def lower(self) -> int:
+        """The smallest value :meth:`sample` can return."""
+        if self.distribution == "choice":
+            return min(self.values or [1])
+        return self.min if self.min is not None else 1
+
+    @property
+    def upper(self) -> int:
+        """The largest value :meth:`sample` can return."""
+        if self.distribution == "choice":
+            return max(self.values or [1])
+        assert self.max is not None
+        return self.max
+
+    def sample(self, rng: random.Random) -> int:
+        """Draw one value using ``rng`` (deterministic for a seeded ``rng``)."""
+        kind = self.distribution
+        if kind == "uniform":
+            return rng.randint(self.lower, self.upper)
+        if kind == "choice":
+            assert self.values is not None
+            return rng.choices(self.values, weights=self.weights, k=1)[0]
+        if kind == "normal":
+            assert self.mean is not None and self.stddev is not None
+            raw = rng.gauss(self.mean, self.stddev)
+        else:
+            assert self.mean is not None and self.sigma is not None
+            # mean of a lognormal is exp(mu + sigma^2 / 2)
+            mu = math.log(self.mean) - self.sigma**2 / 2
+            raw = rng.lognormvariate(mu, self.sigma)
+        return min(self.upper, max(self.lower, round(raw)))
+
+    def summary(self) -> str:
+        """A short human label, e.g. ``uniform(100..500)``."""
+        kind = self.distribution
+        if kind == "uniform":
+            return f"uniform({self.lower}..{self.upper})"
+        if kind == "normal":
+            return f"normal({_num(self.mean)}±{_num(self.stddev)}, {self.lower}..{self.upper})"
+        if kind == "lognormal":
+            return f"lognormal(mean {_num(self.mean)}, sigma {_num(self.sigma)}, {self.lower}..{self.upper})"
+        return f"choice({', '.join(str(v) for v in self.values or [])})"
+
+
+def _num(value: float | None) -> str:
+    return "?" if value is None else (str(int(value)) if float(value).is_integer() else str(value))
+
+
+def _token_kind(value: Any) -> str:
+    return "dict" if isinstance(value, dict) or isinstance(value, Distribution) else "int"
+
+
+# The tags "int" and "dict" are dropped from error paths by envelope.config.
+TokenCount = Annotated[
+    Union[Annotated[PositiveInt, Tag("int")], Annotated[Distribution, Tag("dict")]],
+    Discriminator(_token_kind),
+]
+"""A positive integer or a :class:`Distribution`."""
+
+
+def token_upper(value: int | Distribution | None) -> int | None:
+    """The largest count ``value`` can produce; ``None`` stays ``None``."""
+    if value is None or isinstance(value, int):
+        return value
+    return value.upper
+
+
+def token_lower(value: int | Distribution | None) -> int | None:
+    """The smallest count ``value`` can produce; ``None`` stays ``None``."""
+    if value is None or isinstance(value, int):
+        return value
+    return value.lower
+
+
+def token_summary(value: int | Distribution | None) -> int | str | None:
+    """An int as itself, a distribution as its short label, ``None`` as ``None``."""
+    if value is None or isinstance(value, int):
+        return value
+    return value.summary()
+
+
+class _Mergeable(StrictModel):
+    def merged(self, override: Self | None) -> Self:
+        """A copy with the keys ``override`` explicitly set replacing ours."""
+        if override is None:
+            return self
+        update = {key: getattr(override, key) for key in override.model_fields_set}
+        return self.model_copy(update=update)
+
+
+class Timeouts(_Mergeable):
+    """Per-request timeouts, in seconds."""
+
+    connect_s: PositiveFloat = 10.0
+    first_token_s: PositiveFloat = 120.0
+    total_s: PositiveFloat = 600.0
+
+
+class Slos(_Mergeable):
+    """Service-level objectives a stage is judged against; unset means no target."""
+
+    ttft_p50_ms: PositiveFloat | None = None
+    ttft_p90_ms: PositiveFloat | None = None
+    ttft_p95_ms: PositiveFloat | None = None
+    ttft_p99_ms: PositiveFloat | None = None
+    tpot_p50_ms: PositiveFloat | None = None
+    tpot_p90_ms: PositiveFloat | None = None
+    tpot_p95_ms: PositiveFloat | None = None
+    tpot_p99_ms: PositiveFloat | None = None
+    itl_p50_ms: PositiveFloat | None = None
+    itl_p90_ms: PositiveFloat | None = None
+    itl_p95_ms: PositiveFloat | None = None
+    itl_p99_ms: PositiveFloat | None = None
+    e2e_p50_ms: PositiveFloat | None = None
+    e2e_p90_ms: PositiveFloat | None = None
+    e2e_p95_ms: PositiveFloat | None = None
+    e2e_p99_ms: PositiveFloat | None = None
+    error_rate_max: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_output_tokens_per_s: PositiveFloat | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """The targets that are set, as a plain dict."""
+        return {key: value for key, value in self.model_dump().items() if value is not None}
+
+
+class Workload(_Mergeable):
+    """What each request looks like.
+
+    ``fixed_output`` asks for exactly ``output_tokens`` (``max_tokens = min_tokens``
+    and ``ignore_eos``); ``output_tokens: null`` lets the server decide.
+    ``system_prefix_tokens`` of the prompt are a prefix shared by every request
+    (prefix-cache friendly); they count towards ``prompt_tokens``.
+    """
+
+    prompt_tokens: TokenCount = 300
+    output_tokens: TokenCount | None = 128
+    fixed_output: bool = True
+    system_prefix_tokens: Annotated[int, Field(strict=True, ge=0)] = 0
+    context_fill_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+
+    @property
+    def long_context(self) -> bool:
+        """True when the prompt length comes from ``context_fill_ratio``."""
+        return self.context_fill_ratio is not None
+
+    def context_prompt_tokens(self, *, max_model_len: int) -> int:
+        """The long-context prompt length: ``floor(ratio * max_model_len) - max(output_tokens)``."""
+        if self.context_fill_ratio is None:
+            raise ValueError("context_prompt_tokens needs a context_fill_ratio")
+        return math.floor(self.context_fill_ratio * max_model_len) - (token_upper(self.output_tokens) or 0)
+
+    def max_prompt_tokens(self, *, max_model_len: int | None = None) -> int | None:
+        """The longest prompt this workload sends; ``None`` for long context without ``max_model_len``."""
+        if self.context_fill_ratio is not None:
+            return None if max_model_len is None else self.context_prompt_tokens(max_model_len=max_model_len)
+        return token_upper(self.prompt_tokens)
+
+    def sample_prompt_tokens(self, rng: random.Random, *, max_model_len: int | None = None) -> int:
+        """One prompt length; long-context workloads need ``max_model_len``."""
+        if self.context_fill_ratio is not None:
+            if max_model_len is None:
+                raise ValueError("a context_fill_ratio workload needs the server's max_model_len")
+            return self.context_prompt_tokens(max_model_len=max_model_len)
+        return _sample(self.prompt_tokens, rng)
+
+    def sample_output_tokens(self, rng: random.Random) -> int | None:
+        """One output length, or ``None`` for free length."""
+        return None if self.output_tokens is None else _sample(self.output_tokens, rng)
+
+    def summary(self, *, max_model_len: int | None = None) -> dict[str, Any]:
+        """``{prompt_tokens, output_tokens, long_context}`` as written to stages.json.
+
+        A long-context prompt is a number only when ``max_model_len`` is given,
+        otherwise a label such as ``"fill 0.85 of max_model_len"``.
+        """
+        if self.context_fill_ratio is not None:
+            prompt: int | str | None = (
+                f"fill {_num(self.context_fill_ratio)} of max_model_len"
+                if max_model_len is None
+                else self.context_prompt_tokens(max_model_len=max_model_len)
+            )
+        else:
+            prompt = token_summary(self.prompt_tokens)
+        return {
+            "prompt_tokens": prompt,
+            "output_tokens": token_summary(self.output_tokens),
+            "long_context": self.long_context,
+        }
+
+
+def _sample(value: int | Distribution, rng: random.Random) -> int:
+    return value if isinstance(value, int) else value.sample(rng)
+
+
+Transport = Literal["fasthttp", "openai"]
+Endpoint = Literal["chat", "completions"]
+
+
+class Defaults(StrictModel):
+    """Settings every stage starts from."""
+
+    client: Transport = "fasthttp"
+    endpoint: Endpoint = "chat"
+    timeouts: Timeouts = Timeouts()
+    workload: Workload = Workload()
+    slos: Slos = Slos()
+
+
+class Client(StrictModel):
+    """A weighted class of simulated users with its own transport, endpoint and workload."""
+
+    name: Annotated[str, Field(min_length=1)]
+    weight: PositiveFloat = 1.0
+    client: Transport | None = None
+    endpoint: Endpoint | None = None
+    workload: Workload | None = None
+
+
+class Stage(StrictModel):
+    """A number of users held for a duration."""
+
+    name: Annotated[str, Field(min_length=1)] | None = None
+    users: PositiveInt
+    spawn_rate: PositiveFloat | None = None
+    duration_s: PositiveFloat
+    workload: Workload | None = None
+    slos: Slos | None = None
+    timeouts: Timeouts | None = None
+
+
+class Pass(StrictModel):
+    """A group of stages that answers one question."""
+
+    name: Annotated[str, Field(min_length=1)]
+    description: str = ""
+    workload: Workload | None = None
+    slos: Slos | None = None
+    timeouts: Timeouts | None = None
+    stages: list[Stage]
+
+    @field_validator("stages")
+    @classmethod
+    def _not_empty(cls, stages: list[Stage]) -> list[Stage]:
+        if not stages:
+            raise ValueError("a pass needs at least one stage")
+        return stages
+
+
+class Quick(StrictModel):
+    """How ``--quick`` shortens the scenario."""
+
+    duration_scale: Annotated[float, Field(gt=0, le=1)] = 0.25
+    min_stage_s: Annotated[float, Field(ge=0)] = 10.0
+
+
+_DEFAULT_CLIENTS = (Client(name="default", weight=1.0),)
+
+
+class Scenario(StrictModel):
+    """A whole scenario file."""
+
+    name: Annotated[str, Field(min_length=1)]
+    description: str = ""
+    seed: int = 0
+    model: str | None = None
+    defaults: Defaults = Defaults()
+    record_text: bool = False
+    clients: list[Client] = Field(default_factory=lambda: list(_DEFAULT_CLIENTS))
+    passes: list[Pass]
+    quick: Quick = Quick()
+
+    @field_validator("passes", "clients")
+    @classmethod
+    def _not_empty(cls, items: list, info) -> list:
+        if not items:
+            raise ValueError(f"{info.field_name!r} must not be empty")
+        return items
+
+    @model_validator(mode="after")
+    def _check_names_and_prefix(self) -> Scenario:
+        _check_unique([c.name for c in self.clients], "client", lambda i: ("clients", i, "name"))
+        _check_unique([p.name for p in self.passes], "pass", lambda i: ("passes", i, "name"))
+        seen: dict[str, tuple[str | int, ...]] = {}
+        for pi, pass_ in enumerate(self.passes):
+            for si, stage in enumerate(pass_.stages):
+                name = _stage_name(pass_, stage)
+                at: tuple[str | int, ...] = ("passes", pi, "stages", si) + (("name",) if stage.name else ())
+                if name in seen:
+                    raise FieldError(f"duplicate stage name {name!r}", at=at)
+                seen[name] = at
+                for client in self.clients:
+                    workload = self._workload(client, pass_, stage)
+                    low = token_lower(workload.prompt_tokens)
+                    if not workload.long_context and low is not None and workload.system_prefix_tokens >= low:
+                        raise FieldError(
+                            f"stage {name!r}, client {client.name!r}: system_prefix_tokens "
+                            f"({workload.system_prefix_tokens}) must be less than the shortest prompt ({low}); "
+                            "prompt_tokens includes the prefix",
+                            at=("passes", pi, "stages", si),
+                        )
+        return self
+
+    def _workload(self, client: Client, pass_: Pass, stage: Stage) -> Workload:
+        return self.defaults.workload.merged(client.workload).merged(pass_.workload).merged(stage.workload)
+
+    def resolve(self, *, quick: bool = False, duration_scale: float | None = None) -> list[ResolvedStage]:
+        """Flatten passes into stages with every setting merged.
+
+        With ``quick`` (or an explicit ``duration_scale``, which wins over
+        ``quick.duration_scale``) each duration becomes
+        ``max(quick.min_stage_s, duration_s * scale)``, but never longer than written.
+        """
+        if duration_scale is not None and duration_scale <= 0:
+            raise ValueError(f"duration_scale must be positive (got {duration_scale!r})")
+        scale = duration_scale if duration_scale is not None else (self.quick.duration_scale if quick else None)
+        stages: list[ResolvedStage] = []
+        for pi, pass_ in enumerate(self.passes):
+            for stage in pass_.stages:
+                duration_s = float(stage.duration_s)
+                if scale is not None:
+                    duration_s = min(duration_s, max(self.quick.min_stage_s, duration_s * scale))
+                clients = tuple(
+                    ResolvedClient(
+                        name=client.name,
+                        weight=client.weight,
+                        transport=client.client or self.defaults.client,
+                        endpoint=client.endpoint or self.defaults.endpoint,
+                        workload=self._workload(client, pass_, stage),
+                    )
+                    for client in self.clients
+                )
+                stages.append(
+                    ResolvedStage(
+                        index=len(stages),
+                        pass_index=pi,
+                        pass_name=pass_.name,
+                        name=_stage_name(pass_, stage),
+                        users=stage.users,
+                        spawn_rate=float(stage.spawn_rate if stage.spawn_rate is not None else stage.users),
+                        duration_s=duration_s,
+                        slos=self.defaults.slos.merged(pass_.slos).merged(stage.slos).as_dict(),
+                        timeouts=self.defaults.timeouts.merged(pass_.timeouts).merged(stage.timeouts),
+                        clients=clients,
+                    )
+                )
+        return stages
+
+
+def _stage_name(pass_: Pass, stage: Stage) -> str:
+    return stage.name or f"{pass_.name}-{stage.users}u"
+
+
+def _check_unique(names: list[str], what: str, at) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise FieldError(f"duplicate {what} name {name!r}", at=at(i))
+        seen.add(name)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResolvedClient:
+    """One client class as it runs in a stage: weight, transport, endpoint, merged workload."""
+
+    name: str
+    weight: float
+    transport: str
+    endpoint: str
+    workload: Workload
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResolvedStage:
+    """One stage with everything merged; ``index`` counts stages across passes from 0."""
+
+    index: int
+    pass_index: int
+    pass_name: str
+    name: str
+    users: int
+    spawn_rate: float
+    duration_s: float
+    slos: dict[str, float]
+    timeouts: Timeouts
+    clients: tuple[ResolvedClient, ...]
+
+    def describe(self, *, max_model_len: int | None = None) -> dict[str, Any]:
+        """The stages.json entry for this stage, without start and end times.
+
+        ``workload`` summarises the first client; when client classes differ,
+        ``clients`` maps each client name to its own summary. Pass the server's
+        ``max_model_len`` to turn long-context prompt lengths into numbers.
+        """
+        summaries = [client.workload.summary(max_model_len=max_model_len) for client in self.clients]
+        out: dict[str, Any] = {
+            "pass_index": self.pass_index,
+            "pass_name": self.pass_name,
+            "stage_index": self.index,
+            "stage_name": self.name,
+            "kind": "users",
+            "target_users": self.users,
+            "spawn_rate": self.spawn_rate,
+            "target_rate_per_s": None,
+            "duration_s": self.duration_s,
+            "slos": dict(self.slos),
+            "workload": summaries[0],
+        }
+        if any(s != summaries[0] for s in summaries[1:]):
+            out["clients"] = {client.name: summary for client, summary in zip(self.clients, summaries)}
+        return out
+
+
+def load_scenario(path: str | os.PathLike[str], *, text: str | None = None) -> Scenario:
+    """Load and validate a scenario file; errors are :class:`ConfigError` ``file:line: path: message``."""
+    return load_yaml_model(path, Scenario, text=text)
+
+
+def check_against_server(scenario: Scenario, *, max_model_len: int) -> list[str]:
+    """One line per stage and client whose largest request does not fit ``max_model_len``."""
+    problems: list[str] = []
+    for stage in scenario.resolve():
+        for client in stage.clients:
+            where = f"pass {stage.pass_name!r}, stage {stage.name!r}" + (
+                f", client {client.name!r}" if len(stage.clients) > 1 else ""
+            )
+            workload = client.workload
+            output_max = token_upper(workload.output_tokens) or 0
+            if workload.long_context:
+                prompt = workload.context_prompt_tokens(max_model_len=max_model_len)
+                if prompt <= workload.system_prefix_tokens:
+                    problems.append(
+                        f"{where}: context_fill_ratio {_num(workload.context_fill_ratio)} of max_model_len "
+                        f"{max_model_len} leaves a {prompt}-token prompt after {output_max} output tokens "
+                        f"(system prefix {workload.system_prefix_tokens})"
+                    )
+                continue
+            prompt_max = token_upper(workload.prompt_tokens) or 0
+            if prompt_max + output_max > max_model_len:
+                problems.append(
+                    f"{where}: prompt_tokens up to {prompt_max} + output_tokens up to {output_max} = "
+                    f"{prompt_max + output_max} exceeds the server's max_model_len {max_model_len}"
+                )
+    return problems
