@@ -1,0 +1,269 @@
+"""Per-process state of an Envelope Locust run: options, stages, the record writer, the prompt factory.
+
+One :class:`EnvelopeRun` lives on each Locust process (``environment.envelope``).
+The master (or the single local process) owns the stage clock and writes
+``run.json`` and ``stages.json``; every process that sends requests owns one
+record file. Workers learn the run directory and the current stage from the
+master through a custom message, so records are tagged with the stage that
+was running when the request was sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from envelope.prompts import PromptFactory, TokenizerProbe, calibrate
+from envelope.records import RecordWriter
+from envelope.scenario import ResolvedStage, Scenario, check_against_server, load_scenario
+from envelope.secrets import REDACTED, Secret, resolve_api_key
+
+__all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "atomic_write_json"]
+
+STAGE_MESSAGE = "envelope_stage"
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ManualStage:
+    """The stand-in stage for interactive web-UI ramps: the user count is whatever the operator sets."""
+
+    index: int
+    pass_index: int
+    pass_name: str
+    name: str
+    base: ResolvedStage
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.base, item)
+
+
+class EnvelopeRun:
+    """Everything one Locust process needs to send requests and write what they did."""
+
+    def __init__(self, environment, options) -> None:
+        self.environment = environment
+        self.options = options
+        self.is_worker = bool(getattr(options, "worker", False))
+        self.is_master = bool(getattr(options, "master", False))
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.scenario_path: str | None = getattr(options, "scenario", None) or None
+        self.scenario: Scenario = load_scenario(self.scenario_path) if self.scenario_path else _default_scenario()
+        self.stages: list[ResolvedStage] = self.scenario.resolve(
+            quick=bool(getattr(options, "quick", False)),
+            duration_scale=getattr(options, "duration_scale", None),
+        )
+        # Without a scenario, or with --manual, the operator drives the user count from the web UI.
+        self.manual = not self.scenario_path or bool(getattr(options, "manual", False))
+        self.run_dir = self._run_dir_from_options(options)
+        self.run_id = self.run_dir.name if self.run_dir else ""
+        self.api_key: Secret | None = resolve_api_key(
+            env_var=getattr(options, "api_key_env", None) or None,
+            file=getattr(options, "api_key_file", None) or None,
+        )
+        self.record_text = bool(getattr(options, "record_text", False) or self.scenario.record_text)
+        self.current_index = 0
+        self.stage_log: list[dict] = []
+        self.writer: RecordWriter | None = None
+        self.factory: PromptFactory | None = None
+        self.model: str | None = getattr(options, "model", None) or self.scenario.model
+        self.max_model_len: int | None = None
+        self._created_run_json = False
+        self.started_unix_s = time.time()
+
+    # -- where things go -------------------------------------------------------------------------
+    @staticmethod
+    def _run_dir_from_options(options) -> Path | None:
+        explicit = getattr(options, "run_dir", None)
+        if explicit:
+            return Path(explicit)
+        csv_prefix = getattr(options, "csv_prefix", None)
+        if csv_prefix:
+            parent = Path(csv_prefix).parent
+            # --csv RUN/locust/stats puts CSVs in RUN/locust/; the run directory is RUN
+            return parent.parent if parent.name == "locust" else parent
+        return None  # chosen at test start by the master (see ensure_run_dir)
+
+    def ensure_run_dir(self) -> Path:
+        if self.run_dir is None:
+            name = self.scenario.name if self.scenario_path else "manual"
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            self.run_dir = Path("runs") / f"{stamp}-{name}"
+            self.run_id = self.run_dir.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self.run_dir
+
+    def record_writer(self) -> RecordWriter:
+        if self.writer is None:
+            run_dir = self.ensure_run_dir()
+            safe = self.worker_id.replace(":", "_").replace("/", "_")
+            self.writer = RecordWriter(run_dir / "records" / f"{safe}.jsonl")
+        return self.writer
+
+    # -- stages ----------------------------------------------------------------------------------
+    @property
+    def stage(self) -> ResolvedStage | ManualStage:
+        if self.manual:
+            return ManualStage(index=0, pass_index=0, pass_name="manual", name="manual", base=self.stages[0])
+        return self.stages[min(self.current_index, len(self.stages) - 1)]
+
+    def enter_stage(self, index: int, *, now_unix_s: float | None = None) -> None:
+        """Master/local: a new stage began (called from the shape's tick)."""
+        now = time.time() if now_unix_s is None else now_unix_s
+        if self.stage_log and self.stage_log[-1]["end_unix_s"] is None:
+            self.stage_log[-1]["end_unix_s"] = now
+        self.current_index = index
+        entry = self.stages[index].describe(max_model_len=self.max_model_len)
+        entry.update(start_unix_s=now, end_unix_s=None)
+        self.stage_log.append(entry)
+        self.write_stages()
+        self._broadcast()
+
+    def end_stages(self, *, now_unix_s: float | None = None) -> None:
+        if self.stage_log and self.stage_log[-1]["end_unix_s"] is None:
+            self.stage_log[-1]["end_unix_s"] = time.time() if now_unix_s is None else now_unix_s
+            self.write_stages()
+
+    def enter_manual(self) -> None:
+        """Master/local, web-UI ramps: one open-ended stage for the whole run."""
+        if not self.stage_log:
+            stage = self.stage
+            entry = stage.base.describe(max_model_len=self.max_model_len)
+            entry.update(pass_name="manual", stage_name="manual", stage_index=0, pass_index=0,
+                         target_users=None, spawn_rate=None, duration_s=None,
+                         start_unix_s=time.time(), end_unix_s=None)
+            self.stage_log.append(entry)
+            self.write_stages()
+            self._broadcast()
+
+    def write_stages(self) -> None:
+        run_dir = self.ensure_run_dir()
+        atomic_write_json(run_dir / "stages.json", self.stage_log)
+
+    def _broadcast(self) -> None:
+        runner = self.environment.runner
+        if self.is_master and runner is not None:
+            runner.send_message(STAGE_MESSAGE, {"run_dir": str(self.run_dir), "stage_index": self.current_index})
+
+    def on_stage_message(self, data: dict) -> None:
+        """Worker: the master says which run directory and stage are current."""
+        if self.run_dir is None and data.get("run_dir"):
+            self.run_dir = Path(data["run_dir"])
+            self.run_id = self.run_dir.name
+        self.current_index = int(data.get("stage_index", 0))
+
+    # -- run.json --------------------------------------------------------------------------------
+    def write_run_json(self, status: str) -> None:
+        """Master/local: describe the run, unless an ``envelope run`` orchestrator already owns run.json."""
+        run_dir = self.ensure_run_dir()
+        path = run_dir / "run.json"
+        if path.exists() and not self._created_run_json:
+            return
+        self._created_run_json = True
+        import locust
+
+        info = {
+            "run_id": self.run_id,
+            "status": status,
+            "scenario_path": self.scenario_path,
+            "scenario_sha256": _sha256(self.scenario_path),
+            "quick": bool(getattr(self.options, "quick", False)),
+            "options": {
+                "host": getattr(self.options, "host", None),
+                "api_key": REDACTED if self.api_key else None,
+                "record_text": self.record_text,
+                "manual": self.manual,
+            },
+            "versions": {"locust": locust.__version__, "python": platform.python_version(),
+                         "envelope": _envelope_version()},
+            "started_unix_s": self.started_unix_s,
+            "ended_unix_s": time.time() if status != "running" else None,
+            "argv": [a for a in sys.argv if "key" not in a.lower()],
+        }
+        atomic_write_json(path, info)
+        if self.scenario_path and not (run_dir / "scenario.yaml").exists():
+            (run_dir / "scenario.yaml").write_bytes(Path(self.scenario_path).read_bytes())
+
+    # -- the server ------------------------------------------------------------------------------
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key.get()}"} if self.api_key else {}
+
+    def probe_server(self, host: str) -> list[str]:
+        """Learn the served model and max length, calibrate prompts; return one-line problems, if any."""
+        import httpx
+
+        base = host.rstrip("/")
+        with httpx.Client(base_url=base, headers=self.auth_headers(), timeout=30.0) as client:
+            try:
+                resp = client.get("/v1/models")
+            except httpx.HTTPError as exc:
+                return [f"--host {base}: cannot reach the server ({type(exc).__name__}: {exc})"]
+            if resp.status_code == 401:
+                return [f"--host {base}: the server rejected the API key (HTTP 401)"]
+            if resp.status_code != 200:
+                return [f"--host {base}: GET /v1/models answered HTTP {resp.status_code}"]
+            models = resp.json().get("data") or []
+            names = [m.get("id") for m in models]
+            if self.model is None:
+                if not names:
+                    return [f"--host {base}: the server lists no models"]
+                self.model = names[0]
+            elif self.model not in names:
+                return [f"model {self.model!r} is not served by {base} (it serves: {', '.join(map(str, names))})"]
+            for m in models:
+                if m.get("id") == self.model and m.get("max_model_len"):
+                    self.max_model_len = int(m["max_model_len"])
+
+            def post(path: str, body: dict) -> dict:
+                r = client.post(path, json=body)
+                r.raise_for_status()
+                return r.json()
+
+            probe: TokenizerProbe | None = TokenizerProbe(post, self.model)
+            try:
+                self.factory = calibrate(probe)
+            except (httpx.HTTPError, KeyError, ValueError):
+                self.factory = calibrate(None)  # not vLLM: prompt lengths are estimates
+        if self.max_model_len is not None:
+            return check_against_server(self.scenario, max_model_len=self.max_model_len)
+        return []
+
+
+def _default_scenario() -> Scenario:
+    """The workload used when no scenario is given (web-UI ramps): 300-token prompts, 128 output tokens."""
+    from envelope.config import validate_data
+
+    data = {
+        "name": "manual",
+        "passes": [{"name": "manual", "stages": [{"users": 1, "duration_s": 3600}]}],
+    }
+    return validate_data(data, Scenario, source="<built-in default scenario>")
+
+
+def _sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _envelope_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llm-envelope")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,160 @@
+"""Envelope's locustfile: streaming LLM users driven by a YAML scenario.
+
+    locust -f locustfiles/llm.py --headless --scenario scenarios/capstone.yaml \\
+        --host http://127.0.0.1:8000 --csv runs/my-run/locust/locust
+
+Without ``--scenario`` (or with ``--manual``) the web UI's user count drives
+the load and the built-in default workload is used (300-token prompts, 128
+output tokens). ``--processes N`` forks workers that each write their own
+record file into the same run directory.
+"""
+
+from __future__ import annotations
+
+import locust  # noqa: F401  - import Locust first: it monkey-patches the standard library with gevent
+
+import logging
+import sys
+import time
+
+from locust import LoadTestShape, events
+
+from envelope.config import ConfigError
+from envelope.secrets import SecretError
+from envelope.shape import stage_at
+from locustfiles.context import STAGE_MESSAGE, EnvelopeRun
+from locustfiles.users import LLMUser
+
+__all__ = ["LLMUser", "ScenarioShape"]
+
+log = logging.getLogger("envelope")
+
+
+class ScenarioShape(LoadTestShape):
+    """Runs the scenario's stages in order; ``tick`` only asks :func:`envelope.shape.stage_at`."""
+
+    def tick(self):
+        ctx: EnvelopeRun | None = getattr(self.runner.environment, "envelope", None)
+        if ctx is None:
+            return None
+        at = stage_at(ctx.stages, self.get_run_time())
+        if at is None:
+            ctx.end_stages()
+            return None
+        if not ctx.stage_log or at.index != ctx.current_index:
+            ctx.enter_stage(at.index)
+        return at.stage.users, at.stage.spawn_rate
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    parser.add_argument("--scenario", default="", help="Scenario YAML (passes and stages).", include_in_web_ui=False)
+    parser.add_argument("--run-dir", default="", help="Run directory (default: the --csv prefix's folder, or runs/<time>-<scenario>).",
+                       include_in_web_ui=False)
+    parser.add_argument("--quick", action="store_true", default=False, help="Shortened durations (the scenario's quick: section).",
+                       include_in_web_ui=False)
+    parser.add_argument("--duration-scale", type=float, default=None, help="Scale every stage duration by this factor.",
+                       include_in_web_ui=False)
+    parser.add_argument("--manual", action="store_true", default=False,
+                       help="Ignore the scenario's stages; the web UI's user count drives the load.", include_in_web_ui=False)
+    parser.add_argument("--model", default="", help="Served model name (default: the scenario's, else the first listed).",
+                       include_in_web_ui=False)
+    parser.add_argument("--api-key-env", default="", help="Environment variable holding the API key (default ENVELOPE_API_KEY).",
+                       include_in_web_ui=False)
+    parser.add_argument("--api-key-file", default="", help="File whose first line is the API key.", include_in_web_ui=False)
+    parser.add_argument("--record-text", action="store_true", default=False,
+                       help="Store prompt and completion text in the records (off by default).", include_in_web_ui=False)
+
+
+def _fail(environment, message: str) -> None:
+    """One clear line, non-zero exit, no load."""
+    sys.stderr.write(f"envelope: {message}\n")
+    environment.process_exit_code = 2
+    runner = environment.runner
+    if runner is not None:
+        runner.quit()
+    else:
+        sys.exit(2)
+
+
+@events.init.add_listener
+def _on_init(environment, **_kw) -> None:
+    options = environment.parsed_options
+    if options is None:  # Locust used as a library without our options
+        return
+    try:
+        ctx = EnvelopeRun(environment, options)
+    except (ConfigError, SecretError) as exc:
+        sys.stderr.write(f"envelope: {exc}\n")
+        sys.exit(2)
+    environment.envelope = ctx
+    if ctx.manual:
+        environment.shape_class = None
+    # Let users that ramp-downs stop finish their current request, so nothing measured is cut off.
+    if not environment.stop_timeout:
+        longest = max(s.timeouts.total_s for s in ctx.stages)
+        environment.stop_timeout = min(longest, 120.0)
+    LLMUser.connection_timeout = ctx.stages[0].timeouts.connect_s
+    runner = environment.runner
+    if runner is not None and ctx.is_worker:
+        runner.register_message(STAGE_MESSAGE, lambda environment, msg, **kw: environment.envelope.on_stage_message(msg.data))
+    if runner is not None and not ctx.is_worker:
+        ctx.ensure_run_dir()
+        ctx.write_run_json("running")
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_kw) -> None:
+    ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
+    if ctx is None:
+        return
+    host = environment.host
+    if not host:
+        _fail(environment, "no --host given: the URL of the OpenAI-compatible server")
+        return
+    problems = ctx.probe_server(host)
+    if problems:
+        for line in problems:
+            sys.stderr.write(f"envelope: {line}\n")
+        _fail(environment, f"{len(problems)} problem(s) with the scenario against {host}; no load was sent")
+        return
+    if ctx.manual and not ctx.is_worker:
+        ctx.enter_manual()
+    log.info("envelope: model %s, max_model_len %s, prompts %r", ctx.model, ctx.max_model_len, ctx.factory)
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_kw) -> None:
+    ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
+    if ctx is None or ctx.is_worker:
+        return
+    ctx.end_stages()
+
+
+@events.quit.add_listener
+def _on_quit(exit_code, **_kw) -> None:
+    # ``quit`` carries no environment; finish every run context this process made.
+    for ctx in _contexts():
+        if ctx.writer is not None:
+            ctx.writer.close()
+        if not ctx.is_worker and ctx.run_dir is not None:
+            ctx.end_stages()
+            finished = _schedule_completed(ctx)
+            status = "complete" if exit_code == 0 and finished else ("failed" if exit_code == 2 else "partial")
+            ctx.write_run_json(status)
+
+
+def _contexts() -> list[EnvelopeRun]:
+    import gc
+
+    return [obj for obj in gc.get_objects() if isinstance(obj, EnvelopeRun)]
+
+
+def _schedule_completed(ctx: EnvelopeRun) -> bool:
+    if ctx.manual:
+        return True
+    if len(ctx.stage_log) < len(ctx.stages):
+        return False
+    last = ctx.stage_log[-1]
+    planned_end = last["start_unix_s"] + ctx.stages[-1].duration_s
+    return last["end_unix_s"] is not None and last["end_unix_s"] >= planned_end - 2.0 and time.time() > 0

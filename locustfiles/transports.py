@@ -1,0 +1,199 @@
+"""The two ways a user sends one streamed request: geventhttpclient (FastHttpUser's pool) or the openai SDK.
+
+Both feed an :class:`envelope.stream.StreamObserver` with what arrives and
+when, and return an :class:`Outcome`; neither computes a metric. Locust's
+gevent has already patched the standard library when this module runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import gevent
+import orjson
+from geventhttpclient import URL
+
+from envelope.records import ErrorCategory
+from envelope.stream import StreamObserver, category_for_exception
+
+__all__ = ["Outcome", "RequestSpec", "stream_fasthttp", "stream_openai"]
+
+perf_counter = time.perf_counter
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """One request to send: endpoint path, JSON body, headers, and the three timeouts."""
+
+    path: str
+    body: dict
+    headers: dict
+    connect_timeout_s: float
+    first_token_timeout_s: float
+    total_timeout_s: float
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How the request ended, beyond what the observer saw in the stream."""
+
+    http_status: int | None = None
+    error_category: str | None = None
+    error_detail: str | None = None
+    t_first_byte_s: float | None = None
+
+
+class _FirstTokenTimeout(Exception):
+    pass
+
+
+class _TotalTimeout(Exception):
+    pass
+
+
+def _error_body_detail(body: bytes) -> str:
+    """The server's error message from a JSON error body, short."""
+    try:
+        data = orjson.loads(body)
+        err = data.get("error", data) if isinstance(data, dict) else data
+        msg = err.get("message") if isinstance(err, dict) else None
+        text = str(msg if msg else data)
+    except (orjson.JSONDecodeError, AttributeError):
+        text = body[:200].decode("utf-8", "replace")
+    return text[:200]
+
+
+def _read_some(resp) -> bytes:
+    """Whatever body bytes one ``recv`` delivers (b"" at the end of the message).
+
+    geventhttpclient's ``read(n)`` waits until n bytes have accumulated, which
+    would bunch chunk arrivals together and corrupt inter-token latency; this
+    returns as soon as any body bytes are parsed.
+    """
+    buf = resp._body_buffer
+    while True:
+        if buf:
+            data = bytes(buf)
+            del buf[:]
+            return data
+        sock = resp._sock
+        if resp.message_complete or sock is None:
+            return b""
+        data = sock.recv(resp.block_size)
+        if not data:
+            raise ConnectionResetError("connection closed by the server mid-stream")
+        resp.feed(data)
+
+
+def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver) -> Outcome:
+    """POST ``spec`` through geventhttpclient's pool and feed the body to ``obs`` as it arrives."""
+    out = Outcome()
+    url = URL(base_url.rstrip("/") + spec.path)
+    payload = orjson.dumps(spec.body)
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **spec.headers}
+    first_token = gevent.Timeout(spec.first_token_timeout_s, _FirstTokenTimeout)
+    total = gevent.Timeout(spec.total_timeout_s, _TotalTimeout)
+    resp = None
+    total.start()
+    first_token.start()
+    try:
+        client = pool.get_client(url)
+        resp = client.request("POST", url.request_uri, body=payload, headers=headers)
+        out.t_first_byte_s = perf_counter()
+        out.http_status = status = resp.status_code
+        if status != 200:
+            body = resp.read()
+            out.error_category = ErrorCategory.for_status(status)
+            out.error_detail = _error_body_detail(body)
+            return out
+        on_bytes = obs.on_bytes
+        while True:
+            data = _read_some(resp)
+            if not data:
+                break
+            now = perf_counter()
+            on_bytes(data, now)
+            if first_token.pending and obs.t_first_token_s is not None:
+                first_token.cancel()
+    except _FirstTokenTimeout:
+        out.error_category = ErrorCategory.TIMEOUT_FIRST_TOKEN
+        out.error_detail = f"no token within {spec.first_token_timeout_s:g} s"
+    except _TotalTimeout:
+        out.error_category = ErrorCategory.TIMEOUT_TOTAL
+        out.error_detail = f"not finished within {spec.total_timeout_s:g} s"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a categorised record
+        out.error_category = category_for_exception(exc)
+        if out.error_category == ErrorCategory.TIMEOUT_TOTAL and out.t_first_byte_s is None:
+            out.error_category = ErrorCategory.TIMEOUT_CONNECT
+        if out.error_category == ErrorCategory.CONNECTION_RESET and out.t_first_byte_s is None:
+            out.error_category = ErrorCategory.CONNECT_ERROR
+        out.error_detail = f"{type(exc).__name__}: {str(exc)[:160]}"
+    finally:
+        first_token.close()
+        total.close()
+        if resp is not None:
+            resp.release()
+    return out
+
+
+def stream_openai(client, spec: RequestSpec, obs: StreamObserver) -> Outcome:
+    """Send ``spec`` with the official ``openai`` SDK (what applications use) and feed parsed chunks to ``obs``."""
+    import openai  # imported here: the SDK is heavy and only this transport needs it
+
+    out = Outcome()
+    body = dict(spec.body)
+    body.pop("stream", None)
+    extra = {k: body.pop(k) for k in ("min_tokens", "ignore_eos") if k in body}
+    first_token = gevent.Timeout(spec.first_token_timeout_s, _FirstTokenTimeout)
+    total = gevent.Timeout(spec.total_timeout_s, _TotalTimeout)
+    stream = None
+    total.start()
+    first_token.start()
+    try:
+        if spec.path.endswith("/chat/completions"):
+            stream = client.chat.completions.create(stream=True, extra_body=extra or None, **body)
+        else:
+            stream = client.completions.create(stream=True, extra_body=extra or None, **body)
+        out.t_first_byte_s = perf_counter()
+        out.http_status = 200
+        on_event = obs.on_event
+        for chunk in stream:
+            now = perf_counter()
+            on_event(chunk.model_dump(exclude_unset=True), now)
+            if first_token.pending and obs.t_first_token_s is not None:
+                first_token.cancel()
+        # the SDK consumes [DONE] itself; tell the observer the stream ended properly
+        obs.on_event(b"[DONE]", perf_counter())
+    except _FirstTokenTimeout:
+        out.error_category = ErrorCategory.TIMEOUT_FIRST_TOKEN
+        out.error_detail = f"no token within {spec.first_token_timeout_s:g} s"
+    except _TotalTimeout:
+        out.error_category = ErrorCategory.TIMEOUT_TOTAL
+        out.error_detail = f"not finished within {spec.total_timeout_s:g} s"
+    except openai.APIStatusError as exc:
+        out.http_status = exc.status_code
+        out.error_category = ErrorCategory.for_status(exc.status_code)
+        out.error_detail = str(exc.message)[:200]
+    except openai.APITimeoutError as exc:
+        out.error_category = ErrorCategory.TIMEOUT_CONNECT if out.t_first_byte_s is None else ErrorCategory.TIMEOUT_TOTAL
+        out.error_detail = f"{type(exc).__name__}: {str(exc)[:160]}"
+    except openai.APIConnectionError as exc:
+        out.error_category = ErrorCategory.CONNECT_ERROR if out.t_first_byte_s is None else ErrorCategory.CONNECTION_RESET
+        out.error_detail = f"{type(exc).__name__}: {str(exc)[:160]}"
+    except openai.APIError as exc:
+        # the SDK raises this for an error event inside a 200 stream
+        out.error_category = ErrorCategory.STREAM_ERROR_EVENT
+        out.error_detail = str(exc.message)[:200]
+    except Exception as exc:  # noqa: BLE001
+        out.error_category = category_for_exception(exc)
+        out.error_detail = f"{type(exc).__name__}: {str(exc)[:160]}"
+    finally:
+        first_token.close()
+        total.close()
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - closing a broken stream must not mask the outcome
+                pass
+    return out

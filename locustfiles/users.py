@@ -1,0 +1,214 @@
+"""The streaming LLM user: sends one request at a time, writes its record, fires Locust events.
+
+The hot path only takes ``perf_counter`` readings and hands bytes to the
+stream observer; the record is built once at the end, written as one line,
+and reported to Locust as up to three entries (E2E, TTFT, TPOT) so that
+Locust's own stats, CSV and web UI show them. All metric arithmetic comes
+from :mod:`envelope.metrics`, so Locust and our analysis agree by construction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import gevent
+from locust import FastHttpUser, constant, task
+
+from envelope import metrics
+from envelope.records import ErrorCategory, RequestRecord
+from envelope.stream import StreamObserver
+from locustfiles.context import EnvelopeRun
+from locustfiles.transports import RequestSpec, stream_fasthttp, stream_openai
+
+__all__ = ["LLMUser", "LLMRequestError", "pick_client_name"]
+
+perf_counter = time.perf_counter
+_user_seq = itertools.count()
+
+
+class LLMRequestError(Exception):
+    """A failed request as Locust sees it; ``str`` is ``category: detail`` (Locust groups failures by it)."""
+
+    def __init__(self, category: str, detail: str | None) -> None:
+        super().__init__(f"{category}: {detail}" if detail else category)
+        self.category = category
+
+
+def pick_client_name(names_weights: list[tuple[str, float]], n: int) -> str:
+    """The client for the n-th user of this process: a smooth weighted round-robin.
+
+    With weights 3:1 users 0..3 get a, a, b, a (never a long run of one client),
+    so even a handful of users mixes clients in proportion.
+    """
+    current = {name: 0.0 for name, _ in names_weights}
+    total = sum(w for _, w in names_weights)
+    chosen = names_weights[0][0]
+    for _ in range(n + 1):
+        for name, weight in names_weights:
+            current[name] += weight
+        chosen = max(names_weights, key=lambda nw: current[nw[0]])[0]
+        current[chosen] -= total
+    return chosen
+
+
+class _RecordView:
+    """Read a :class:`RequestRecord`'s fields through the Mapping interface ``envelope.metrics`` expects."""
+
+    __slots__ = ("_rec",)
+
+    def __init__(self, rec: RequestRecord) -> None:
+        self._rec = rec
+
+    def get(self, key: str, default=None):
+        return getattr(self._rec, key, default)
+
+    def __getitem__(self, key: str):
+        return getattr(self._rec, key)
+
+
+class LLMUser(FastHttpUser):
+    """Streams chat (or text) completions back to back, closed loop: one request in flight per user."""
+
+    wait_time = constant(0)
+    # The first-token and total timeouts are enforced per request; the socket timeout is only a backstop.
+    network_timeout = 3600.0
+    connection_timeout = 10.0
+    insecure = False
+
+    def on_start(self) -> None:
+        self.ctx: EnvelopeRun = self.environment.envelope
+        seq = next(_user_seq)
+        stage = self.ctx.stage
+        self.client_name = pick_client_name([(c.name, c.weight) for c in stage.clients], seq)
+        worker_index = getattr(self.environment.runner, "worker_index", 0) or 0
+        self.rng = random.Random(f"{self.ctx.scenario.seed}:{worker_index}:{seq}")
+        self._req_seq = itertools.count()
+        self._openai = None
+
+    def on_stop(self) -> None:
+        if self._openai is not None:
+            self._openai.close()
+
+    def _openai_client(self):
+        if self._openai is None:
+            import httpx
+            import openai
+
+            key = self.ctx.api_key.get() if self.ctx.api_key else "EMPTY"
+            self._openai = openai.OpenAI(
+                base_url=self.host.rstrip("/") + "/v1",
+                api_key=key,
+                max_retries=0,
+                timeout=httpx.Timeout(None, connect=self.connection_timeout),
+            )
+        return self._openai
+
+    @task
+    def one_request(self) -> None:
+        ctx = self.ctx
+        stage = ctx.stage
+        client = next((c for c in stage.clients if c.name == self.client_name), stage.clients[0])
+        workload = client.workload
+        factory = ctx.factory
+        if factory is None:
+            raise RuntimeError("prompts were not calibrated: test_start did not run")
+
+        output_tokens = workload.sample_output_tokens(self.rng)
+        prompt_tokens = workload.sample_prompt_tokens(self.rng, max_model_len=ctx.max_model_len)
+        sys_prefix = None
+        if workload.system_prefix_tokens:
+            sys_prefix = factory.system_prefix(workload.system_prefix_tokens, ctx.scenario.seed)
+        body: dict = {"model": ctx.model, "stream": True,
+                      "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                      "temperature": workload.temperature}
+        if client.endpoint == "chat":
+            built = factory.chat(prompt_tokens, self.rng, system_prefix=sys_prefix,
+                                 system_prefix_tokens=workload.system_prefix_tokens)
+            body["messages"] = built.messages
+            path = "/v1/chat/completions"
+        else:
+            built = factory.completion(prompt_tokens, self.rng, system_prefix=sys_prefix,
+                                       system_prefix_tokens=workload.system_prefix_tokens)
+            body["prompt"] = built.text
+            path = "/v1/completions"
+        if output_tokens is not None:
+            body["max_tokens"] = output_tokens
+            if workload.fixed_output:
+                body["min_tokens"] = output_tokens
+                body["ignore_eos"] = True
+        timeouts = stage.timeouts
+        spec = RequestSpec(path=path, body=body, headers=ctx.auth_headers(),
+                           connect_timeout_s=timeouts.connect_s, first_token_timeout_s=timeouts.first_token_s,
+                           total_timeout_s=timeouts.total_s)
+
+        wall_start = time.time()
+        t_start = perf_counter()
+        obs = StreamObserver(t_start, keep_text=ctx.record_text)
+        cancelled = False
+        try:
+            if client.transport == "openai":
+                outcome = stream_openai(self._openai_client(), spec, obs)
+            else:
+                outcome = stream_fasthttp(self.client.client.clientpool, self.host, spec, obs)
+        except gevent.GreenletExit:
+            # Locust is stopping this user mid-request: keep what was measured, then let it stop.
+            cancelled = True
+            outcome = None
+        fields = obs.finish(
+            perf_counter(),
+            error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
+            error_detail="stopped by Locust mid-request" if cancelled else outcome.error_detail,
+            http_status=None if cancelled else outcome.http_status,
+        )
+        record = RequestRecord(
+            run_id=ctx.run_id,
+            request_id=f"{ctx.worker_id}-{next(self._req_seq)}-{id(self) & 0xFFFF:x}",
+            worker_id=ctx.worker_id,
+            client=client.name,
+            endpoint=client.endpoint,
+            pass_name=stage.pass_name,
+            stage_index=stage.index,
+            stage_name=stage.name,
+            wall_start_unix_s=wall_start,
+            t_start_s=t_start,
+            t_first_byte_s=None if outcome is None else outcome.t_first_byte_s,
+            requested_prompt_tokens=prompt_tokens,
+            requested_output_tokens=output_tokens,
+            prompt_text=_prompt_text(built) if ctx.record_text else None,
+            completion_text=fields.pop("completion_text", None) if ctx.record_text else None,
+            **{k: v for k, v in fields.items() if k != "completion_text"},
+        )
+        ctx.record_writer().write(record)
+        self._report(record)
+        if cancelled:
+            raise gevent.GreenletExit()
+
+    def _report(self, rec: RequestRecord) -> None:
+        fire = self.environment.events.request.fire
+        view = _RecordView(rec)
+        name = rec.client
+        if rec.error_category is not None:
+            end = rec.t_done_s if rec.t_done_s is not None else rec.t_start_s
+            fire(request_type="E2E", name=name, response_time=(end - rec.t_start_s) * 1000.0,
+                 response_length=rec.output_tokens or 0,
+                 exception=LLMRequestError(rec.error_category, rec.error_detail), context={})
+            return
+        e2e = metrics.e2e_s(view)
+        fire(request_type="E2E", name=name, response_time=(e2e or 0.0) * 1000.0,
+             response_length=rec.output_tokens or 0, exception=None, context={})
+        ttft = metrics.ttft_s(view)
+        if ttft is not None:
+            fire(request_type="TTFT", name=name, response_time=ttft * 1000.0, response_length=0,
+                 exception=None, context={})
+        tpot = metrics.tpot_s(view)
+        if tpot is not None:
+            fire(request_type="TPOT", name=name, response_time=tpot * 1000.0, response_length=0,
+                 exception=None, context={})
+
+
+def _prompt_text(built) -> str:
+    if built.messages is not None:
+        return "\n".join(m["content"] for m in built.messages)
+    return built.text or ""
