@@ -35,6 +35,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from envelope.config import ConfigError, FieldError, StrictModel, load_yaml_model
 
 __all__ = [
+    "pick_client_name",
     "Distribution",
     "TokenCount",
     "token_lower",
@@ -557,3 +558,20 @@ def check_against_server(scenario: Scenario, *, max_model_len: int) -> list[str]
                     f"{prompt_max + output_max} exceeds the server's max_model_len {max_model_len}"
                 )
     return problems
+
+
+def pick_client_name(names_weights: list[tuple[str, float]], n: int) -> str:
+    """The client for the n-th user of this process: a smooth weighted round-robin.
+
+    With weights 3:1 users 0..3 get a, a, b, a (never a long run of one client),
+    so even a handful of users mixes clients in proportion.
+    """
+    current = {name: 0.0 for name, _ in names_weights}
+    total = sum(w for _, w in names_weights)
+    chosen = names_weights[0][0]
+    for _ in range(n + 1):
+        for name, weight in names_weights:
+            current[name] += weight
+        chosen = max(names_weights, key=lambda nw: current[nw[0]])[0]
+        current[chosen] -= total
+    return chosen

@@ -18,11 +18,12 @@ from locust import FastHttpUser, constant, task
 
 from envelope import metrics
 from envelope.records import ErrorCategory, RequestRecord
+from envelope.scenario import pick_client_name
 from envelope.stream import StreamObserver
 from locustfiles.context import EnvelopeRun
 from locustfiles.transports import RequestSpec, stream_fasthttp, stream_openai
 
-__all__ = ["LLMUser", "LLMRequestError", "pick_client_name"]
+__all__ = ["LLMUser", "LLMRequestError"]
 
 perf_counter = time.perf_counter
 _user_seq = itertools.count()
@@ -34,23 +35,6 @@ class LLMRequestError(Exception):
     def __init__(self, category: str, detail: str | None) -> None:
         super().__init__(f"{category}: {detail}" if detail else category)
         self.category = category
-
-
-def pick_client_name(names_weights: list[tuple[str, float]], n: int) -> str:
-    """The client for the n-th user of this process: a smooth weighted round-robin.
-
-    With weights 3:1 users 0..3 get a, a, b, a (never a long run of one client),
-    so even a handful of users mixes clients in proportion.
-    """
-    current = {name: 0.0 for name, _ in names_weights}
-    total = sum(w for _, w in names_weights)
-    chosen = names_weights[0][0]
-    for _ in range(n + 1):
-        for name, weight in names_weights:
-            current[name] += weight
-        chosen = max(names_weights, key=lambda nw: current[nw[0]])[0]
-        current[chosen] -= total
-    return chosen
 
 
 class _RecordView:
