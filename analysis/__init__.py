@@ -1,1 +1,10 @@
+"""Analysis of an Envelope run directory: load, tables, plots, write-up, compare.
 
+Modules: :mod:`analysis.load` (run directory to frames), :mod:`analysis.table`
+(the envelope table), :mod:`analysis.envelope` (what is safe, what broke
+first), :mod:`analysis.plots` (graphs on given axes), :mod:`analysis.report`
+(report files), :mod:`analysis.compare` and :mod:`analysis.cli`
+(``python -m analysis``). Nothing is imported here, so importing the package is cheap.
+"""
+
+__all__: list[str] = []

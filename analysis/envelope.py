@@ -1,0 +1,411 @@
+"""The write-up logic: from the envelope table, state what is safe and what broke first.
+
+Pure functions over table rows (see :mod:`analysis.table`). Within a pass,
+stages are ordered by concurrency (target users, else target rate, else mean
+in flight). "Safe up to N" means every stage at or below N met every SLO. The
+first stage above that is where the envelope broke; the SLO that broke is the
+one furthest over its threshold there (errors first, whatever the ratio).
+
+Why it broke, in this order:
+    * errors: the error-rate SLO failed;
+    * KV cache: server telemetry shows KV-cache use >= 0.9 or preemptions;
+    * queueing: TTFT p50 grew at least twice as fast as TPOT p50 since the last
+      safe stage (and at least 1.5x), or the server reported waiting requests;
+    * decode slowdown: TPOT p50 grew at least 1.5x (every token got slower);
+    * otherwise unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "EnvelopeFinding",
+    "find_envelope",
+    "find_envelopes",
+    "envelope_sentence",
+    "level_text",
+    "KV_PRESSURE_RATIO",
+]
+
+KV_PRESSURE_RATIO = 0.9
+QUEUE_GROWTH_FACTOR = 2.0  # TTFT growth / TPOT growth that reads as queueing
+MIN_GROWTH = 1.5
+
+_METRIC_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvelopeFinding:
+    """What one pass says about the envelope.
+
+    ``status`` is ``all_pass``, ``broke``, ``none_pass``, ``no_slos`` or ``no_data``.
+    ``cause`` is ``errors``, ``kv_cache``, ``queueing``, ``decode_slowdown``,
+    ``throughput`` or ``unknown`` (None unless something broke).
+    """
+
+    pass_name: str
+    status: str
+    safe_row: Mapping[str, Any] | None = None
+    broke_row: Mapping[str, Any] | None = None
+    broke_slo: Mapping[str, Any] | None = None
+    failed_slos: tuple[Mapping[str, Any], ...] = ()
+    cause: str | None = None
+    evidence: tuple[str, ...] = ()
+    first_pressure: str | None = None  # e.g. "requests waited in the server from 10 users"
+    output_tokens: float | None = None
+    prompt_tokens: float | None = None
+    limits: tuple[str, ...] = field(default_factory=tuple)
+
+
+def level_text(row: Mapping[str, Any]) -> str:
+    """The load of a stage in words: ``5 users``, ``2 requests/s`` or ``~3.1 in flight``."""
+    users = row.get("target_users")
+    if users is not None and row.get("kind", "users") == "users":
+        return f"{_num(users)} user" + ("" if users == 1 else "s")
+    rate = row.get("target_rate_per_s")
+    if rate is not None:
+        return f"{_num(rate)} requests/s"
+    return f"~{_num(row.get('mean_in_flight') or 0.0)} in flight"
+
+
+def find_envelopes(rows: Sequence[Mapping[str, Any]]) -> list[EnvelopeFinding]:
+    """One finding per pass, in the order passes first appear in ``rows``."""
+    names: list[str] = []
+    for r in rows:
+        if r.get("pass_name") not in names:
+            names.append(r.get("pass_name"))
+    return [find_envelope(rows, pass_name=n) for n in names]
+
+
+def find_envelope(rows: Sequence[Mapping[str, Any]], *, pass_name: str | None = None) -> EnvelopeFinding:
+    """The finding for one pass (default: the pass with the most stages, first on ties)."""
+    if pass_name is None:
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.get("pass_name")] = counts.get(r.get("pass_name"), 0) + 1
+        pass_name = max(counts, key=counts.get) if counts else ""
+    mine = sorted((r for r in rows if r.get("pass_name") == pass_name), key=_level)
+    limits = _limits(mine)
+    with_data = [r for r in mine if (r.get("samples") or 0) > 0]
+    common = dict(pass_name=pass_name, limits=tuple(limits))
+    if not with_data:
+        return EnvelopeFinding(status="no_data", **common)
+    out_tokens, prompt_tokens = _workload(with_data)
+    common.update(output_tokens=out_tokens, prompt_tokens=prompt_tokens)
+    if all(r.get("slo_pass") is None for r in mine):
+        best = max(with_data, key=lambda r: _f(r.get("aggregate_output_tokens_per_s")))
+        return EnvelopeFinding(status="no_slos", safe_row=best, **common)
+
+    safe = None
+    broke = None
+    for r in mine:
+        if r.get("slo_pass") is False:
+            broke = r
+            break
+        if r.get("slo_pass") is True:
+            safe = r
+    pressure = _first_pressure(mine)
+    if broke is None:
+        return EnvelopeFinding(status="all_pass", safe_row=safe, first_pressure=pressure, **common)
+    failed = tuple(s for s in broke.get("slo_results") or [] if s.get("passed") is False)
+    first = _first_broken(failed)
+    baseline = safe if safe is not None else None
+    cause, evidence = _cause(first, broke, baseline)
+    return EnvelopeFinding(
+        status="broke" if safe is not None else "none_pass",
+        safe_row=safe,
+        broke_row=broke,
+        broke_slo=first,
+        failed_slos=failed,
+        cause=cause,
+        evidence=tuple(evidence),
+        first_pressure=pressure,
+        **common,
+    )
+
+
+def envelope_sentence(finding: EnvelopeFinding) -> str:
+    """The envelope in one or two plain sentences."""
+    f = finding
+    if f.status == "no_data":
+        return "No successful requests fell inside any steady-state window, so no envelope can be stated."
+    workload = _workload_text(f)
+    if f.status == "no_slos":
+        r = f.safe_row or {}
+        return (
+            f"No SLOs were set, so no envelope is stated; the highest throughput was "
+            f"{_tps(r.get('aggregate_output_tokens_per_s'))} output tokens/s at {level_text(r)}"
+            f"{workload} ({_key_numbers(r)})."
+        )
+    if f.status == "all_pass":
+        r = f.safe_row or {}
+        text = (
+            f"Met every SLO up to the highest tested concurrency, {level_text(r)}{workload} "
+            f"({_key_numbers(r)}); the limit is above {level_text(r)}."
+        )
+        if f.first_pressure:
+            text += f" Note: {f.first_pressure}."
+        return text
+    broke = f.broke_row or {}
+    what = _broke_text(f)
+    if f.status == "none_pass":
+        text = f"No tested concurrency met every SLO{workload}: at the lowest, {level_text(broke)}, {what}"
+    else:
+        safe = f.safe_row or {}
+        text = (
+            f"Safe up to {_concurrent(safe)}{workload} ({_key_numbers(safe)}). "
+            f"At {level_text(broke)} {what}"
+        )
+    if f.first_pressure:
+        text += f" Server pressure: {f.first_pressure}."
+    return text
+
+
+# --- pieces -----------------------------------------------------------------
+
+
+def _broke_text(f: EnvelopeFinding) -> str:
+    slo = f.broke_slo or {}
+    key = slo.get("key", "")
+    broke = f.broke_row or {}
+    if key == "error_rate_max":
+        cats = broke.get("errors_by_category") or ""
+        detail = f" ({cats})" if cats else ""
+        head = (
+            f"the error rate rose to {_pct(slo.get('measured'))}{detail}, over the "
+            f"{_pct(slo.get('threshold'))} SLO"
+        )
+        name = "errors"
+    elif key == "min_output_tokens_per_s":
+        head = (
+            f"aggregate output was {_tps(slo.get('measured'))} tokens/s, under the "
+            f"{_tps(slo.get('threshold'))} tokens/s SLO"
+        )
+        name = "throughput"
+    else:
+        metric, pct = _split_key(key)
+        label = f"{pct} {_METRIC_NAMES.get(metric, metric.upper())}"
+        if slo.get("measured") is None:
+            head = f"{label} could not be measured (no successful requests), so its SLO failed"
+        else:
+            head = (
+                f"{label} rose to {_seconds(slo.get('measured'))} s, over the "
+                f"{_seconds(slo.get('threshold'))} s SLO"
+            )
+        name = _METRIC_NAMES.get(metric, metric.upper())
+    because = {
+        "queueing": ", because requests queued in the server",
+        "kv_cache": ", because the server's KV cache ran full",
+        "decode_slowdown": ", because every output token got slower as the batch grew",
+        "errors": "",
+        "throughput": "",
+    }.get(f.cause or "", "")
+    evidence = f" ({'; '.join(f.evidence)})" if f.evidence else ""
+    return f"{head}{because}{evidence}: {name} broke first."
+
+
+def _first_broken(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    if not failed:
+        return None
+    for s in failed:
+        if s.get("key") == "error_rate_max":
+            return s
+
+    def over(s: Mapping[str, Any]) -> float:
+        m, t = s.get("measured"), s.get("threshold") or 0.0
+        if m is None:
+            return math.inf
+        if s.get("key") == "min_output_tokens_per_s":
+            return t / m if m > 0 else math.inf
+        return m / t if t > 0 else math.inf
+
+    return max(failed, key=over)
+
+
+def _cause(slo: Mapping[str, Any] | None, broke: Mapping[str, Any], base: Mapping[str, Any] | None) -> tuple[str, list[str]]:
+    key = (slo or {}).get("key", "")
+    evidence: list[str] = []
+    if key == "error_rate_max":
+        return "errors", evidence
+    kv = broke.get("server_kv_cache_usage_max_ratio")
+    pre = broke.get("server_preemptions")
+    waiting = broke.get("server_requests_waiting_max")
+    if (kv is not None and kv >= KV_PRESSURE_RATIO) or (pre is not None and pre > 0):
+        if kv is not None:
+            evidence.append(f"KV cache up to {_pct(kv)}")
+        if pre:
+            evidence.append(f"{_num(pre)} preemptions")
+        return "kv_cache", evidence
+    ttft_g = _growth(broke, base, "ttft_p50_ms")
+    tpot_g = _growth(broke, base, "tpot_p50_ms")
+    if ttft_g is not None and tpot_g is not None:
+        evidence.append(
+            f"from {level_text(base or {})}, TTFT p50 x{ttft_g:.1f} while TPOT p50 x{tpot_g:.1f}"
+        )
+    if waiting is not None and waiting > 0:
+        evidence.append(f"up to {_num(waiting)} requests waiting in the server")
+        return "queueing", evidence
+    if ttft_g is not None and tpot_g is not None:
+        if ttft_g >= MIN_GROWTH and ttft_g >= QUEUE_GROWTH_FACTOR * tpot_g:
+            return "queueing", evidence
+        if tpot_g >= MIN_GROWTH:
+            return "decode_slowdown", evidence
+    if key == "min_output_tokens_per_s":
+        return "throughput", evidence
+    return "unknown", evidence
+
+
+def _first_pressure(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    for r in rows:
+        kv = r.get("server_kv_cache_usage_max_ratio")
+        pre = r.get("server_preemptions")
+        waiting = r.get("server_requests_waiting_max")
+        parts = []
+        if kv is not None and kv >= KV_PRESSURE_RATIO:
+            parts.append(f"KV cache reached {_pct(kv)}")
+        if pre:
+            parts.append(f"{_num(pre)} preemptions")
+        if waiting:
+            parts.append(f"up to {_num(waiting)} requests waiting")
+        if parts:
+            return f"{', '.join(parts)} from {level_text(r)} on"
+    return None
+
+
+def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    limits = [
+        "Samples per stage (successful requests started in the steady-state window): "
+        + ", ".join(f"{level_text(r)}: {r.get('samples') or 0}" for r in rows)
+        + "."
+    ]
+    flagged: dict[str, list[str]] = {}
+    for r in rows:
+        for p in (r.get("few_samples") or "").split(","):
+            if p:
+                flagged.setdefault(p, []).append(level_text(r))
+    for p, levels in sorted(flagged.items(), key=lambda kv: int(kv[0][1:])):
+        need = math.ceil(100 / (100 - int(p[1:])))
+        limits.append(f"{p} rests on fewer than {need} samples at {', '.join(levels)}: treat it as rough.")
+    seen_fail = None
+    for r in rows:
+        if r.get("slo_pass") is False and seen_fail is None:
+            seen_fail = r
+        elif r.get("slo_pass") is True and seen_fail is not None:
+            limits.append(
+                f"{level_text(r)} met every SLO again after {level_text(seen_fail)} failed: "
+                "results near the limit are noisy; repeat the run or lengthen the stages."
+            )
+            break
+    for r in rows:
+        if r.get("window_note"):
+            limits.append(f"{level_text(r)}: {r['window_note']}.")
+        cpu = r.get("host_cpu_max_core_ratio")
+        if cpu is not None and cpu >= 0.9:
+            limits.append(
+                f"At {level_text(r)} a load-generator process used {_pct(cpu)} of a core: "
+                "the client may have limited the load."
+            )
+    return limits
+
+
+def _workload(rows: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
+    outs = [r.get("output_tokens_p50") for r in rows if _finite(r.get("output_tokens_p50"))]
+    prompts = [r.get("prompt_tokens_p50") for r in rows if _finite(r.get("prompt_tokens_p50"))]
+    out = sorted(outs)[len(outs) // 2] if outs else None
+    prompt = sorted(prompts)[len(prompts) // 2] if prompts else None
+    return out, prompt
+
+
+def _workload_text(f: EnvelopeFinding) -> str:
+    parts = []
+    if f.output_tokens is not None:
+        parts.append(f"{_num(f.output_tokens)} output tokens")
+    if f.prompt_tokens is not None:
+        parts.append(f"~{_round_prompt(f.prompt_tokens)}-token prompts")
+    return (" at " + " and ".join(parts)) if parts else ""
+
+
+def _key_numbers(r: Mapping[str, Any]) -> str:
+    pct = "p95"
+    for s in r.get("slo_results") or []:
+        if s.get("key", "").startswith("ttft_"):
+            pct = _split_key(s["key"])[1]
+    parts = []
+    for metric in ("ttft", "e2e"):
+        v = r.get(f"{metric}_{pct}_ms")
+        if _finite(v):
+            parts.append(f"{pct} {_METRIC_NAMES[metric]} {_seconds(v)} s")
+    parts.append(f"{_tps(r.get('aggregate_output_tokens_per_s'))} output tokens/s")
+    return ", ".join(parts)
+
+
+def _concurrent(r: Mapping[str, Any]) -> str:
+    text = level_text(r)
+    if text.endswith(("user", "users")):
+        count, word = text.split(" ", 1)
+        return f"{count} concurrent {word}"
+    return text
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    parts = key.split("_")  # ttft_p95_ms
+    return (parts[0], parts[1]) if len(parts) >= 3 else (key, "")
+
+
+def _growth(a: Mapping[str, Any], b: Mapping[str, Any] | None, key: str) -> float | None:
+    if b is None:
+        return None
+    x, y = a.get(key), b.get(key)
+    if not _finite(x) or not _finite(y) or y <= 0:
+        return None
+    return x / y
+
+
+def _level(r: Mapping[str, Any]) -> tuple[float, int]:
+    for key in ("target_users", "target_rate_per_s", "mean_in_flight"):
+        v = r.get(key)
+        if _finite(v):
+            return float(v), int(r.get("stage_index") or 0)
+    return 0.0, int(r.get("stage_index") or 0)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _f(v: Any) -> float:
+    return float(v) if _finite(v) else -math.inf
+
+
+def _num(v: float) -> str:
+    v = float(v)
+    return str(int(v)) if v == int(v) else f"{v:.2g}" if abs(v) < 10 else f"{v:.0f}"
+
+
+def _seconds(ms: float | None) -> str:
+    if ms is None:
+        return "?"
+    s = ms / 1000.0
+    return f"{s:.0f}" if s >= 10 else f"{s:.2g}"
+
+
+def _tps(v: Any) -> str:
+    return f"{v:.0f}" if _finite(v) else "?"
+
+
+def _pct(ratio: Any) -> str:
+    if not _finite(ratio):
+        return "?"
+    p = 100 * ratio
+    return f"{p:.0f}%" if p >= 10 or p == int(p) else f"{p:.1f}%"
+
+
+def _round_prompt(tokens: float) -> str:
+    if tokens >= 100:
+        return str(int(round(tokens, -1)))
+    return str(int(round(tokens)))

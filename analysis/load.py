@@ -1,0 +1,439 @@
+"""Load a run directory into one in-memory :class:`Run` for the tables and plots.
+
+Records are the only source of latency numbers: they are streamed in batches
+through :func:`envelope.metrics.per_request_frame`, so a million records never
+sit in memory as dicts at once. Per-token values that do not fit a one-row-per-
+request frame (inter-token latencies, chunk arrival times) are kept as flat
+arrays with a per-row count, aligned with the frame's rows.
+
+Every part of the directory except the records is optional; what is absent or
+unreadable is described in :attr:`Run.missing`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from envelope import metrics
+from envelope.records import iter_record_files, read_records
+
+__all__ = ["Run", "RunDirError", "load_run", "records_frame", "BATCH_RECORDS"]
+
+BATCH_RECORDS = 20_000  # records per per_request_frame call: bounds the dicts held at once
+
+
+class RunDirError(ValueError):
+    """The directory cannot be analysed at all; ``str()`` is one line."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Run:
+    """One run directory, loaded.
+
+    ``frame`` has one row per record (the columns of ``per_request_frame`` plus
+    ``in_flight_end_unix_s``); ``itl_ms``/``itl_counts`` and the ``chunk_*``
+    arrays are flat per-token arrays whose per-row lengths are the counts, in
+    frame row order.
+    """
+
+    run_dir: Path
+    info: dict
+    server: dict
+    stages: list[dict]
+    frame: pd.DataFrame
+    itl_ms: np.ndarray  # float32, ms
+    itl_counts: np.ndarray
+    chunk_unix_s: np.ndarray  # wall-clock arrival of every content chunk
+    chunk_output_tokens: np.ndarray  # float32 tokens attributed to that chunk (sums to output_tokens)
+    chunk_counts: np.ndarray
+    telemetry: dict[str, pd.DataFrame] = field(default_factory=dict)  # metrics, gpu, host
+    locust: dict[str, pd.DataFrame] = field(default_factory=dict)  # stats, history, failures
+    missing: list[str] = field(default_factory=list)
+    skipped_lines: list[str] = field(default_factory=list)
+    stages_from_records: bool = False
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("run_id") or self.run_dir.name)
+
+    def __repr__(self) -> str:
+        return (
+            f"Run(run_dir={str(self.run_dir)!r}, records={len(self.frame)}, "
+            f"stages={len(self.stages)}, missing={len(self.missing)})"
+        )
+
+
+def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECORDS) -> Run:
+    """Read ``run_dir``; raise :class:`RunDirError` when it is not a run directory."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise RunDirError(f"{root}: not a directory")
+    has_records = (root / "records").is_dir()
+    if not has_records and not (root / "stages.json").is_file():
+        raise RunDirError(f"{root}: not a run directory (no records/ and no stages.json)")
+    missing: list[str] = []
+    skipped: list[str] = []
+
+    info = _read_json_object(root / "run.json", missing, "run.json")
+    server = _read_json_object(root / "server.json", missing, "server.json")
+    stages = _read_stages(root / "stages.json", missing)
+
+    files = iter_record_files(root)
+    if not files:
+        missing.append("records/: no record files, so no latency or throughput numbers")
+    loaded = records_frame(read_records(files, skipped=skipped), batch_records=batch_records)
+    frame = loaded["frame"]
+
+    stages_from_records = False
+    if stages is None:
+        stages = _stages_from_records(frame)
+        stages_from_records = True
+        if stages:
+            missing.append(
+                "stages.json: stages rebuilt from records (no target users or SLOs; "
+                "windows span each stage's records)"
+            )
+    _complete_stages(stages, frame, info, missing)
+    _check_stage_placement(stages, frame, missing)
+
+    telemetry = _read_telemetry(root / "telemetry", missing, skipped)
+    locust = _read_locust(root / "locust", missing)
+    if skipped:
+        missing.append(f"{len(skipped)} unreadable line(s) skipped (first: {skipped[0]})")
+    return Run(
+        run_dir=root,
+        info=info,
+        server=server,
+        stages=stages,
+        frame=frame,
+        itl_ms=loaded["itl_ms"],
+        itl_counts=loaded["itl_counts"],
+        chunk_unix_s=loaded["chunk_unix_s"],
+        chunk_output_tokens=loaded["chunk_output_tokens"],
+        chunk_counts=loaded["chunk_counts"],
+        telemetry=telemetry,
+        locust=locust,
+        missing=missing,
+        skipped_lines=skipped,
+        stages_from_records=stages_from_records,
+    )
+
+
+def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECORDS) -> dict[str, Any]:
+    """Turn record dicts into the frame and the flat per-token arrays (see :class:`Run`)."""
+    frames: list[pd.DataFrame] = []
+    itl_parts: list[np.ndarray] = []
+    itl_count_parts: list[np.ndarray] = []
+    chunk_t_parts: list[np.ndarray] = []
+    chunk_tok_parts: list[np.ndarray] = []
+    chunk_count_parts: list[np.ndarray] = []
+    for batch in _batches(records, batch_records):
+        frame = metrics.per_request_frame(batch)
+        if len(frame) != len(batch):  # the flat arrays rely on one row per record, in order
+            raise RunDirError("per_request_frame did not return one row per record")
+        e2e_ms = frame["e2e_ms"].to_numpy(dtype=float, na_value=np.nan)
+        itl_counts = np.empty(len(batch), dtype=np.int64)
+        offs: list[float] = []
+        toks: list[float] = []
+        chunk_counts = np.empty(len(batch), dtype=np.int64)
+        flight_s = np.empty(len(batch), dtype=float)
+        for i, rec in enumerate(batch):
+            itl_counts[i] = _itl_count(rec)
+            flight_s[i] = _flight_s(rec, e2e_ms[i])
+            chunk_counts[i] = _chunk_attribution(rec, flight_s[i], offs, toks)
+        itl = metrics.itl_values_ms(batch)
+        if itl.size != int(itl_counts.sum()):
+            # the fast count disagrees with envelope.metrics: ask it record by record
+            itl_counts = np.array([len(metrics.itl_s(r)) for r in batch], dtype=np.int64)
+        wall = frame["wall_start_unix_s"].to_numpy(dtype=float)
+        frame["in_flight_end_unix_s"] = wall + flight_s
+        frames.append(frame)
+        itl_parts.append(itl.astype(np.float32))  # ~7 significant digits of ms; halves the largest array
+        itl_count_parts.append(itl_counts)
+        chunk_t_parts.append(np.repeat(wall, chunk_counts) + np.asarray(offs, dtype=float))
+        chunk_tok_parts.append(np.asarray(toks, dtype=np.float32))
+        chunk_count_parts.append(chunk_counts)
+    if frames:
+        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    else:
+        frame = metrics.per_request_frame([])
+        frame["in_flight_end_unix_s"] = pd.Series(dtype=float)
+    del frames[:]
+    # Concatenate one array at a time and drop its parts at once, so the peak holds
+    # at most one array twice (a million records: ~1 GB less than joining all at the end).
+    return {
+        "frame": frame,
+        "itl_ms": _cat(itl_parts, np.float32),
+        "itl_counts": _cat(itl_count_parts, np.int64),
+        "chunk_unix_s": _cat(chunk_t_parts, float),
+        "chunk_output_tokens": _cat(chunk_tok_parts, np.float32),
+        "chunk_counts": _cat(chunk_count_parts, np.int64),
+    }
+
+
+def _batches(records: Iterable[Mapping], size: int) -> Iterator[list[Mapping]]:
+    batch: list[Mapping] = []
+    for rec in records:
+        batch.append(rec)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """Concatenate ``parts`` and empty the list (frees them as soon as possible)."""
+    if not parts:
+        return np.empty(0, dtype=dtype)
+    out = np.concatenate(parts).astype(dtype, copy=False)
+    del parts[:]
+    return out
+
+
+def _itl_count(rec: Mapping) -> int:
+    """How many ITL values :func:`envelope.metrics.itl_values_ms` gives this record.
+
+    Checked against the values' total per batch; a mismatch falls back to
+    ``len(metrics.itl_s(rec))`` for every record of the batch.
+    """
+    offsets = rec.get("chunk_offsets_s") or ()
+    n = len(offsets)
+    if n < 2 or rec.get("error_category") is not None:
+        return 0
+    tokens = rec.get("chunk_tokens")
+    if tokens and len(tokens) == n and min(tokens) >= 1:
+        return sum(tokens) - tokens[0]
+    return n - 1
+
+
+def _flight_s(rec: Mapping, e2e_ms: float) -> float:
+    """Seconds the request was in flight: E2E for successes, done - start for failures."""
+    if rec.get("error_category") is None and not math.isnan(e2e_ms):
+        return e2e_ms / 1000.0
+    t0 = rec.get("t_start_s")
+    for key in ("t_done_s", "t_end_s", "t_first_token_s", "t_first_byte_s"):
+        t = rec.get(key)
+        if t is not None and t0 is not None:
+            return max(0.0, t - t0)
+    return 0.0
+
+
+def _chunk_attribution(rec: Mapping, flight_s: float, offs: list[float], toks: list[float]) -> int:
+    """Append each content chunk's offset and output tokens; return how many were appended.
+
+    Tokens per chunk come from ``chunk_tokens`` when they add up to the record's
+    ``output_tokens``; otherwise ``output_tokens`` is spread evenly over the
+    chunks, so the attributed tokens of a record always sum to its output tokens.
+    A record with output tokens but no chunk times gets them all at its end.
+    """
+    out = rec.get("output_tokens") or 0
+    offsets = rec.get("chunk_offsets_s") or ()
+    n = len(offsets)
+    if out <= 0:
+        return 0
+    if n == 0:
+        offs.append(flight_s)
+        toks.append(float(out))
+        return 1
+    offs.extend(offsets)
+    per_chunk = rec.get("chunk_tokens")
+    if per_chunk is not None and len(per_chunk) == n and sum(per_chunk) == out:
+        toks.extend(per_chunk)
+    else:
+        toks.extend([out / n] * n)
+    return n
+
+
+def _read_json_object(path: Path, missing: list[str], label: str) -> dict:
+    if not path.is_file():
+        missing.append(f"{label}: absent")
+        return {}
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        missing.append(f"{label}: unreadable ({_one_line(exc)})")
+        return {}
+    if not isinstance(data, dict):
+        missing.append(f"{label}: not a JSON object")
+        return {}
+    return data
+
+
+def _read_stages(path: Path, missing: list[str]) -> list[dict] | None:
+    if not path.is_file():
+        missing.append("stages.json: absent")
+        return None
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        missing.append(f"stages.json: unreadable ({_one_line(exc)})")
+        return None
+    if not isinstance(data, list) or not all(isinstance(s, dict) for s in data):
+        missing.append("stages.json: not a list of stage objects")
+        return None
+    stages = []
+    for i, s in enumerate(data):
+        if "start_unix_s" not in s or s.get("start_unix_s") is None:
+            missing.append(f"stages.json: stage {i} has no start_unix_s; skipped")
+            continue
+        stage = dict(s)
+        stage.setdefault("stage_index", i)
+        stage.setdefault("stage_name", f"stage-{stage['stage_index']}")
+        stage.setdefault("pass_name", "")
+        stage.setdefault("pass_index", 0)
+        stage.setdefault("kind", "users")
+        stage["slos"] = dict(stage.get("slos") or {})
+        stage["workload"] = dict(stage.get("workload") or {})
+        stages.append(stage)
+    return stages
+
+
+def _stages_from_records(frame: pd.DataFrame) -> list[dict]:
+    if frame.empty:
+        return []
+    stages = []
+    grouped = frame.groupby(["stage_index", "pass_name", "stage_name"], sort=True, dropna=True)
+    for (idx, pass_name, stage_name), g in grouped:
+        stages.append(
+            {
+                "pass_index": None,
+                "pass_name": pass_name,
+                "stage_index": int(idx),
+                "stage_name": stage_name,
+                "kind": "users",
+                "target_users": None,
+                "spawn_rate": None,
+                "target_rate_per_s": None,
+                "duration_s": None,
+                "start_unix_s": float(g["wall_start_unix_s"].min()),
+                "end_unix_s": float(g["in_flight_end_unix_s"].max()),
+                "slos": {},
+                "workload": {},
+                "derived": True,
+            }
+        )
+    return stages
+
+
+def _complete_stages(stages: list[dict], frame: pd.DataFrame, info: dict, missing: list[str]) -> None:
+    """Give every stage an end time: the next stage's start, the run's end, or its last record."""
+    stages.sort(key=lambda s: (s["start_unix_s"], s.get("stage_index", 0)))
+    for i, stage in enumerate(stages):
+        if stage.get("end_unix_s") is not None:
+            continue
+        if i + 1 < len(stages):
+            end = stages[i + 1]["start_unix_s"]
+            how = "the next stage's start"
+        elif info.get("ended_unix_s") is not None:
+            end = float(info["ended_unix_s"])
+            how = "the run's end"
+        else:
+            mine = frame.loc[frame["stage_index"] == stage["stage_index"], "in_flight_end_unix_s"]
+            end = float(mine.max()) if len(mine) else stage["start_unix_s"]
+            how = "its last record's end"
+        stage["end_unix_s"] = max(end, stage["start_unix_s"])
+        stage["end_inferred"] = True
+        missing.append(f"stages.json: stage {stage['stage_name']!s} has no end time; used {how}")
+
+
+def _check_stage_placement(stages: list[dict], frame: pd.DataFrame, missing: list[str]) -> None:
+    """Note records whose stage_index is unknown or whose start lies outside their stage."""
+    if frame.empty or not stages:
+        return
+    idx = frame["stage_index"].to_numpy(dtype=float, na_value=np.nan)
+    known = np.array([s["stage_index"] for s in stages])
+    unknown = ~np.isin(idx, known)
+    if unknown.any():
+        missing.append(f"{int(unknown.sum())} record(s) name a stage_index absent from stages.json")
+    if any(s.get("derived") for s in stages):
+        return
+    start = frame["wall_start_unix_s"].to_numpy(dtype=float)
+    outside = np.zeros(len(frame), dtype=bool)
+    for s in stages:
+        mine = idx == s["stage_index"]
+        # 1 s slack: stage boundaries and record starts come from different clocks/processes
+        outside |= mine & ((start < s["start_unix_s"] - 1.0) | (start > s["end_unix_s"] + 1.0))
+    if outside.any():
+        missing.append(
+            f"{int(outside.sum())} record(s) started outside their stage's wall-clock boundaries "
+            "(kept in the stage their stage_index names)"
+        )
+
+
+def _read_jsonl(path: Path, skipped: list[str]) -> list[dict]:
+    rows = []
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                skipped.append(f"{path}:{lineno}: unreadable telemetry line skipped")
+                continue
+            if isinstance(obj, dict):
+                rows.append(obj)
+    return rows
+
+
+def _read_telemetry(tdir: Path, missing: list[str], skipped: list[str]) -> dict[str, pd.DataFrame]:
+    out: dict[str, pd.DataFrame] = {}
+    for name in ("metrics", "gpu", "host"):
+        path = tdir / f"{name}.jsonl"
+        if not path.is_file():
+            missing.append(f"telemetry/{name}.jsonl: absent")
+            continue
+        try:
+            rows = _read_jsonl(path, skipped)
+        except OSError as exc:
+            missing.append(f"telemetry/{name}.jsonl: unreadable ({_one_line(exc)})")
+            continue
+        if name == "metrics":
+            rows = [{k: v for k, v in r.items() if k != "histograms"} for r in rows]
+        elif name == "gpu":
+            flat = []
+            for r in rows:
+                for g in r.get("gpus") or []:
+                    if isinstance(g, dict):
+                        flat.append({"t_unix_s": r.get("t_unix_s"), **g})
+            if rows and not flat:
+                reason = next((r.get("reason") for r in rows if r.get("absent")), None)
+                missing.append(f"telemetry/gpu.jsonl: no GPU samples ({reason or 'none recorded'})")
+            rows = flat
+        frame = pd.DataFrame(rows)
+        if "t_unix_s" in frame.columns:
+            frame = frame.sort_values("t_unix_s", kind="stable", ignore_index=True)
+        if name == "metrics" and not frame.empty and "ok" in frame.columns:
+            frame = frame[frame["ok"].fillna(False).astype(bool)].reset_index(drop=True)
+        out[name] = frame
+    return out
+
+
+def _read_locust(ldir: Path, missing: list[str]) -> dict[str, pd.DataFrame]:
+    out: dict[str, pd.DataFrame] = {}
+    if not ldir.is_dir():
+        missing.append("locust/: absent (not needed: numbers come from records)")
+        return out
+    for key, fname in (("stats", "locust_stats.csv"), ("history", "locust_stats_history.csv"),
+                       ("failures", "locust_failures.csv")):
+        path = ldir / fname
+        if not path.is_file():
+            continue
+        try:
+            out[key] = pd.read_csv(path)
+        except (OSError, ValueError) as exc:
+            missing.append(f"locust/{fname}: unreadable ({_one_line(exc)})")
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]

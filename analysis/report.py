@@ -1,0 +1,249 @@
+"""Write a run's report directory: table.csv/.md, PNG graphs, envelope.md and envelope.html.
+
+Figures are made with :class:`matplotlib.figure.Figure` and saved through the
+Agg canvas, so no pyplot state or global backend is touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from analysis import envelope as env
+from analysis import plots
+from analysis.table import (
+    WindowRule,
+    envelope_table,
+    format_cell,
+    MARKDOWN_COLUMNS,
+    slo_summary,
+    table_totals,
+    write_table_csv,
+    write_table_markdown,
+)
+
+__all__ = ["write_report", "render_figure_png", "DATA_NOTE"]
+
+DATA_NOTE = (
+    "Percentiles are exact, computed from the per-request records with numpy's linear "
+    "interpolation; no number here comes from Locust's CSV statistics, whose percentiles are rounded."
+)
+
+
+def render_figure_png(draw: Callable[[Any], None], *, ncols: int = 1, nrows: int = 1,
+                      size_in: tuple[float, float] = (8.0, 4.5)) -> bytes:
+    """Call ``draw(axes)`` on a fresh Agg figure and return it as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size_in, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    draw(axes if len(axes) > 1 else axes[0])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule()) -> dict[str, Path]:
+    """Write the report files of ``run`` (an :class:`analysis.load.Run`) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = envelope_table(run, rule=rule)
+    totals = table_totals(run)
+    findings = env.find_envelopes(rows)
+    primary = env.find_envelope(rows) if rows else None
+    if primary is not None:
+        findings = [primary] + [f for f in findings if f.pass_name != primary.pass_name]
+    written: dict[str, Path] = {}
+
+    with open(out / "table.csv", "w", encoding="utf-8", newline="") as fh:
+        write_table_csv(rows, fh)
+    written["table.csv"] = out / "table.csv"
+    md_table = io.StringIO()
+    write_table_markdown(rows, md_table)
+    (out / "table.md").write_text(md_table.getvalue(), encoding="utf-8")
+    written["table.md"] = out / "table.md"
+
+    graphs = _graphs(run, rows)
+    for name, (_, png) in graphs.items():
+        (out / name).write_bytes(png)
+        written[name] = out / name
+
+    sentences = [(f.pass_name, env.envelope_sentence(f), f) for f in findings]
+    notes = _method_notes(rule, totals, rows)
+    (out / "envelope.md").write_text(
+        _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows), encoding="utf-8"
+    )
+    written["envelope.md"] = out / "envelope.md"
+    (out / "envelope.html").write_text(_html(run, rows, graphs, sentences, notes), encoding="utf-8")
+    written["envelope.html"] = out / "envelope.html"
+    return written
+
+
+def _graphs(run: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, bytes]]:
+    graphs: dict[str, tuple[str, bytes]] = {}
+    if rows:
+        graphs["throughput_vs_concurrency.png"] = (
+            "Aggregate output throughput vs concurrency",
+            render_figure_png(lambda ax: plots.plot_throughput_vs_concurrency(ax, rows)),
+        )
+        for metric in ("ttft", "e2e"):
+            graphs[f"{metric}_vs_concurrency.png"] = (
+                f"{metric.upper()} percentiles vs concurrency",
+                render_figure_png(lambda ax, m=metric: plots.plot_latency_vs_concurrency(ax, rows, m)),
+            )
+    has_server = not (run.telemetry.get("metrics") is None or run.telemetry["metrics"].empty)
+    n = 3 if has_server else 2
+    graphs["timeline.png"] = (
+        "The run over time",
+        render_figure_png(
+            lambda axes: plots.plot_timeline(
+                axes, run.frame, run.stages, run.telemetry, chunks=(run.chunk_unix_s, run.chunk_output_tokens)
+            ),
+            nrows=n,
+            size_in=(9.0, 3.0 * n),
+        ),
+    )
+    graphs["ttft_distribution.png"] = (
+        "TTFT distribution",
+        render_figure_png(lambda ax: plots.plot_ttft_distribution(ax, run.frame)),
+    )
+    return graphs
+
+
+def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    notes = [
+        DATA_NOTE,
+        f"Steady-state window of a stage: from stage start + ramp (target users / spawn rate; 0 for "
+        f"rate stages) + {rule.settle_s:g} s settle, to stage end; when less than "
+        f"{rule.min_window_s:g} s remains, the second half of the stage.",
+        "Latency percentiles, request and error counts: requests of the stage that started inside "
+        "the window (latencies over successful requests only).",
+        "Aggregate output tokens/s: tokens of successful requests whose content chunks arrived inside "
+        "the window, divided by the window length (chunk token counts from the server's continuous "
+        "usage, else the request's output tokens spread evenly over its chunks).",
+        "Mean in flight: time-weighted mean number of requests in flight during the window "
+        "(start to last token, or to the failure). Output tokens/s per request = aggregate / mean in flight.",
+        "Tail flags: a pNN percentile from fewer than 100/(100-NN) samples (p95 < 20, p99 < 100) is "
+        "listed under few-sample tails.",
+        f"Cross-check: {totals['records']} records ({totals['ok_records']} successful) carry "
+        f"{totals['output_tokens']} output tokens in total; the table's stage_output_tokens column "
+        f"sums to {sum(int(r.get('stage_output_tokens') or 0) for r in rows)}.",
+    ]
+    server = [(r, r.get("server_output_tokens_per_s")) for r in rows if r.get("server_output_tokens_per_s") is not None]
+    if server:
+        notes.append(
+            "Server-side generation rate (vllm:generation_tokens_total) per window, for comparison: "
+            + ", ".join(
+                f"{env.level_text(r)}: {v:.0f} tokens/s (ours {format_cell('x', r.get('aggregate_output_tokens_per_s'))})"
+                for r, v in server
+            )
+            + "."
+        )
+    return notes
+
+
+def _header_lines(run: Any) -> list[str]:
+    info = run.info or {}
+    lines = [f"Run `{run.name}`"]
+    for key in ("status", "scenario_path", "quick"):
+        if key in info:
+            lines.append(f"{key}: {info[key]}")
+    server = run.server or {}
+    for key in ("model", "served_model_name", "vllm_version", "base_url", "host"):
+        if key in server and isinstance(server[key], (str, int, float)):
+            lines.append(f"server {key}: {server[key]}")
+    return lines
+
+
+def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
+              sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
+              rows: Sequence[Mapping[str, Any]]) -> str:
+    parts = [f"# Service envelope: {run.name}\n", "\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
+    parts.append("## Envelope\n")
+    if not sentences:
+        parts.append("No stages to analyse.\n")
+    for name, sentence, _ in sentences:
+        parts.append(f"**{_md_escape(name or 'run')}**: {_md_escape(sentence)}\n")
+    parts.append("## Table\n")
+    parts.append(table_md)
+    slo_lines = [f"- {r['pass_name']} / {r['stage_name']}: {slo_summary(r['slo_results'])}"
+                 for r in rows if r.get("slo_results")]
+    if slo_lines:
+        parts.append("\nSLO checks (measured value in parentheses):\n")
+        parts.append("\n".join(_md_escape(line) for line in slo_lines) + "\n")
+    parts.append("\n## Graphs\n")
+    for fname, (title, _) in graphs.items():
+        parts.append(f"![{_md_escape(title)}]({fname})\n")
+    parts.append("## How the numbers were computed\n")
+    parts.append("\n".join(f"- {_md_escape(n)}" for n in notes) + "\n")
+    limits = [lim for _, _, f in sentences for lim in f.limits]
+    if limits:
+        parts.append("## Limits\n")
+        parts.append("\n".join(f"- {_md_escape(lim)}" for lim in limits) + "\n")
+    if run.missing:
+        parts.append("## Missing\n")
+        parts.append("\n".join(f"- {_md_escape(m)}" for m in run.missing) + "\n")
+    return "\n".join(parts)
+
+
+def _md_escape(text: str) -> str:
+    # Only what could open an HTML tag in a Markdown renderer; "<=" stays readable.
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", str(text))
+
+
+def _html(run: Any, rows: Sequence[Mapping[str, Any]], graphs: Mapping[str, tuple[str, bytes]],
+          sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str]) -> str:
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Service envelope: {e(run.name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px;"
+        "text-align:right}th{background:#eee}td.fail{color:#b00;font-weight:bold}img{max-width:100%}"
+        ".sentence{font-size:1.1em;background:#f4f8ff;padding:0.6em;border-left:4px solid #36c}</style>",
+        "</head><body>",
+        f"<h1>Service envelope: {e(run.name)}</h1>",
+        "<ul>" + "".join(f"<li>{e(line)}</li>" for line in _header_lines(run)) + "</ul>",
+        "<h2>Envelope</h2>",
+    ]
+    for name, sentence, _ in sentences:
+        out.append(f'<p class="sentence"><b>{e(name or "run")}</b>: {e(sentence)}</p>')
+    out.append("<h2>Table</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for _, h in MARKDOWN_COLUMNS) + "</tr>")
+    for r in rows:
+        cells = []
+        for c, _ in MARKDOWN_COLUMNS:
+            text = format_cell(c, r.get(c))
+            cls = ' class="fail"' if c == "slo_pass" and r.get(c) is False else ""
+            cells.append(f"<td{cls}>{e(text)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    slo_lines = [f"{r['pass_name']} / {r['stage_name']}: {slo_summary(r['slo_results'])}"
+                 for r in rows if r.get("slo_results")]
+    if slo_lines:
+        out.append("<p>SLO checks (measured value in parentheses):</p><ul>"
+                   + "".join(f"<li>{e(s)}</li>" for s in slo_lines) + "</ul>")
+    out.append("<h2>Graphs</h2>")
+    for title, png in graphs.values():
+        data = base64.b64encode(png).decode("ascii")
+        out.append(f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
+                   f"<figcaption>{e(title)}</figcaption></figure>")
+    out.append("<h2>How the numbers were computed</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    limits = [lim for _, _, f in sentences for lim in f.limits]
+    if limits:
+        out.append("<h2>Limits</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in limits) + "</ul>")
+    if run.missing:
+        out.append("<h2>Missing</h2><ul>" + "".join(f"<li>{e(m)}</li>" for m in run.missing) + "</ul>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

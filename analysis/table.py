@@ -1,0 +1,376 @@
+"""The envelope table: one row per (pass, stage) over the stage's steady-state window.
+
+Steady-state window (the rule the report states):
+    start = stage start + ramp + settle, end = stage end, where
+    ramp = target_users / spawn_rate for closed-loop ("users") stages (an upper
+    bound on Locust's spawn time whatever the previous user count; 0 for "rate"
+    stages) and settle = ``WindowRule.settle_s`` (default 5 s). When that leaves
+    less than ``WindowRule.min_window_s``, the window is the second half of the
+    stage and the row says so in ``window_note``. Stages rebuilt from records
+    (no stages.json) use their whole span.
+
+Which requests count:
+    * latency percentiles, ``requests``, ``errors``: requests of this stage that
+      *started* inside the window. Selecting by start time does not favour short
+      requests (selecting by finish time would include the length-biased request
+      straddling the window start).
+    * ``aggregate_output_tokens_per_s``: output tokens of successful requests
+      whose content chunks *arrived* inside the window, divided by the window
+      length. Each chunk carries its tokens (``chunk_tokens``, or the request's
+      output tokens spread evenly), so a request straddling an edge contributes
+      only what it streamed inside; no edge bias, whatever the request length.
+    * ``mean_in_flight``: time-weighted mean number of requests of any stage in
+      flight during the window; a request is in flight from its start to the end
+      of its E2E (success) or to ``t_done_s`` (failure).
+    * ``per_user_output_tokens_per_s`` = aggregate / mean_in_flight: the output
+      rate one in-flight request sees (with no think time, the rate per user).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import IO, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from envelope import metrics
+
+__all__ = [
+    "WindowRule",
+    "TABLE_COLUMNS",
+    "LATENCY_METRICS",
+    "PERCENTILES",
+    "steady_window",
+    "envelope_table",
+    "evaluate_slos",
+    "few_sample_percentiles",
+    "table_totals",
+    "write_table_csv",
+    "write_table_markdown",
+]
+
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowRule:
+    """How the steady-state window of a stage is cut (see the module docstring)."""
+
+    settle_s: float = 5.0
+    min_window_s: float = 5.0
+
+
+TABLE_COLUMNS: tuple[str, ...] = (
+    "pass_name", "stage_name", "stage_index", "kind", "target_users", "target_rate_per_s",
+    "mean_in_flight", "window_start_s", "window_end_s", "window_s", "window_note",
+    "requests", "ok_requests", "errors", "error_rate", "errors_by_category",
+    "aggregate_output_tokens_per_s", "per_user_output_tokens_per_s",
+    *(f"{m}_p{q}_ms" for m in LATENCY_METRICS for q in PERCENTILES),
+    "samples", "itl_samples", "few_samples",
+    "prompt_tokens_p50", "output_tokens_p50",
+    "stage_records", "stage_output_tokens",
+    "server_requests_running_mean", "server_requests_waiting_max",
+    "server_kv_cache_usage_max_ratio", "server_preemptions", "server_output_tokens_per_s",
+    "host_cpu_max_core_ratio",
+    "slo_pass", "slo_results",
+)
+
+
+def steady_window(stage: Mapping[str, Any], *, rule: WindowRule = WindowRule()) -> tuple[float, float, str]:
+    """The steady-state window ``(start_unix_s, end_unix_s, note)`` of one stage."""
+    start = float(stage["start_unix_s"])
+    end = float(stage["end_unix_s"])
+    if stage.get("derived"):
+        return start, end, "whole stage (no stages.json)"
+    ramp_s = 0.0
+    users, spawn = stage.get("target_users"), stage.get("spawn_rate")
+    if stage.get("kind", "users") == "users" and users and spawn:
+        ramp_s = float(users) / float(spawn)
+    ws = start + ramp_s + rule.settle_s
+    if end - ws < rule.min_window_s:
+        return start + (end - start) / 2.0, end, "short stage: second half used"
+    return ws, end, ""
+
+
+def few_sample_percentiles(n: int) -> list[str]:
+    """Percentiles that ``n`` samples cannot support: pNN needs at least 100/(100-NN)."""
+    return [f"p{q}" for q in PERCENTILES if n < math.ceil(100 / (100 - q))]
+
+
+def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[str, Any]]:
+    """One row (a dict keyed by :data:`TABLE_COLUMNS`) per stage of ``run``, in stage order.
+
+    ``run`` is an :class:`analysis.load.Run` (anything with the same attributes).
+    """
+    frame: pd.DataFrame = run.frame
+    run_start = _run_start(run)
+    n = len(frame)
+    stage_idx = frame["stage_index"].to_numpy(dtype=float, na_value=np.nan) if n else np.empty(0)
+    start = frame["wall_start_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
+    end = frame["in_flight_end_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
+    ok = frame["ok"].to_numpy(dtype=bool) if n else np.empty(0, dtype=bool)
+    chunk_ok = np.repeat(ok, run.chunk_counts)
+    categories = frame["error_category"].to_numpy(dtype=object) if n else np.empty(0, dtype=object)
+    out_tokens = _num(frame, "output_tokens")
+    columns = {m: _num(frame, f"{m}_ms") for m in ("ttft", "tpot", "e2e")}
+    prompt = _num(frame, "prompt_tokens")
+    telemetry = getattr(run, "telemetry", {}) or {}
+
+    rows = []
+    for stage in run.stages:
+        ws, we, note = steady_window(stage, rule=rule)
+        window_s = max(we - ws, 0.0)
+        mine = stage_idx == stage["stage_index"]
+        in_win = mine & (start >= ws) & (start < we)
+        sel = in_win & ok
+        row: dict[str, Any] = {c: None for c in TABLE_COLUMNS}
+        row.update(
+            pass_name=stage.get("pass_name", ""),
+            stage_name=stage.get("stage_name", ""),
+            stage_index=int(stage["stage_index"]),
+            kind=stage.get("kind", "users"),
+            target_users=stage.get("target_users"),
+            target_rate_per_s=stage.get("target_rate_per_s"),
+            window_start_s=ws - run_start,
+            window_end_s=we - run_start,
+            window_s=window_s,
+            window_note=note,
+        )
+        requests = int(in_win.sum())
+        errors = int((in_win & ~ok).sum())
+        cats = Counter(str(c) for c in categories[in_win & ~ok])
+        row.update(
+            requests=requests,
+            ok_requests=requests - errors,
+            errors=errors,
+            error_rate=(errors / requests) if requests else float("nan"),
+            errors_by_category=", ".join(f"{k}:{v}" for k, v in sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))),
+        )
+        overlap = np.clip(np.minimum(end, we) - np.maximum(start, ws), 0.0, None)
+        mean_in_flight = float(overlap.sum() / window_s) if window_s > 0 else float("nan")
+        in_chunk = chunk_ok & (run.chunk_unix_s >= ws) & (run.chunk_unix_s < we)
+        tokens = float(run.chunk_output_tokens[in_chunk].sum(dtype=np.float64))
+        agg = tokens / window_s if window_s > 0 else float("nan")
+        row.update(
+            mean_in_flight=mean_in_flight,
+            aggregate_output_tokens_per_s=agg,
+            per_user_output_tokens_per_s=(agg / mean_in_flight) if mean_in_flight > 0 else float("nan"),
+        )
+        for m, values in columns.items():
+            row.update(_percentile_cells(m, values[sel]))
+        itl = run.itl_ms[np.repeat(sel, run.itl_counts)]
+        row.update(_percentile_cells("itl", itl))
+        samples = int(sel.sum())
+        row.update(
+            samples=samples,
+            itl_samples=int(itl.size),
+            few_samples=",".join(few_sample_percentiles(samples)),
+            prompt_tokens_p50=_median(prompt[sel]),
+            output_tokens_p50=_median(out_tokens[sel]),
+            stage_records=int(mine.sum()),
+            stage_output_tokens=int(np.nansum(out_tokens[mine])),
+        )
+        row.update(_telemetry_cells(telemetry, ws, we))
+        results = evaluate_slos(row, stage.get("slos") or {})
+        row["slo_results"] = results
+        row["slo_pass"] = _overall(results)
+        rows.append(row)
+    return rows
+
+
+def evaluate_slos(row: Mapping[str, Any], slos: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Check each SLO of a stage against a table row.
+
+    Returns dicts ``{key, threshold, measured, passed, note}``; ``passed`` is
+    False when there is nothing to measure (no successful requests), and None
+    for a key this version does not know.
+    """
+    results = []
+    for key, threshold in slos.items():
+        if threshold is None:
+            continue
+        threshold = float(threshold)
+        note = ""
+        if key == "error_rate_max":
+            measured = row.get("error_rate")
+            op = "<="
+        elif key == "min_output_tokens_per_s":
+            measured = row.get("aggregate_output_tokens_per_s")
+            op = ">="
+        elif key in row and key.endswith("_ms"):
+            measured = row.get(key)
+            op = "<="
+            pct = key.rsplit("_", 2)[-2]
+            if pct in (row.get("few_samples") or "").split(","):
+                note = f"{pct} from {row.get('samples')} samples"
+        else:
+            results.append({"key": key, "threshold": threshold, "measured": None, "passed": None,
+                            "op": "?", "note": "unknown SLO key; not checked"})
+            continue
+        if measured is None or (isinstance(measured, float) and math.isnan(measured)):
+            results.append({"key": key, "threshold": threshold, "measured": None, "passed": False,
+                            "op": op, "note": "no data"})
+            continue
+        passed = measured <= threshold if op == "<=" else measured >= threshold
+        results.append({"key": key, "threshold": threshold, "measured": float(measured),
+                        "passed": bool(passed), "op": op, "note": note})
+    return results
+
+
+def table_totals(run: Any) -> dict[str, Any]:
+    """Totals over every record (not only the windows), for cross-checks."""
+    frame = run.frame
+    return {
+        "records": int(len(frame)),
+        "ok_records": int(frame["ok"].sum()) if len(frame) else 0,
+        "output_tokens": int(np.nansum(_num(frame, "output_tokens"))),
+        "attributed_output_tokens": float(run.chunk_output_tokens.sum(dtype=np.float64)),
+    }
+
+
+def write_table_csv(rows: Iterable[Mapping[str, Any]], sink: IO[str]) -> None:
+    """Write the table as CSV to a text sink (SLO results flattened to one cell)."""
+    writer = csv.writer(sink, lineterminator="\n")
+    writer.writerow(TABLE_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_cell(c, row.get(c)) for c in TABLE_COLUMNS])
+
+
+MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("pass_name", "pass"), ("stage_name", "stage"), ("target_users", "users"),
+    ("mean_in_flight", "in flight"), ("window_s", "window s"), ("requests", "requests"),
+    ("error_rate", "error rate"), ("aggregate_output_tokens_per_s", "out tok/s"),
+    ("per_user_output_tokens_per_s", "out tok/s per request"),
+    ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
+    ("tpot_p50_ms", "TPOT p50 ms"), ("itl_p95_ms", "ITL p95 ms"),
+    ("e2e_p50_ms", "E2E p50 ms"), ("e2e_p95_ms", "E2E p95 ms"),
+    ("samples", "n"), ("few_samples", "few-sample tails"), ("slo_pass", "SLOs"),
+)
+
+
+def write_table_markdown(rows: Iterable[Mapping[str, Any]], sink: IO[str]) -> None:
+    """Write the main columns of the table as a Markdown table to a text sink."""
+    sink.write("| " + " | ".join(h for _, h in MARKDOWN_COLUMNS) + " |\n")
+    sink.write("|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|\n")
+    for row in rows:
+        cells = [format_cell(c, row.get(c)).replace("|", "\\|") for c, _ in MARKDOWN_COLUMNS]
+        sink.write("| " + " | ".join(cells) + " |\n")
+
+
+def format_cell(column: str, value: Any) -> str:
+    """A human-readable cell: 3 significant digits, rates as percent, SLOs as pass/FAIL."""
+    if column == "slo_pass":
+        return {True: "pass", False: "FAIL", None: "-"}.get(value, "-")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if column == "error_rate":
+        return f"{100 * value:.2f}%"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def slo_summary(results: Sequence[Mapping[str, Any]]) -> str:
+    """One cell for SLO results: ``ttft_p95_ms<=2000:pass(412.3); …``."""
+    parts = []
+    for r in results:
+        verdict = {True: "pass", False: "FAIL", None: "unchecked"}[r["passed"]]
+        measured = "-" if r["measured"] is None else f"{r['measured']:.6g}"
+        parts.append(f"{r['key']}{r['op']}{r['threshold']:g}:{verdict}({measured})")
+    return "; ".join(parts)
+
+
+def _csv_cell(column: str, value: Any) -> Any:
+    if column == "slo_results":
+        return slo_summary(value or [])
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    return value
+
+
+def _overall(results: Sequence[Mapping[str, Any]]) -> bool | None:
+    checked = [r["passed"] for r in results if r["passed"] is not None]
+    if not checked:
+        return None
+    return all(checked)
+
+
+def _percentile_cells(metric: str, values: np.ndarray) -> dict[str, float]:
+    values = values[~np.isnan(values)] if values.size else values
+    if values.size == 0:
+        return {f"{metric}_p{q}_ms": float("nan") for q in PERCENTILES}
+    if values.size > _LARGE:
+        # metrics.percentiles walks its input in Python (too slow for tens of millions of
+        # ITL values); its rule is numpy's default linear interpolation, applied here directly.
+        points = np.percentile(values.astype(float, copy=False), PERCENTILES)
+        return {f"{metric}_p{q}_ms": float(p) for q, p in zip(PERCENTILES, points)}
+    pct = metrics.percentiles(values.tolist(), qs=PERCENTILES)
+    return {f"{metric}_p{q}_ms": float(pct[f"p{q}"]) for q in PERCENTILES}
+
+
+_LARGE = 50_000  # above this many values, percentiles are computed without a Python walk
+
+
+def _median(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(np.median(values)) if values.size else float("nan")
+
+
+def _num(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame.columns or not len(frame):
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+
+
+def _run_start(run: Any) -> float:
+    started = (getattr(run, "info", {}) or {}).get("started_unix_s")
+    if started is not None:
+        return float(started)
+    if run.stages:
+        return float(min(s["start_unix_s"] for s in run.stages))
+    if len(run.frame):
+        return float(run.frame["wall_start_unix_s"].min())
+    return 0.0
+
+
+def _telemetry_cells(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float) -> dict[str, Any]:
+    cells: dict[str, Any] = {}
+    m = telemetry.get("metrics")
+    if m is not None and not m.empty and "t_unix_s" in m.columns:
+        w = m[(m["t_unix_s"] >= ws) & (m["t_unix_s"] < we)]
+        if len(w):
+            cells["server_requests_running_mean"] = _col_stat(w, "requests_running", "mean")
+            cells["server_requests_waiting_max"] = _col_stat(w, "requests_waiting", "max")
+            cells["server_kv_cache_usage_max_ratio"] = _col_stat(w, "kv_cache_usage_ratio", "max")
+            if "preemptions_total" in w.columns and w["preemptions_total"].notna().any():
+                p = w["preemptions_total"].dropna()
+                cells["server_preemptions"] = float(p.iloc[-1] - p.iloc[0])
+            if "generation_tokens_total" in w.columns:
+                g = w[["t_unix_s", "generation_tokens_total"]].dropna()
+                if len(g) >= 2 and g["t_unix_s"].iloc[-1] > g["t_unix_s"].iloc[0]:
+                    cells["server_output_tokens_per_s"] = float(
+                        (g["generation_tokens_total"].iloc[-1] - g["generation_tokens_total"].iloc[0])
+                        / (g["t_unix_s"].iloc[-1] - g["t_unix_s"].iloc[0])
+                    )
+    h = telemetry.get("host")
+    if h is not None and not h.empty and "t_unix_s" in h.columns:
+        w = h[(h["t_unix_s"] >= ws) & (h["t_unix_s"] < we)]
+        if len(w):
+            cells["host_cpu_max_core_ratio"] = _col_stat(w, "cpu_core_ratio", "max")
+    return cells
+
+
+def _col_stat(frame: pd.DataFrame, column: str, how: str) -> float | None:
+    if column not in frame.columns:
+        return None
+    values = pd.to_numeric(frame[column], errors="coerce").dropna()
+    if values.empty:
+        return None
+    return float(values.mean() if how == "mean" else values.max())

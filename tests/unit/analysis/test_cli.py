@@ -1,0 +1,88 @@
+import csv
+import io
+
+import matplotlib.image
+
+from analysis.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _sweep(builders, root, *, with_stages=True, telemetry=True):
+    make_stage, make_record, write_run = builders
+    stages = [make_stage(0, 1, 1000.0, 1030.0), make_stage(1, 4, 1030.0, 1060.0)]
+    recs = []
+    for i in range(20):  # stage 0: TTFT 0.1 s
+        recs.append(make_record(stages[0], 1006.0 + i, 0.1))
+    for i in range(40):  # stage 1: TTFT 2.5 s (over the 2 s SLO), TPOT flat
+        recs.append(make_record(stages[1], 1040.0 + i * 0.4, 2.5))
+    metrics = [{"t_unix_s": 1000.0 + t, "ok": True, "requests_running": 1, "requests_waiting": 0 if t < 30 else 3,
+                "kv_cache_usage_ratio": 0.2, "preemptions_total": 0, "generation_tokens_total": 10 * t}
+               for t in range(0, 61, 2)]
+    return write_run(root, stages=stages if with_stages else None, records=recs,
+                     metrics=metrics if telemetry else None)
+
+
+def test_cli_writes_report(builders, tmp_path):
+    run_dir = _sweep(builders, tmp_path / "run1")
+    err = io.StringIO()
+    assert main([str(run_dir)], err=err) == 0
+    report = run_dir / "report"
+    for name in ("throughput_vs_concurrency.png", "ttft_vs_concurrency.png", "timeline.png",
+                 "ttft_distribution.png"):
+        data = (report / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        img = matplotlib.image.imread(report / name)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+    with open(report / "table.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    assert sum(int(r["stage_output_tokens"]) for r in rows) == 60 * 11  # every record's tokens
+    # telemetry in the half-open windows [1006, 1030) and [1039, 1060): waiting 0 then 3;
+    # generation_tokens_total grows 10 tokens/s
+    assert [float(r["server_requests_waiting_max"]) for r in rows] == [0.0, 3.0]
+    assert [float(r["server_output_tokens_per_s"]) for r in rows] == [10.0, 10.0]
+    md = (report / "envelope.md").read_text()
+    assert "Safe up to 1 concurrent user" in md and "At 4 users p95 TTFT rose to 2.5 s" in md
+    assert "because requests queued in the server" in md
+    assert "percentiles are exact" in md.lower()
+    html = (report / "envelope.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "<img" in html
+
+
+def test_missing_parts_are_listed(builders, tmp_path):
+    run_dir = _sweep(builders, tmp_path / "run2", with_stages=False, telemetry=False)
+    assert main([str(run_dir), "--out", str(tmp_path / "out")], err=io.StringIO()) == 0
+    md = (tmp_path / "out" / "envelope.md").read_text()
+    missing = md.split("## Missing", 1)[1]
+    assert "stages.json: absent" in missing
+    assert "telemetry/metrics.jsonl: absent" in missing
+    with open(tmp_path / "out" / "table.csv", newline="") as fh:
+        assert sum(int(r["stage_output_tokens"]) for r in csv.DictReader(fh)) == 660
+
+
+def test_bad_run_dir_exit_2_one_line(tmp_path):
+    err = io.StringIO()
+    (tmp_path / "x").mkdir()
+    assert main([str(tmp_path / "x")], err=err) == 2
+    lines = err.getvalue().splitlines()
+    assert lines[-1] == f"analysis: {tmp_path / 'x'}: not a run directory (no records/ and no stages.json)"
+    assert "Traceback" not in err.getvalue()
+
+
+def test_compare(builders, tmp_path):
+    a = _sweep(builders, tmp_path / "a")
+    b = _sweep(builders, tmp_path / "b")
+    assert main(["--compare", str(a), str(b)], err=io.StringIO()) == 0
+    out = b / "report" / "compare"
+    assert (out / "compare.png").read_bytes()[:8] == PNG_SIGNATURE
+    text = (out / "compare.md").read_text()
+    assert "| sweep | 4 users |" in text and "+0.0%" in text
+
+
+def test_malformed_records_one_line(tmp_path):
+    (tmp_path / "r" / "records").mkdir(parents=True)
+    (tmp_path / "r" / "records" / "a.jsonl").write_text('{"stage_index": "x", "wall_start_unix_s": "abc"}\n')
+    err = io.StringIO()
+    assert main([str(tmp_path / "r")], err=err) == 2
+    assert err.getvalue().splitlines()[-1].startswith("analysis: unusable input:")

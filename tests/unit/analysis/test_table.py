@@ -1,0 +1,116 @@
+import io
+import csv
+import math
+
+import pytest
+
+from analysis.load import load_run
+from analysis.table import (
+    WindowRule,
+    envelope_table,
+    evaluate_slos,
+    few_sample_percentiles,
+    steady_window,
+    write_table_csv,
+    write_table_markdown,
+)
+
+
+def test_steady_window_rule():
+    stage = {"start_unix_s": 100.0, "end_unix_s": 160.0, "target_users": 10, "spawn_rate": 2.0, "kind": "users"}
+    assert steady_window(stage, rule=WindowRule(settle_s=5)) == (110.0, 160.0, "")
+    rate = dict(stage, kind="rate")
+    assert steady_window(rate, rule=WindowRule(settle_s=5))[:2] == (105.0, 160.0)
+    short = dict(stage, end_unix_s=112.0)  # ramp+settle leaves 2 s < 5 s: second half
+    assert steady_window(short, rule=WindowRule(settle_s=5)) == (106.0, 112.0, "short stage: second half used")
+
+
+def test_known_table(known_run):
+    run = load_run(known_run)
+    (row,) = envelope_table(run, rule=WindowRule(settle_s=8.0))  # window [1010, 1060]
+    assert (row["window_start_s"], row["window_end_s"], row["window_s"]) == (10.0, 60.0, 50.0)
+    # 4 successes started in the window + 1 failure; the early record is outside
+    assert (row["requests"], row["ok_requests"], row["errors"]) == (5, 4, 1)
+    assert row["error_rate"] == pytest.approx(0.2)
+    assert row["errors_by_category"] == "http_500:1"
+    # TTFT 100/200/300/400 ms, numpy linear interpolation
+    assert row["ttft_p50_ms"] == pytest.approx(250.0)
+    assert row["ttft_p90_ms"] == pytest.approx(370.0)
+    assert row["ttft_p95_ms"] == pytest.approx(385.0)
+    assert row["ttft_p99_ms"] == pytest.approx(397.0)
+    # E2E = TTFT + 10 gaps of 50 ms; TPOT = 500 ms / 10; every ITL 50 ms
+    assert row["e2e_p50_ms"] == pytest.approx(750.0)
+    assert row["tpot_p95_ms"] == pytest.approx(50.0)
+    assert row["itl_p99_ms"] == pytest.approx(50.0)
+    assert row["itl_samples"] == 40
+    # 44 tokens streamed inside a 50 s window; the early request streamed before it
+    assert row["aggregate_output_tokens_per_s"] == pytest.approx(44 / 50)
+    # in flight: 0.6 + 0.7 + 0.8 + 0.9 s (successes) + 0.2 s (failure to t_done) over 50 s
+    assert row["mean_in_flight"] == pytest.approx(3.2 / 50)
+    assert row["per_user_output_tokens_per_s"] == pytest.approx(44 / 3.2)
+    assert row["samples"] == 4
+    assert row["few_samples"] == "p90,p95,p99"
+    assert row["stage_records"] == 6 and row["stage_output_tokens"] == 55
+    assert row["prompt_tokens_p50"] == 300 and row["output_tokens_p50"] == 11
+    # SLOs: TTFT p95 385 <= 2000 passes; error rate 0.2 > 0.01 fails
+    res = {r["key"]: r for r in row["slo_results"]}
+    assert res["ttft_p95_ms"]["passed"] is True and res["ttft_p95_ms"]["measured"] == pytest.approx(385.0)
+    assert res["error_rate_max"]["passed"] is False
+    assert row["slo_pass"] is False
+
+
+def test_straddling_request_counts_only_tokens_inside_window(builders, tmp_path):
+    make_stage, make_record, write_run = builders
+    st = make_stage(0, 1, 1000.0, 1060.0, spawn_rate=1.0)
+    # settle 9 s: window [1010, 1060]; chunks at 1009.5 + 0.1*i, i = 0..9: 5 before, 5 inside
+    rec = make_record(st, 1009.0, 0.5, tokens=10, gap_s=0.1)
+    run = load_run(write_run(tmp_path / "s", stages=[st], records=[rec]))
+    (row,) = envelope_table(run, rule=WindowRule(settle_s=9.0))
+    assert row["aggregate_output_tokens_per_s"] == pytest.approx(5 / 50)
+    assert row["samples"] == 0 and math.isnan(row["ttft_p50_ms"])
+    assert row["slo_results"][0]["passed"] is False  # no data is not a pass
+
+
+def test_evaluate_slos():
+    row = {"ttft_p95_ms": 2100.0, "e2e_p99_ms": 900.0, "error_rate": 0.0, "aggregate_output_tokens_per_s": 400.0,
+           "few_samples": "p99", "samples": 50}
+    out = evaluate_slos(row, {"ttft_p95_ms": 2000, "e2e_p99_ms": 1000, "error_rate_max": 0.01,
+                              "min_output_tokens_per_s": 500, "bogus": 1})
+    got = {r["key"]: r["passed"] for r in out}
+    assert got == {"ttft_p95_ms": False, "e2e_p99_ms": True, "error_rate_max": True,
+                   "min_output_tokens_per_s": False, "bogus": None}
+    assert next(r for r in out if r["key"] == "e2e_p99_ms")["note"] == "p99 from 50 samples"
+
+
+def test_few_sample_percentiles():
+    assert few_sample_percentiles(1) == ["p50", "p90", "p95", "p99"]
+    assert few_sample_percentiles(19) == ["p95", "p99"]
+    assert few_sample_percentiles(20) == ["p99"]
+    assert few_sample_percentiles(100) == []
+
+
+def test_writers(known_run):
+    rows = envelope_table(load_run(known_run), rule=WindowRule(settle_s=8.0))
+    buf = io.StringIO()
+    write_table_csv(rows, buf)
+    (parsed,) = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    assert float(parsed["ttft_p50_ms"]) == 250.0
+    assert parsed["slo_pass"] == "False"
+    assert "error_rate_max<=0.01:FAIL(0.2)" in parsed["slo_results"]
+    md = io.StringIO()
+    write_table_markdown(rows, md)
+    lines = md.getvalue().splitlines()
+    assert len(lines) == 3 and "| FAIL |" in lines[2] and "20.00%" in lines[2]
+
+
+def test_large_percentile_path_matches_metrics():
+    import numpy as np
+
+    from analysis import table
+    from envelope import metrics
+
+    values = np.random.default_rng(3).gamma(2.0, 10.0, table._LARGE + 7)
+    fast = table._percentile_cells("itl", values)
+    slow = metrics.percentiles(values.tolist(), qs=table.PERCENTILES)
+    for q in table.PERCENTILES:
+        assert fast[f"itl_p{q}_ms"] == slow[f"p{q}"]
