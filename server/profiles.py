@@ -1,0 +1,116 @@
+"""Server profiles: how to launch one vLLM configuration, as a validated YAML file.
+
+A profile names the model, the device and the engine settings that decide the
+service envelope (max model length, batch size, KV-cache size). ``load_profile``
+takes a name (a file in ``server/profiles/``) or a path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from envelope.config import ConfigError, StrictModel, load_yaml_model
+
+__all__ = [
+    "BUILTIN_TINY_QWEN3",
+    "ServerProfile",
+    "available_profiles",
+    "load_profile",
+    "profiles_dir",
+]
+
+BUILTIN_TINY_QWEN3 = "tiny-qwen3"
+
+
+class BuiltinModel(StrictModel):
+    """A model Envelope builds itself (``builtin: tiny-qwen3``), optionally at a chosen place."""
+
+    builtin: Literal["tiny-qwen3"]
+    seed: int = 0
+    path: str | None = None
+
+
+class ServerProfile(StrictModel):
+    """One way to launch vLLM. Field names follow vLLM's flags where there is one."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    device: Literal["cpu", "gpu"]
+    model: str | BuiltinModel
+    served_model_name: str = Field(min_length=1)
+    max_model_len: int = Field(gt=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = "auto"
+    enforce_eager: bool = False
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    num_gpu_blocks_override: int | None = Field(default=None, gt=0)
+    block_size: int | None = Field(default=None, gt=0)
+    cpu_kvcache_space_gib: float | None = Field(default=None, gt=0)
+    load_format: str | None = None
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    health_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str | BuiltinModel) -> str | BuiltinModel:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("model must be a Hugging Face id, a local path, or {builtin: tiny-qwen3}")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _no_key_in_env(cls, value: dict[str, str]) -> dict[str, str]:
+        if "VLLM_API_KEY" in value:
+            raise ValueError("do not put VLLM_API_KEY in a profile; pass --api-key-env or --api-key-file")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_key_in_args(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(arg.split("=", 1)[0] == "--api-key" for arg in value):
+            raise ValueError("do not put --api-key in a profile; pass --api-key-env or --api-key-file")
+        return value
+
+    @model_validator(mode="after")
+    def _device_fields(self) -> "ServerProfile":
+        if self.device == "cpu" and self.gpu_memory_utilization is not None:
+            raise ValueError("gpu_memory_utilization applies to device: gpu only")
+        if self.device == "gpu" and self.cpu_kvcache_space_gib is not None:
+            raise ValueError("cpu_kvcache_space_gib applies to device: cpu only")
+        return self
+
+    @property
+    def is_builtin_model(self) -> bool:
+        """True when the model is one Envelope builds (the tiny Qwen3)."""
+        return isinstance(self.model, BuiltinModel)
+
+
+def profiles_dir() -> Path:
+    """The directory of the profiles shipped with Envelope."""
+    return Path(__file__).with_name("profiles")
+
+
+def available_profiles() -> list[str]:
+    """Names of the shipped profiles, sorted."""
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> ServerProfile:
+    """A shipped profile by name (``cpu-tiny``) or a profile file by path.
+
+    Raises :class:`ConfigError` (one line) for an unknown name or an invalid file.
+    """
+    text = str(name_or_path)
+    looks_like_path = os.sep in text or text.endswith((".yaml", ".yml")) or Path(text).is_file()
+    if looks_like_path:
+        return load_yaml_model(text, ServerProfile)
+    path = profiles_dir() / f"{text}.yaml"
+    if not path.is_file():
+        names = ", ".join(available_profiles()) or "(none)"
+        raise ConfigError(f"unknown server profile {text!r}; available: {names} (or give a path to a .yaml file)")
+    return load_yaml_model(path, ServerProfile)

@@ -1,0 +1,72 @@
+import pytest
+
+from envelope.config import ConfigError
+from server.profiles import BuiltinModel, available_profiles, load_profile
+
+
+def test_shipped_profiles_load():
+    assert available_profiles() == ["cpu-tiny", "qwen3-8b", "qwen3-8b-dummy"]
+    tiny = load_profile("cpu-tiny")
+    assert tiny.model == BuiltinModel(builtin="tiny-qwen3", seed=0)
+    assert (tiny.max_model_len, tiny.num_gpu_blocks_override, tiny.enforce_eager) == (4096, 128, True)
+    q = load_profile("qwen3-8b")
+    assert (q.model, q.dtype, q.max_model_len, q.gpu_memory_utilization, q.max_num_seqs) == (
+        "Qwen/Qwen3-8B", "bfloat16", 16384, 0.9, 64,
+    )  # fmt: skip
+    assert load_profile("qwen3-8b-dummy").load_format == "dummy"
+
+
+def test_unknown_name_lists_the_available_ones():
+    with pytest.raises(ConfigError) as err:
+        load_profile("qwen3-7b")
+    assert str(err.value) == (
+        "unknown server profile 'qwen3-7b'; available: cpu-tiny, qwen3-8b, qwen3-8b-dummy (or give a path to a .yaml file)"
+    )
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "name: x\ndevice: cpu\nmodel: /m\nserved_model_name: x\nmax_model_len: 100\n"
+
+
+def test_load_by_path(tmp_path):
+    profile = load_profile(_write(tmp_path, BASE + "extra_args: [--seed, '3']\nenv: {A: b}\n"))
+    assert profile.extra_args == ("--seed", "3")
+    assert profile.env == {"A": "b"}
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ("max_num_seq: 4\n", ":6: max_num_seq: unknown key 'max_num_seq'"),
+        ("max_model_len_x: 1\nblock_size: 0\n", ":7: block_size: Input should be greater than 0 (got 0)"),
+        ("\ndtype: fp8\n", ":7: dtype: Input should be"),
+        ("gpu_memory_utilization: 0.9\n", "gpu_memory_utilization applies to device: gpu only"),
+        ("env:\n  VLLM_API_KEY: x\n", ":7: env: do not put VLLM_API_KEY in a profile"),
+        ("extra_args: [--api-key=abc]\n", ":6: extra_args: do not put --api-key in a profile"),
+        ("model:\n  builtin: tiny-llama\n", "model"),
+    ],
+)
+def test_validation_errors_name_file_and_line(tmp_path, extra, expected):
+    path = _write(tmp_path, BASE.replace("model: /m\n", "") + extra if extra.startswith("model") else BASE + extra)
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    message = str(err.value)
+    assert message.startswith(str(path))
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_required_key(tmp_path):
+    path = _write(tmp_path, "name: x\ndevice: cpu\nmodel: /m\nmax_model_len: 100\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:1: served_model_name: missing required key 'served_model_name'$"):
+        load_profile(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_profile(tmp_path / "nope.yaml")
