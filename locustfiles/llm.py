@@ -31,19 +31,39 @@ log = logging.getLogger("envelope")
 
 
 class ScenarioShape(LoadTestShape):
-    """Runs the scenario's stages in order; ``tick`` only asks :func:`envelope.shape.stage_at`."""
+    """Runs the scenario's stages in order; ``tick`` asks :func:`envelope.shape.stage_at`.
+
+    After the last stage it drains: users are asked to stop (each finishes its
+    request in flight, see ``stop_timeout``) and the test ends only once none is
+    left and Locust's stats have caught up, so Locust's counts and CSV include
+    every request our records hold.
+    """
+
+    _drain_started_s: float | None = None
+    _idle_ticks = 0
 
     def tick(self):
         ctx: EnvelopeRun | None = getattr(self.runner.environment, "envelope", None)
         if ctx is None:
             return None
         at = stage_at(ctx.stages, self.get_run_time())
-        if at is None:
-            ctx.end_stages()
-            return None
-        if not ctx.stage_log or at.index != ctx.current_index:
-            ctx.enter_stage(at.index)
-        return at.stage.users, at.stage.spawn_rate
+        if at is not None:
+            if not ctx.stage_log or at.index != ctx.current_index:
+                ctx.enter_stage(at.index)
+            return at.stage.users, at.stage.spawn_rate
+        ctx.end_stages()
+        now = time.monotonic()
+        if self._drain_started_s is None:
+            self._drain_started_s = now
+        # user_count is the target (already 0); what matters is users still finishing a request
+        live = self.runner.user_count if ctx.is_master else len(getattr(self.runner, "user_greenlets", ()))
+        if live > 0 and now - self._drain_started_s < self.runner.environment.stop_timeout + 10:
+            return 0, 1000
+        # Locust's CSV writer (every second) and workers' reports (every 3 s) must see the last requests.
+        self._idle_ticks += 1
+        if self._idle_ticks <= (4 if ctx.is_master else 2):
+            return 0, 1000
+        return None
 
 
 @events.init_command_line_parser.add_listener

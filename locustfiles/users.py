@@ -180,7 +180,9 @@ class LLMUser(FastHttpUser):
                  exception=LLMRequestError(rec.error_category, rec.error_detail), context={})
             return
         e2e = metrics.e2e_s(view)
-        fire(request_type="E2E", name=name, response_time=(e2e or 0.0) * 1000.0,
+        if e2e is None:  # succeeded but no chunk carried visible text: time until the stream ended
+            e2e = (rec.t_done_s or rec.t_start_s) - rec.t_start_s
+        fire(request_type="E2E", name=name, response_time=e2e * 1000.0,
              response_length=rec.output_tokens or 0, exception=None, context={})
         ttft = metrics.ttft_s(view)
         if ttft is not None:

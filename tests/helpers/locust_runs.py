@@ -1,0 +1,54 @@
+"""Running our locustfile as a subprocess (as users do) and reading what it wrote."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from envelope.records import iter_record_files, read_records
+from envelope.telemetry import parse_vllm_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+LOCUSTFILE = REPO / "locustfiles" / "llm.py"
+
+
+def run_locust(host: str, api_key: str | None, scenario: Path, run_dir: Path, *extra: str,
+               timeout_s: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
+    if api_key:
+        env["ENVELOPE_API_KEY"] = api_key
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--scenario", str(scenario),
+           "--host", host, "--run-dir", str(run_dir), "--csv", str(run_dir / "locust" / "locust"),
+           "--only-summary", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return list(read_records(iter_record_files(run_dir)))
+
+
+def locust_request_count(run_dir: Path, request_type: str = "E2E") -> int:
+    with open(run_dir / "locust" / "locust_stats.csv", newline="") as fh:
+        return sum(int(row["Request Count"]) for row in csv.DictReader(fh) if row["Type"] == request_type)
+
+
+def generation_tokens_total(metrics_url: str) -> float:
+    return parse_vllm_metrics(httpx.get(metrics_url, timeout=10).text)["generation_tokens_total"]
+
+
+def stages(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "stages.json").read_text())
+
+
+def files_containing(run_dir: Path, needle: str) -> list[Path]:
+    hits = []
+    for path in run_dir.rglob("*"):
+        if path.is_file() and needle.encode() in path.read_bytes():
+            hits.append(path)
+    return hits

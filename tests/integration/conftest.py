@@ -1,0 +1,20 @@
+"""Integration fixtures: one quick capstone run against the session's real vLLM, shared by several tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers.locust_runs import REPO, generation_tokens_total, run_locust
+
+
+@pytest.fixture(scope="session")
+def capstone_run(vllm_server, tmp_path_factory):
+    """(run_dir, server_generation_tokens_delta) of ``scenarios/capstone.yaml --quick``."""
+    run_dir = tmp_path_factory.mktemp("capstone") / "run"
+    before = generation_tokens_total(vllm_server.metrics_url)
+    proc = run_locust(vllm_server.base_url, vllm_server.api_key.get(), REPO / "scenarios" / "capstone.yaml",
+                      run_dir, "--quick", timeout_s=900)
+    if proc.returncode != 0:
+        pytest.fail(f"capstone run failed (exit {proc.returncode}): {proc.stderr[-3000:]}", pytrace=False)
+    after = generation_tokens_total(vllm_server.metrics_url)
+    return run_dir, after - before
