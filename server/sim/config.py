@@ -11,9 +11,9 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import BeforeValidator, ConfigDict, Field
 
 __all__ = [
     "Distribution",
@@ -27,6 +27,11 @@ __all__ = [
 ]
 
 _STRICT = ConfigDict(extra="forbid")
+# constraints that pydantic checks when a file is loaded, so its errors point at the key's line
+# (__post_init__ checks the same for objects built in code)
+_Seconds = Annotated[float, Field(ge=0)]
+_Positive = Annotated[int, Field(ge=1)]
+_NonNegative = Annotated[float, Field(ge=0)]
 
 FAULT_KINDS: tuple[str, ...] = (
     "http_500",  # 500 with a vLLM-shaped JSON error body
@@ -120,13 +125,24 @@ class FaultSpec:
             raise ValueError("after_chunks and stall_s must be >= 0")
 
 
+def _number_to_distribution(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"value_s": value}
+    return value
+
+
+# a number of seconds (fixed) or a Distribution; numbers become fixed distributions
+_Timing = Annotated[Distribution, BeforeValidator(_number_to_distribution)]
+
+
 @dataclass(frozen=True, kw_only=True)
 class SimConfig:
     """Everything the simulated server does, in one place.
 
     Timing: first token after ``ttft_s`` (plus queue wait and
     ``prefill_s_per_token`` x prompt tokens), then one chunk every ``itl_s`` x
-    tokens in the chunk, stretched by ``1 + itl_batch_alpha * (running - 1)``.
+    tokens in the chunk (drawn per chunk, or once per request with
+    ``itl_per_request``), stretched by ``1 + itl_batch_alpha * (running - 1)``.
     Output length is exactly ``max_tokens`` unless ``eos_after_tokens`` stops
     it earlier (not with ``ignore_eos``, never below ``min_tokens``).
     Load model: at most ``batch_limit`` requests run, the rest wait; with
@@ -137,20 +153,21 @@ class SimConfig:
     __pydantic_config__ = _STRICT
 
     model: str = "sim-model"
-    max_model_len: int = 4096
+    max_model_len: _Positive = 4096
     api_key: str | None = field(default=None, repr=False)
     seed: int = 0
-    ttft_s: float | Distribution = 0.05
-    itl_s: float | Distribution = 0.01
-    tokens_per_chunk: int = 1
-    multi_token_chunk_probability: float = 0.0
-    multi_token_chunk_tokens: int = 2
-    default_max_tokens: int = 16
-    eos_after_tokens: int | None = None
-    batch_limit: int | None = None
-    itl_batch_alpha: float = 0.0
-    prefill_s_per_token: float = 0.0
-    kv_cache_capacity_tokens: int | None = None
+    ttft_s: _Timing = 0.05  # type: ignore[assignment]
+    itl_s: _Timing = 0.01  # type: ignore[assignment]
+    itl_per_request: bool = False  # draw the ITL once per request instead of per chunk
+    tokens_per_chunk: _Positive = 1
+    multi_token_chunk_probability: Annotated[float, Field(ge=0, le=1)] = 0.0
+    multi_token_chunk_tokens: _Positive = 2
+    default_max_tokens: _Positive = 16
+    eos_after_tokens: _Positive | None = None
+    batch_limit: _Positive | None = None
+    itl_batch_alpha: _NonNegative = 0.0
+    prefill_s_per_token: _Seconds = 0.0
+    kv_cache_capacity_tokens: _Positive | None = None
     chat_message_overhead_tokens: int = 5
     chat_generation_prompt_tokens: int = 6
     prompt_special_tokens: int = 0
