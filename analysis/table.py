@@ -37,6 +37,7 @@ from typing import IO, Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
 from envelope import metrics
 
 __all__ = [
@@ -76,7 +77,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "stage_records", "stage_output_tokens",
     "server_requests_running_mean", "server_requests_waiting_max",
     "server_kv_cache_usage_max_ratio", "server_preemptions", "server_output_tokens_per_s",
-    "host_cpu_max_core_ratio",
+    "host_cpu_max_core_ratio", "client_saturated",
     "slo_pass", "slo_results",
 )
 
@@ -250,6 +251,7 @@ MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("tpot_p50_ms", "TPOT p50 ms"), ("itl_p95_ms", "ITL p95 ms"),
     ("e2e_p50_ms", "E2E p50 ms"), ("e2e_p95_ms", "E2E p95 ms"),
     ("samples", "n"), ("few_samples", "few-sample tails"), ("slo_pass", "SLOs"),
+    ("client_saturated", "load generator"),
 )
 
 
@@ -266,6 +268,8 @@ def format_cell(column: str, value: Any) -> str:
     """A human-readable cell: 3 significant digits, rates as percent, SLOs as pass/FAIL."""
     if column == "slo_pass":
         return {True: "pass", False: "FAIL", None: "-"}.get(value, "-")
+    if column == "client_saturated":
+        return {True: "not trustworthy: client CPU saturated", False: "ok", None: "-"}.get(value, "-")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if column == "error_rate":
@@ -303,19 +307,8 @@ def _overall(results: Sequence[Mapping[str, Any]]) -> bool | None:
 
 
 def _percentile_cells(metric: str, values: np.ndarray) -> dict[str, float]:
-    values = values[~np.isnan(values)] if values.size else values
-    if values.size == 0:
-        return {f"{metric}_p{q}_ms": float("nan") for q in PERCENTILES}
-    if values.size > _LARGE:
-        # metrics.percentiles walks its input in Python (too slow for tens of millions of
-        # ITL values); its rule is numpy's default linear interpolation, applied here directly.
-        points = np.percentile(values.astype(float, copy=False), PERCENTILES)
-        return {f"{metric}_p{q}_ms": float(p) for q, p in zip(PERCENTILES, points)}
-    pct = metrics.percentiles(values.tolist(), qs=PERCENTILES)
+    pct = metrics.percentiles(values, qs=PERCENTILES)
     return {f"{metric}_p{q}_ms": float(pct[f"p{q}"]) for q in PERCENTILES}
-
-
-_LARGE = 50_000  # above this many values, percentiles are computed without a Python walk
 
 
 def _median(values: np.ndarray) -> float:
@@ -364,6 +357,11 @@ def _telemetry_cells(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float
         w = h[(h["t_unix_s"] >= ws) & (h["t_unix_s"] < we)]
         if len(w):
             cells["host_cpu_max_core_ratio"] = _col_stat(w, "cpu_core_ratio", "max")
+            busiest = busiest_process_core_ratio(w)
+            busiest = busiest[~np.isnan(busiest)]
+            if busiest.size:
+                # one gevent process saturates at one core: the window's numbers measure the client
+                cells["client_saturated"] = bool(busiest.max() > CLIENT_SATURATED_CORE_RATIO)
     return cells
 
 

@@ -101,16 +101,3 @@ def test_writers(known_run):
     write_table_markdown(rows, md)
     lines = md.getvalue().splitlines()
     assert len(lines) == 3 and "| FAIL |" in lines[2] and "20.00%" in lines[2]
-
-
-def test_large_percentile_path_matches_metrics():
-    import numpy as np
-
-    from analysis import table
-    from envelope import metrics
-
-    values = np.random.default_rng(3).gamma(2.0, 10.0, table._LARGE + 7)
-    fast = table._percentile_cells("itl", values)
-    slow = metrics.percentiles(values.tolist(), qs=table.PERCENTILES)
-    for q in table.PERCENTILES:
-        assert fast[f"itl_p{q}_ms"] == slow[f"p{q}"]
