@@ -39,6 +39,7 @@ import pandas as pd
 
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
 from envelope import metrics
+from envelope.records import ErrorCategory
 
 __all__ = [
     "WindowRule",
@@ -69,7 +70,7 @@ class WindowRule:
 TABLE_COLUMNS: tuple[str, ...] = (
     "pass_name", "stage_name", "stage_index", "kind", "target_users", "target_rate_per_s",
     "mean_in_flight", "window_start_s", "window_end_s", "window_s", "window_note",
-    "requests", "ok_requests", "errors", "error_rate", "errors_by_category",
+    "requests", "ok_requests", "errors", "error_rate", "errors_by_category", "cancelled",
     "aggregate_output_tokens_per_s", "per_user_output_tokens_per_s",
     *(f"{m}_p{q}_ms" for m in LATENCY_METRICS for q in PERCENTILES),
     "samples", "itl_samples", "few_samples",
@@ -142,10 +143,15 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
             window_s=window_s,
             window_note=note,
         )
-        requests = int(in_win.sum())
-        errors = int((in_win & ~ok).sum())
-        cats = Counter(str(c) for c in categories[in_win & ~ok])
+        # Requests the load generator itself stopped (run ended or interrupted) are neither
+        # successes nor server errors: they are counted apart and left out of the error rate.
+        cancelled = in_win & (categories == ErrorCategory.CANCELLED)
+        counted = in_win & ~cancelled
+        requests = int(counted.sum())
+        errors = int((counted & ~ok).sum())
+        cats = Counter(str(c) for c in categories[counted & ~ok])
         row.update(
+            cancelled=int(cancelled.sum()),
             requests=requests,
             ok_requests=requests - errors,
             errors=errors,

@@ -101,3 +101,17 @@ def test_writers(known_run):
     write_table_markdown(rows, md)
     lines = md.getvalue().splitlines()
     assert len(lines) == 3 and "| FAIL |" in lines[2] and "20.00%" in lines[2]
+
+
+def test_cancelled_requests_are_not_server_errors(tmp_path, builders):
+    """Requests the load generator stopped itself are counted apart, not in the error rate."""
+    make_stage, make_record, write_run = builders
+    st = make_stage(0, 2, 1000.0, 1060.0, spawn_rate=1.0)
+    recs = [make_record(st, 1010.0 + 10 * i, 0.1) for i in range(4)]
+    recs.append(make_record(st, 1050.0, 0.0, error="cancelled"))
+    recs.append(make_record(st, 1051.0, 0.0, error="http_500"))
+    row = envelope_table(load_run(write_run(tmp_path / "c", stages=[st], records=recs)))[0]
+    assert row["cancelled"] == 1
+    assert row["requests"] == 5 and row["errors"] == 1  # 4 ok + 1 server error; the cancelled one apart
+    assert row["error_rate"] == pytest.approx(1 / 5)
+    assert row["errors_by_category"] == "http_500:1"
