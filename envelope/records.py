@@ -47,6 +47,7 @@ class ErrorCategory:
     HTTP_5XX = "http_5xx"  # any other 5xx
     CONNECT_ERROR = "connect_error"  # refused, unreachable, DNS
     CONNECTION_RESET = "connection_reset"  # dropped while streaming
+    CONNECTION_CLOSED = "connection_closed"  # closed by the server before any response byte
     TIMEOUT_CONNECT = "timeout_connect"
     TIMEOUT_FIRST_TOKEN = "timeout_first_token"
     TIMEOUT_TOTAL = "timeout_total"

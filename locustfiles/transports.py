@@ -127,7 +127,9 @@ def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver)
         if out.error_category == ErrorCategory.TIMEOUT_TOTAL and out.t_first_byte_s is None:
             out.error_category = ErrorCategory.TIMEOUT_CONNECT
         if out.error_category == ErrorCategory.CONNECTION_RESET and out.t_first_byte_s is None:
-            out.error_category = ErrorCategory.CONNECT_ERROR
+            # the request went out but the server closed the connection without answering (for
+            # example uvicorn's keep-alive timer firing on a reused connection under overload)
+            out.error_category = ErrorCategory.CONNECTION_CLOSED
         out.error_detail = f"{type(exc).__name__}: {str(exc)[:160]}"
     finally:
         first_token.close()
@@ -179,7 +181,9 @@ def stream_openai(client, spec: RequestSpec, obs: StreamObserver) -> Outcome:
         out.error_category = ErrorCategory.TIMEOUT_CONNECT if out.t_first_byte_s is None else ErrorCategory.TIMEOUT_TOTAL
         out.error_detail = f"{type(exc).__name__}: {str(exc)[:160]}"
     except openai.APIConnectionError as exc:
-        out.error_category = ErrorCategory.CONNECT_ERROR if out.t_first_byte_s is None else ErrorCategory.CONNECTION_RESET
+        out.error_category = category_for_exception(exc)
+        if out.error_category == ErrorCategory.CONNECTION_RESET and out.t_first_byte_s is None:
+            out.error_category = ErrorCategory.CONNECTION_CLOSED
         out.error_detail = f"{type(exc).__name__}: {str(exc)[:160]}"
     except openai.APIError as exc:
         # the SDK raises this for an error event inside a 200 stream

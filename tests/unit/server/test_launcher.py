@@ -72,7 +72,8 @@ def test_env_carries_key_kv_space_and_offline_but_argv_never_the_key():
     argv = build_command(profile, model="/m", host="h", port=1)
     assert not any(KEY in arg for arg in argv)
     assert "--api-key" not in argv
-    assert recorded_env(env, profile) == {"HF_HUB_OFFLINE": "1", "VLLM_API_KEY": "***", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert recorded_env(env, profile) == {"HF_HUB_OFFLINE": "1", "VLLM_API_KEY": "***", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                         "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60"}
 
 
 def test_env_without_key_drops_an_inherited_one_and_profile_env_wins():
