@@ -44,12 +44,20 @@ class Outcome:
     t_first_byte_s: float | None = None
 
 
-class _FirstTokenTimeout(Exception):
-    pass
+class _RequestTimeout(Exception):
+    """Raised into the request's greenlet by a ``gevent.Timeout``; carries its record category."""
+
+    def __init__(self, category: str, detail: str) -> None:
+        super().__init__(detail)
+        self.category = category
+        self.detail = detail
 
 
-class _TotalTimeout(Exception):
-    pass
+def _timers(spec: RequestSpec) -> tuple[gevent.Timeout, gevent.Timeout]:
+    """The first-token and total timers of one request (not started)."""
+    first = _RequestTimeout(ErrorCategory.TIMEOUT_FIRST_TOKEN, f"no token within {spec.first_token_timeout_s:g} s")
+    total = _RequestTimeout(ErrorCategory.TIMEOUT_TOTAL, f"not finished within {spec.total_timeout_s:g} s")
+    return gevent.Timeout(spec.first_token_timeout_s, first), gevent.Timeout(spec.total_timeout_s, total)
 
 
 def _error_body_detail(body: bytes) -> str:
@@ -92,8 +100,7 @@ def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver)
     url = URL(base_url.rstrip("/") + spec.path)
     payload = orjson.dumps(spec.body)
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **spec.headers}
-    first_token = gevent.Timeout(spec.first_token_timeout_s, _FirstTokenTimeout)
-    total = gevent.Timeout(spec.total_timeout_s, _TotalTimeout)
+    first_token, total = _timers(spec)
     resp = None
     total.start()
     first_token.start()
@@ -116,12 +123,8 @@ def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver)
             on_bytes(data, now)
             if first_token.pending and obs.t_first_token_s is not None:
                 first_token.cancel()
-    except _FirstTokenTimeout:
-        out.error_category = ErrorCategory.TIMEOUT_FIRST_TOKEN
-        out.error_detail = f"no token within {spec.first_token_timeout_s:g} s"
-    except _TotalTimeout:
-        out.error_category = ErrorCategory.TIMEOUT_TOTAL
-        out.error_detail = f"not finished within {spec.total_timeout_s:g} s"
+    except _RequestTimeout as timeout:
+        out.error_category, out.error_detail = timeout.category, timeout.detail
     except Exception as exc:  # noqa: BLE001 - every failure becomes a categorised record
         out.error_category = category_for_exception(exc)
         if out.error_category == ErrorCategory.TIMEOUT_TOTAL and out.t_first_byte_s is None:
@@ -147,8 +150,7 @@ def stream_openai(client, spec: RequestSpec, obs: StreamObserver) -> Outcome:
     body = dict(spec.body)
     body.pop("stream", None)
     extra = {k: body.pop(k) for k in ("min_tokens", "ignore_eos") if k in body}
-    first_token = gevent.Timeout(spec.first_token_timeout_s, _FirstTokenTimeout)
-    total = gevent.Timeout(spec.total_timeout_s, _TotalTimeout)
+    first_token, total = _timers(spec)
     stream = None
     total.start()
     first_token.start()
@@ -167,12 +169,8 @@ def stream_openai(client, spec: RequestSpec, obs: StreamObserver) -> Outcome:
                 first_token.cancel()
         # the SDK consumes [DONE] itself; tell the observer the stream ended properly
         obs.on_event(b"[DONE]", perf_counter())
-    except _FirstTokenTimeout:
-        out.error_category = ErrorCategory.TIMEOUT_FIRST_TOKEN
-        out.error_detail = f"no token within {spec.first_token_timeout_s:g} s"
-    except _TotalTimeout:
-        out.error_category = ErrorCategory.TIMEOUT_TOTAL
-        out.error_detail = f"not finished within {spec.total_timeout_s:g} s"
+    except _RequestTimeout as timeout:
+        out.error_category, out.error_detail = timeout.category, timeout.detail
     except openai.APIStatusError as exc:
         out.http_status = exc.status_code
         out.error_category = ErrorCategory.for_status(exc.status_code)
