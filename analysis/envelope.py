@@ -305,7 +305,12 @@ def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         if r.get("window_note"):
             limits.append(f"{level_text(r)}: {r['window_note']}.")
         cpu = r.get("host_cpu_max_core_ratio")
-        if cpu is not None and cpu >= 0.9:
+        if r.get("client_saturated"):
+            limits.append(
+                f"At {level_text(r)} a load-generator process saturated a CPU core: not trustworthy, "
+                "the client may have limited the load."
+            )
+        elif r.get("client_saturated") is None and cpu is not None and cpu >= 0.9:
             limits.append(
                 f"At {level_text(r)} a load-generator process used {_pct(cpu)} of a core: "
                 "the client may have limited the load."

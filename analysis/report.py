@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from analysis import broke
 from analysis import envelope as env
 from analysis import plots
 from analysis.table import (
@@ -50,11 +51,15 @@ def render_figure_png(draw: Callable[[Any], None], *, ncols: int = 1, nrows: int
     return buf.getvalue()
 
 
-def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule()) -> dict[str, Path]:
-    """Write the report files of ``run`` (an :class:`analysis.load.Run`) into ``out_dir``."""
+def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule(),
+                 rows: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Path]:
+    """Write the report files of ``run`` (an :class:`analysis.load.Run`) into ``out_dir``.
+
+    ``rows``: the envelope table already computed with the same ``rule`` (computed here when omitted).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = envelope_table(run, rule=rule)
+    rows = envelope_table(run, rule=rule) if rows is None else list(rows)
     totals = table_totals(run)
     findings = env.find_envelopes(rows)
     primary = env.find_envelope(rows) if rows else None
@@ -77,11 +82,13 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
 
     sentences = [(f.pass_name, env.envelope_sentence(f), f) for f in findings]
     notes = _method_notes(rule, totals, rows)
+    first = broke.what_broke_first(run, rows)
+    check = broke.token_cross_check(run.frame, run.telemetry.get("metrics"))
     (out / "envelope.md").write_text(
-        _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows), encoding="utf-8"
+        _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check), encoding="utf-8"
     )
     written["envelope.md"] = out / "envelope.md"
-    (out / "envelope.html").write_text(_html(run, rows, graphs, sentences, notes), encoding="utf-8")
+    (out / "envelope.html").write_text(_html(run, rows, graphs, sentences, notes, first, check), encoding="utf-8")
     written["envelope.html"] = out / "envelope.html"
     return written
 
@@ -164,13 +171,23 @@ def _header_lines(run: Any) -> list[str]:
 
 def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
               sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
-              rows: Sequence[Mapping[str, Any]]) -> str:
+              rows: Sequence[Mapping[str, Any]], first: broke.BrokeFirst | None = None,
+              check: broke.TokenCrossCheck | None = None) -> str:
     parts = [f"# Service envelope: {run.name}\n", "\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
     parts.append("## Envelope\n")
     if not sentences:
         parts.append("No stages to analyse.\n")
     for name, sentence, _ in sentences:
         parts.append(f"**{_md_escape(name or 'run')}**: {_md_escape(sentence)}\n")
+    if first is not None:
+        parts.append(f"**What broke first**: {_md_escape(first.sentence)}\n")
+        parts.append("## What broke first\n")
+        parts.append(_md_escape(first.sentence) + "\n")
+        if first.events:
+            parts.append("\n".join(f"- {_md_escape(line)}" for line in _event_lines(first)) + "\n")
+    if check is not None:
+        parts.append("## Client/server token cross-check\n")
+        parts.append(_md_escape(broke.cross_check_text(check)) + "\n")
     parts.append("## Table\n")
     parts.append(table_md)
     slo_lines = [f"- {r['pass_name']} / {r['stage_name']}: {slo_summary(r['slo_results'])}"
@@ -198,8 +215,18 @@ def _md_escape(text: str) -> str:
     return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", str(text))
 
 
+def _event_lines(first: broke.BrokeFirst) -> list[str]:
+    lines = []
+    for e in first.events:
+        where = e.stage_name or "outside every stage"
+        when = f"from {e.t_s:,.0f} s (stage verdict)" if e.kind == "slo" else f"at {e.t_s:,.0f} s"
+        lines.append(f"{when}, {where}: {e.detail} [{e.kind}]")
+    return lines
+
+
 def _html(run: Any, rows: Sequence[Mapping[str, Any]], graphs: Mapping[str, tuple[str, bytes]],
-          sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str]) -> str:
+          sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
+          first: broke.BrokeFirst | None = None, check: broke.TokenCrossCheck | None = None) -> str:
     e = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -216,6 +243,13 @@ def _html(run: Any, rows: Sequence[Mapping[str, Any]], graphs: Mapping[str, tupl
     ]
     for name, sentence, _ in sentences:
         out.append(f'<p class="sentence"><b>{e(name or "run")}</b>: {e(sentence)}</p>')
+    if first is not None:
+        out.append(f'<p class="sentence"><b>What broke first</b>: {e(first.sentence)}</p>')
+        out.append("<h2>What broke first</h2>" + f"<p>{e(first.sentence)}</p>")
+        if first.events:
+            out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in _event_lines(first)) + "</ul>")
+    if check is not None:
+        out.append(f"<h2>Client/server token cross-check</h2><p>{e(broke.cross_check_text(check))}</p>")
     out.append("<h2>Table</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for _, h in MARKDOWN_COLUMNS) + "</tr>")
     for r in rows:
         cells = []

