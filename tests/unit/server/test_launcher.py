@@ -39,7 +39,7 @@ def test_command_for_cpu_tiny():
         "py", "-m", "x",
         "--model", "/m", "--served-model-name", "tiny-qwen3",
         "--host", "127.0.0.1", "--port", "8123", "--max-model-len", "4096",
-        "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "64",
+        "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "16",
         "--num-gpu-blocks-override", "128",
     ]  # fmt: skip
 
