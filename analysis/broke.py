@@ -30,6 +30,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.envelope import worst_failed_slo
+from analysis.table import run_start_unix_s
+
 __all__ = [
     "KV_PRESSURE_RATIO",
     "CLIENT_SATURATED_CORE_RATIO",
@@ -266,7 +269,7 @@ def break_events(
     if failing:
         r = min(failing, key=lambda r: float(by_index[int(r["stage_index"])]["start_unix_s"]))
         stage = by_index[int(r["stage_index"])]
-        slo = _worst_slo([s for s in r.get("slo_results") or [] if s.get("passed") is False])
+        slo = worst_failed_slo([s for s in r.get("slo_results") or [] if s.get("passed") is False])
         if slo is not None:
             t0 = float(stage["start_unix_s"])
             events.append(BreakEvent(
@@ -289,7 +292,7 @@ def break_events(
 def what_broke_first(run: Any, rows: Sequence[Mapping[str, Any]]) -> BrokeFirst:
     """Events and sentence for a loaded :class:`analysis.load.Run` and its envelope table ``rows``."""
     telemetry = getattr(run, "telemetry", {}) or {}
-    table_start = _run_start(run)  # the zero of the table's window columns
+    table_start = run_start_unix_s(run)  # the zero of the table's window columns
     load_start = min((float(s["start_unix_s"]) for s in run.stages), default=table_start)
     metrics = telemetry.get("metrics")
     events = break_events(stages=run.stages, rows=rows, frame=run.frame, metrics=metrics,
@@ -367,25 +370,6 @@ def _slo_label(slo: Mapping[str, Any]) -> str:
     return _METRIC_NAMES.get(metric, metric.upper())
 
 
-def _worst_slo(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The failed SLO to name: the error rate if it failed, else the one furthest past its limit."""
-    if not failed:
-        return None
-    for s in failed:
-        if s.get("key") == "error_rate_max":
-            return s
-
-    def over(s: Mapping[str, Any]) -> float:
-        m, t = s.get("measured"), s.get("threshold") or 0.0
-        if m is None:
-            return math.inf
-        if s.get("key") == "min_output_tokens_per_s":
-            return t / m if m > 0 else math.inf
-        return m / t if t > 0 else math.inf
-
-    return max(failed, key=over)
-
-
 def _split_key(key: str) -> tuple[str, str]:
     parts = key.split("_")  # ttft_p95_ms
     return (parts[0], parts[1]) if len(parts) >= 3 else (key, "")
@@ -440,17 +424,6 @@ def _col(frame: pd.DataFrame, column: str) -> np.ndarray:
     if column not in frame.columns:
         return np.full(len(frame), np.nan)
     return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-
-
-def _run_start(run: Any) -> float:
-    started = (getattr(run, "info", {}) or {}).get("started_unix_s")
-    if started is not None:
-        return float(started)
-    if run.stages:
-        return float(min(s["start_unix_s"] for s in run.stages))
-    if len(run.frame):
-        return float(run.frame["wall_start_unix_s"].min())
-    return 0.0
 
 
 def _finite(v: Any) -> bool:

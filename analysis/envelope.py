@@ -111,7 +111,7 @@ def find_envelope(rows: Sequence[Mapping[str, Any]], *, pass_name: str | None = 
     if broke is None:
         return EnvelopeFinding(status="all_pass", safe_row=safe, first_pressure=pressure, **common)
     failed = tuple(s for s in broke.get("slo_results") or [] if s.get("passed") is False)
-    first = _first_broken(failed)
+    first = worst_failed_slo(failed)
     baseline = safe if safe is not None else None
     cause, evidence = _cause(first, broke, baseline)
     return EnvelopeFinding(
@@ -207,7 +207,8 @@ def _broke_text(f: EnvelopeFinding) -> str:
     return f"{head}{because}{evidence}: {name} broke first."
 
 
-def _first_broken(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def worst_failed_slo(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The failed SLO to name: the error rate if it failed, else the one furthest past its limit."""
     if not failed:
         return None
     for s in failed:

@@ -110,7 +110,7 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
     ``run`` is an :class:`analysis.load.Run` (anything with the same attributes).
     """
     frame: pd.DataFrame = run.frame
-    run_start = _run_start(run)
+    run_start = run_start_unix_s(run)
     n = len(frame)
     stage_idx = frame["stage_index"].to_numpy(dtype=float, na_value=np.nan) if n else np.empty(0)
     start = frame["wall_start_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
@@ -328,7 +328,8 @@ def _num(frame: pd.DataFrame, column: str) -> np.ndarray:
     return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
-def _run_start(run: Any) -> float:
+def run_start_unix_s(run: Any) -> float:
+    """The zero of the table's window columns: run.json's start, else the first stage or record."""
     started = (getattr(run, "info", {}) or {}).get("started_unix_s")
     if started is not None:
         return float(started)
