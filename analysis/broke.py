@@ -30,8 +30,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.load import run_start_unix_s
 from analysis.envelope import worst_failed_slo
-from analysis.table import run_start_unix_s
 
 __all__ = [
     "KV_PRESSURE_RATIO",

@@ -25,7 +25,7 @@ import pandas as pd
 from envelope import metrics
 from envelope.records import iter_record_files, read_records
 
-__all__ = ["Run", "RunDirError", "load_run", "records_frame", "BATCH_RECORDS"]
+__all__ = ["Run", "RunDirError", "load_run", "records_frame", "run_start_unix_s", "BATCH_RECORDS"]
 
 BATCH_RECORDS = 20_000  # records per per_request_frame call: bounds the dicts held at once
 
@@ -437,3 +437,15 @@ def _read_locust(ldir: Path, missing: list[str]) -> dict[str, pd.DataFrame]:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
+
+
+def run_start_unix_s(run: Any) -> float:
+    """The zero of the table's window columns: run.json's start, else the first stage or record."""
+    started = (getattr(run, "info", {}) or {}).get("started_unix_s")
+    if started is not None:
+        return float(started)
+    if run.stages:
+        return float(min(s["start_unix_s"] for s in run.stages))
+    if len(run.frame):
+        return float(run.frame["wall_start_unix_s"].min())
+    return 0.0

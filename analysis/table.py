@@ -37,6 +37,7 @@ from typing import IO, Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.load import run_start_unix_s
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
 from envelope import metrics
 from envelope.records import ErrorCategory
@@ -326,18 +327,6 @@ def _num(frame: pd.DataFrame, column: str) -> np.ndarray:
     if column not in frame.columns or not len(frame):
         return np.full(len(frame), np.nan)
     return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-
-
-def run_start_unix_s(run: Any) -> float:
-    """The zero of the table's window columns: run.json's start, else the first stage or record."""
-    started = (getattr(run, "info", {}) or {}).get("started_unix_s")
-    if started is not None:
-        return float(started)
-    if run.stages:
-        return float(min(s["start_unix_s"] for s in run.stages))
-    if len(run.frame):
-        return float(run.frame["wall_start_unix_s"].min())
-    return 0.0
 
 
 def _telemetry_cells(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float) -> dict[str, Any]:
