@@ -84,6 +84,9 @@ class EnvelopeRun:
         self.max_model_len: int | None = None
         self._created_run_json = False
         self.started_unix_s = time.time()
+        # requests being sent by this process now; on a master, each worker's last report
+        self.in_flight = 0
+        self.worker_in_flight: dict[str, tuple[int, float]] = {}  # client_id -> (in flight, monotonic time)
 
     # -- where things go -------------------------------------------------------------------------
     @staticmethod

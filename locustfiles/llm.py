@@ -28,6 +28,7 @@ from locustfiles.users import LLMUser
 __all__ = ["LLMUser", "ScenarioShape"]
 
 log = logging.getLogger("envelope")
+_RUNS: list[EnvelopeRun] = []
 
 
 class ScenarioShape(LoadTestShape):
@@ -55,9 +56,14 @@ class ScenarioShape(LoadTestShape):
         now = time.monotonic()
         if self._drain_started_s is None:
             self._drain_started_s = now
-        # user_count is the target (already 0); what matters is users still finishing a request
-        live = self.runner.user_count if ctx.is_master else len(getattr(self.runner, "user_greenlets", ()))
-        if live > 0 and now - self._drain_started_s < self.runner.environment.stop_timeout + 10:
+        # Requests still finishing, counted where they are sent (user counts are targets: already 0).
+        if ctx.is_master:
+            fresh = [n for n, t in ctx.worker_in_flight.values() if t >= self._drain_started_s]
+            reported_all = len(fresh) >= max(len(getattr(self.runner, "clients", {})), 1)
+            busy = not reported_all or sum(fresh) > 0
+        else:
+            busy = ctx.in_flight > 0
+        if busy and now - self._drain_started_s < self.runner.environment.stop_timeout + 10:
             return 0, 1000
         # Locust's CSV writer (every second) and workers' reports (every 3 s) must see the last requests.
         self._idle_ticks += 1
@@ -108,6 +114,7 @@ def _on_init(environment, **_kw) -> None:
         sys.stderr.write(f"envelope: {exc}\n")
         sys.exit(2)
     environment.envelope = ctx
+    _RUNS.append(ctx)
     if ctx.manual:
         environment.shape_class = None
     # Let users that ramp-downs stop finish their current request, so nothing measured is cut off.
@@ -143,6 +150,19 @@ def _on_test_start(environment, **_kw) -> None:
     log.info("envelope: model %s, max_model_len %s, prompts %r", ctx.model, ctx.max_model_len, ctx.factory)
 
 
+@events.report_to_master.add_listener
+def _report_in_flight(client_id, data, **_kw) -> None:
+    for ctx in _contexts():
+        data["envelope_in_flight"] = ctx.in_flight
+
+
+@events.worker_report.add_listener
+def _collect_in_flight(client_id, data, **_kw) -> None:
+    if "envelope_in_flight" in data:
+        for ctx in _contexts():
+            ctx.worker_in_flight[client_id] = (int(data["envelope_in_flight"]), time.monotonic())
+
+
 @events.test_stop.add_listener
 def _on_test_stop(environment, **_kw) -> None:
     ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
@@ -165,9 +185,8 @@ def _on_quit(exit_code, **_kw) -> None:
 
 
 def _contexts() -> list[EnvelopeRun]:
-    import gc
-
-    return [obj for obj in gc.get_objects() if isinstance(obj, EnvelopeRun)]
+    """The run contexts made by this process's ``init`` (events like ``quit`` carry no environment)."""
+    return list(_RUNS)
 
 
 def _schedule_completed(ctx: EnvelopeRun) -> bool:

@@ -131,6 +131,7 @@ class LLMUser(FastHttpUser):
         t_start = perf_counter()
         obs = StreamObserver(t_start, keep_text=ctx.record_text)
         cancelled = False
+        ctx.in_flight += 1
         try:
             if client.transport == "openai":
                 outcome = stream_openai(self._openai_client(), spec, obs)
@@ -140,6 +141,8 @@ class LLMUser(FastHttpUser):
             # Locust is stopping this user mid-request: keep what was measured, then let it stop.
             cancelled = True
             outcome = None
+        finally:
+            ctx.in_flight -= 1
         fields = obs.finish(
             perf_counter(),
             error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
@@ -173,6 +176,13 @@ class LLMUser(FastHttpUser):
         fire = self.environment.events.request.fire
         view = _RecordView(rec)
         name = rec.client
+        if rec.error_category == ErrorCategory.CANCELLED:
+            # Stopped by the load generator itself (the run ended or was interrupted): not a server
+            # failure, so not a Locust failure, but counted, so Locust's totals still equal the records.
+            end = rec.t_done_s if rec.t_done_s is not None else rec.t_start_s
+            fire(request_type="CANCELLED", name=name, response_time=(end - rec.t_start_s) * 1000.0,
+                 response_length=rec.output_tokens or 0, exception=None, context={})
+            return
         if rec.error_category is not None:
             end = rec.t_done_s if rec.t_done_s is not None else rec.t_start_s
             fire(request_type="E2E", name=name, response_time=(end - rec.t_start_s) * 1000.0,

@@ -33,9 +33,11 @@ def records(run_dir: Path) -> list[dict]:
     return list(read_records(iter_record_files(run_dir)))
 
 
-def locust_request_count(run_dir: Path, request_type: str = "E2E") -> int:
+def locust_request_count(run_dir: Path, *request_types: str) -> int:
+    """Locust's request count for the given entry types (default: every request, E2E + CANCELLED)."""
+    types = set(request_types or ("E2E", "CANCELLED"))
     with open(run_dir / "locust" / "locust_stats.csv", newline="") as fh:
-        return sum(int(row["Request Count"]) for row in csv.DictReader(fh) if row["Type"] == request_type)
+        return sum(int(row["Request Count"]) for row in csv.DictReader(fh) if row["Type"] in types)
 
 
 def generation_tokens_total(metrics_url: str) -> float:

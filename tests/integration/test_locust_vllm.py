@@ -29,11 +29,14 @@ SMOKE = REPO / "scenarios" / "smoke.yaml"
 def _assert_run_consistent(run_dir, server_tokens_delta):
     recs = records(run_dir)
     assert recs, "no records were written"
-    # every request of this scenario must succeed with exactly the requested lengths
-    assert [r["error_category"] for r in recs if r["error_category"]] == []
-    assert all(r["output_tokens"] == r["requested_output_tokens"] for r in recs)
-    assert all(not r["output_tokens_estimated"] for r in recs)
-    assert all(r["prompt_tokens"] == r["requested_prompt_tokens"] for r in recs)
+    # Every request must succeed with exactly the requested lengths. A request that Locust itself
+    # stopped at the very end (a race in Locust's stop of zero-wait users) is kept as "cancelled".
+    done = [r for r in recs if r["error_category"] != "cancelled"]
+    assert len(done) >= len(recs) - 2
+    assert [r["error_category"] for r in done if r["error_category"]] == []
+    assert all(r["output_tokens"] == r["requested_output_tokens"] for r in done)
+    assert all(not r["output_tokens_estimated"] for r in done)
+    assert all(r["prompt_tokens"] == r["requested_prompt_tokens"] for r in done)
     # one record per request Locust counted, and the server generated exactly what we recorded
     assert len(recs) == locust_request_count(run_dir)
     assert sum(r["output_tokens"] for r in recs) == server_tokens_delta
@@ -49,6 +52,7 @@ def test_smoke_run_matches_locust_and_the_server(vllm_server, tmp_path):
 
     recs = _assert_run_consistent(run_dir, after - before)
     assert {r["requested_output_tokens"] for r in recs} == {32}
+    assert proc.returncode == 0
     st = stages(run_dir)
     assert [s["stage_name"] for s in st] == ["smoke-1u", "smoke-2u"]
     assert all(s["end_unix_s"] is not None and s["end_unix_s"] > s["start_unix_s"] for s in st)
@@ -58,6 +62,7 @@ def test_smoke_run_matches_locust_and_the_server(vllm_server, tmp_path):
     with_ttft = [r for r in recs if r["t_first_token_s"] is not None]
     assert len(with_ttft) >= 0.9 * len(recs)
     assert locust_request_count(run_dir, "TTFT") == len(with_ttft)
+    assert locust_request_count(run_dir, "E2E") == sum(1 for r in recs if r["error_category"] != "cancelled")
     assert locust_request_count(run_dir, "TPOT") == sum(1 for r in recs if metrics.tpot_s(r) is not None)
     # the key never lands in the run directory; prompts are not recorded by default
     assert files_containing(run_dir, vllm_server.api_key.get()) == []
