@@ -90,8 +90,15 @@ def _read_some(resp) -> bytes:
             return b""
         data = sock.recv(resp.block_size)
         if not data:
+            if _close_delimited(resp):
+                return b""  # a body without length or chunking ends when the server closes
             raise ConnectionResetError("connection closed by the server mid-stream")
         resp.feed(data)
+
+
+def _close_delimited(resp) -> bool:
+    """Whether the body's end is the connection's end (no Content-Length, not chunked)."""
+    return resp.get("content-length") is None and "chunked" not in str(resp.get("transfer-encoding", "")).lower()
 
 
 def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver) -> Outcome:

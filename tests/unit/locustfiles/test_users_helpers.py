@@ -34,10 +34,14 @@ class FakeResponse:
 
     block_size = 4096
 
-    def __init__(self, pieces, pre=b""):
+    def __init__(self, pieces, pre=b"", headers=None):
         self._sock = FakeSocket(pieces)
         self._body_buffer = bytearray(pre)
         self.message_complete = False
+        self._headers = {"transfer-encoding": "chunked"} if headers is None else headers
+
+    def get(self, key, default=None):
+        return self._headers.get(key, default)
 
     def feed(self, data):
         if data == b"END":
@@ -62,3 +66,10 @@ def test_read_some_reports_a_connection_closed_mid_stream():
     assert _read_some(resp) == b"data: a\n\n"
     with pytest.raises(ConnectionResetError):
         _read_some(resp)
+
+
+def test_read_some_ends_a_close_delimited_body_at_the_close():
+    """Without Content-Length or chunking, the server's close is the end of the body, not a reset."""
+    resp = FakeResponse([b"data: a\n\n"], headers={})
+    assert _read_some(resp) == b"data: a\n\n"
+    assert _read_some(resp) == b""
