@@ -52,6 +52,15 @@ class ManualStage:
         return getattr(self.base, item)
 
 
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a worker's last stats report said about its load, and when the master got it."""
+
+    in_flight: int
+    users: int
+    received_s: float  # time.monotonic() on the master
+
+
 class EnvelopeRun:
     """Everything one Locust process needs to send requests and write what they did."""
 
@@ -86,7 +95,7 @@ class EnvelopeRun:
         self.started_unix_s = time.time()
         # requests being sent by this process now; on a master, each worker's last report
         self.in_flight = 0
-        self.worker_in_flight: dict[str, tuple[int, float]] = {}  # client_id -> (in flight, monotonic time)
+        self.worker_reports: dict[str, WorkerReport] = {}  # client_id -> its last report
 
     # -- where things go -------------------------------------------------------------------------
     @staticmethod

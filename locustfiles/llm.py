@@ -22,10 +22,13 @@ from locust import LoadTestShape, events
 from envelope.config import ConfigError
 from envelope.secrets import SecretError
 from envelope.shape import stage_at
-from locustfiles.context import STAGE_MESSAGE, EnvelopeRun
+from locustfiles import patches
+from locustfiles.context import STAGE_MESSAGE, EnvelopeRun, WorkerReport
 from locustfiles.users import LLMUser
 
 __all__ = ["LLMUser", "ScenarioShape"]
+
+patches.apply()
 
 log = logging.getLogger("envelope")
 _RUNS: list[EnvelopeRun] = []
@@ -56,20 +59,35 @@ class ScenarioShape(LoadTestShape):
         now = time.monotonic()
         if self._drain_started_s is None:
             self._drain_started_s = now
-        # Requests still finishing, counted where they are sent (user counts are targets: already 0).
-        if ctx.is_master:
-            fresh = [n for n, t in ctx.worker_in_flight.values() if t >= self._drain_started_s]
-            reported_all = len(fresh) >= max(len(getattr(self.runner, "clients", {})), 1)
-            busy = not reported_all or sum(fresh) > 0
-        else:
-            busy = ctx.in_flight > 0
-        if busy and now - self._drain_started_s < self.runner.environment.stop_timeout + 10:
+        if not self._drained(ctx) and now - self._drain_started_s < self.runner.environment.stop_timeout + 10:
             return 0, 1000
-        # Locust's CSV writer (every second) and workers' reports (every 3 s) must see the last requests.
+        # Locust's CSV writer rewrites its files once a second and writes nothing at exit:
+        # let it run once more after the last request reached the stats.
         self._idle_ticks += 1
-        if self._idle_ticks <= (4 if ctx.is_master else 2):
+        if self._idle_ticks <= 2:
             return 0, 1000
         return None
+
+    def _drained(self, ctx: EnvelopeRun) -> bool:
+        """No user left and no request in flight, as seen by the stats Locust will write.
+
+        A worker's report carries its stats and, taken at the same instant, its running
+        users and requests in flight. A report received after the drain began that says
+        0 and 0 holds every request that worker will ever make, so once every worker has
+        sent one the master's stats are complete. (Timing guesses are not enough: a
+        worker's last report can come up to 3 s after its last request, later on a busy
+        machine, and the master drops workers that have stopped.)
+        """
+        if not ctx.is_master:
+            return ctx.in_flight == 0 and self.runner.user_count == 0
+        clients = list(getattr(self.runner, "clients", {}))
+        if not clients:
+            return True
+        for client_id in clients:
+            seen = ctx.worker_reports.get(client_id)
+            if seen is None or seen.received_s < self._drain_started_s or seen.users or seen.in_flight:
+                return False
+        return True
 
 
 @events.init_command_line_parser.add_listener
@@ -154,13 +172,17 @@ def _on_test_start(environment, **_kw) -> None:
 def _report_in_flight(client_id, data, **_kw) -> None:
     for ctx in _contexts():
         data["envelope_in_flight"] = ctx.in_flight
+        runner = ctx.environment.runner
+        data["envelope_users"] = runner.user_count if runner is not None else 0
 
 
 @events.worker_report.add_listener
 def _collect_in_flight(client_id, data, **_kw) -> None:
     if "envelope_in_flight" in data:
         for ctx in _contexts():
-            ctx.worker_in_flight[client_id] = (int(data["envelope_in_flight"]), time.monotonic())
+            ctx.worker_reports[client_id] = WorkerReport(
+                in_flight=int(data["envelope_in_flight"]), users=int(data.get("envelope_users", 0)),
+                received_s=time.monotonic())
 
 
 @events.test_stop.add_listener

@@ -1,0 +1,42 @@
+"""Work-arounds for Locust behaviour that would corrupt our measurements.
+
+Each is applied once, when the locustfile is imported, and says what it fixes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from locust import argument_parser, runners
+
+# Seconds of silence before the master calls a worker missing (Locust's default is 3 missed
+# 1-second heartbeats). On a box shared with the server, a worker's event loop can stall for
+# several seconds; a worker declared missing has its users moved to the others mid-stage, and
+# when all are, the test ends early. A worker that really died is still noticed, 10 s later.
+HEARTBEAT_LIVENESS_S = 10
+
+
+def _cached_default_args_dict():
+    """Locust's ``default_args_dict`` builds a fresh argument parser on every call, and a
+    worker calls it once per option for every spawn message (a dict comprehension in
+    ``WorkerRunner``): ~100 parser builds, about 0.3 s of CPU on an idle machine and
+    several seconds on a busy 2-core one. That blocks the worker's event loop, so no
+    stream is read meanwhile (TTFT and inter-token gaps grow by the stall) and heartbeats
+    stop, until the master declares the worker missing and ends the test early, losing its
+    last stats. The defaults never change within a process, so build them once."""
+    original = argument_parser.default_args_dict
+    if getattr(original, "_envelope_cached", False):
+        return original
+    build_once = functools.cache(original)
+
+    @functools.wraps(original)
+    def default_args_dict() -> dict:
+        return dict(build_once())  # a copy: callers may modify what they get
+
+    default_args_dict._envelope_cached = True
+    return default_args_dict
+
+
+def apply() -> None:
+    argument_parser.default_args_dict = _cached_default_args_dict()
+    runners.HEARTBEAT_LIVENESS = max(runners.HEARTBEAT_LIVENESS, HEARTBEAT_LIVENESS_S)

@@ -1,0 +1,101 @@
+"""Locust work-arounds and the end-of-run drain, each run in a fresh interpreter (Locust
+monkey-patches the standard library on import, which must not happen inside pytest)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from helpers.locust_runs import REPO
+
+
+def _run(code: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_spawn_message_builds_locusts_default_options_once_not_once_per_option():
+    out = _run("""
+        import json, locust
+        from locust import argument_parser, runners
+        builds = 0
+        original_setup = argument_parser.setup_parser_arguments
+        def counting(*a, **k):
+            global builds
+            builds += 1
+            return original_setup(*a, **k)
+        argument_parser.setup_parser_arguments = counting
+        unpatched = argument_parser.default_args_dict()
+        from locustfiles import patches
+        patches.apply(); patches.apply()   # idempotent
+        builds = 0
+        # what WorkerRunner does with every spawn message: one lookup per option the master sent
+        sent = {**{k: None for k in unpatched}, "scenario": "x.yaml", "run_dir": "/r"}
+        custom = [k for k in sent if k not in argument_parser.default_args_dict()]
+        got = argument_parser.default_args_dict()
+        got["scenario"] = "mutated"
+        print(json.dumps({"builds": builds, "lookups": len(sent), "custom": sorted(custom),
+                          "same": argument_parser.default_args_dict() == unpatched,
+                          "liveness": runners.HEARTBEAT_LIVENESS}))
+    """)
+    assert out["lookups"] > 50
+    assert out["builds"] == 1  # was one parser build per option: seconds of blocked event loop
+    assert out["custom"] == ["run_dir", "scenario"]
+    assert out["same"]  # same defaults, and a caller's change does not leak into the cache
+    assert out["liveness"] == 10
+
+
+DRAIN = """
+    import json, locust
+    from locustfiles.llm import ScenarioShape
+    from locustfiles.context import WorkerReport
+
+    class Ctx:
+        def __init__(self, is_master, in_flight=0):
+            self.is_master, self.in_flight, self.worker_reports = is_master, in_flight, {}
+
+    class Runner:
+        def __init__(self, clients=(), user_count=0):
+            self.clients = {c: object() for c in clients}
+            self.user_count = user_count
+
+    def drained(ctx, runner, started=100.0):
+        shape = ScenarioShape.__new__(ScenarioShape)
+        shape.runner, shape._drain_started_s = runner, started
+        return shape._drained(ctx)
+"""
+
+
+def test_master_drain_needs_a_fresh_idle_report_from_every_worker():
+    out = _run(DRAIN + """
+    ctx, runner = Ctx(True), Runner(["w1", "w2"])
+    results = {"no reports": drained(ctx, runner)}
+    ctx.worker_reports["w1"] = WorkerReport(in_flight=0, users=0, received_s=101.0)
+    results["one of two"] = drained(ctx, runner)
+    ctx.worker_reports["w2"] = WorkerReport(in_flight=0, users=0, received_s=99.0)
+    results["stale (sent before the drain)"] = drained(ctx, runner)
+    ctx.worker_reports["w2"] = WorkerReport(in_flight=1, users=0, received_s=102.0)
+    results["a request in flight"] = drained(ctx, runner)
+    ctx.worker_reports["w2"] = WorkerReport(in_flight=0, users=1, received_s=102.0)
+    results["a user still running (between requests)"] = drained(ctx, runner)
+    ctx.worker_reports["w2"] = WorkerReport(in_flight=0, users=0, received_s=102.0)
+    results["both idle"] = drained(ctx, runner)
+    results["no workers left"] = drained(Ctx(True), Runner([]))
+    print(json.dumps(results))
+    """)
+    assert out == {"no reports": False, "one of two": False, "stale (sent before the drain)": False,
+                   "a request in flight": False, "a user still running (between requests)": False,
+                   "both idle": True, "no workers left": True}
+
+
+def test_local_drain_waits_for_users_and_requests():
+    out = _run(DRAIN + """
+    print(json.dumps([drained(Ctx(False, in_flight=1), Runner(user_count=0)),
+                      drained(Ctx(False, in_flight=0), Runner(user_count=1)),
+                      drained(Ctx(False, in_flight=0), Runner(user_count=0))]))
+    """)
+    assert out == [False, False, True]
