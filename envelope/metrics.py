@@ -48,6 +48,9 @@ __all__ = [
     "itl_s",
     "request_output_tokens_per_s",
     "send_lag_s",
+    "ttft_from_intended_s",
+    "e2e_from_intended_s",
+    "achieved_send_rate_per_s",
     "percentiles",
     "per_request_frame",
     "itl_values_ms",
@@ -79,6 +82,8 @@ FRAME_COLUMNS: tuple[str, ...] = _IDENTITY_COLUMNS + (
     "e2e_ms",
     "request_output_tokens_per_s",
     "send_lag_ms",
+    "ttft_from_intended_ms",
+    "e2e_from_intended_ms",
     "n_chunks",
     "multi_token_chunks",
     "itl_mean_ms",
@@ -157,6 +162,34 @@ def send_lag_s(rec: Mapping[str, Any]) -> float | None:
     return rec["t_start_s"] - intended
 
 
+def ttft_from_intended_s(rec: Mapping[str, Any]) -> float | None:
+    """Open loop only: TTFT as the user who meant to send at ``t_intended_s`` saw it (TTFT + send lag)."""
+    intended, t_first = rec.get("t_intended_s"), rec.get("t_first_token_s")
+    if intended is None or t_first is None or not _ok(rec):
+        return None
+    return t_first - intended
+
+
+def e2e_from_intended_s(rec: Mapping[str, Any]) -> float | None:
+    """Open loop only: E2E measured from the intended send time (E2E + send lag)."""
+    intended, t_end = rec.get("t_intended_s"), rec.get("t_end_s")
+    if intended is None or t_end is None or not _ok(rec):
+        return None
+    return t_end - intended
+
+
+def achieved_send_rate_per_s(wall_starts_unix_s: Iterable[float], start_unix_s: float, end_unix_s: float) -> float:
+    """Requests actually sent inside ``[start, end)`` per second: what an open-loop stage delivered.
+
+    A send that slipped past the stage's end (a busy client, a full concurrency
+    cap) does not count, so a client that falls behind shows a shortfall.
+    """
+    if end_unix_s <= start_unix_s:
+        raise ValueError("the window must have a positive length")
+    sent = sum(1 for t in wall_starts_unix_s if start_unix_s <= t < end_unix_s)
+    return sent / (end_unix_s - start_unix_s)
+
+
 def percentiles(values: Iterable[float | None], qs: Sequence[float] = (50, 90, 95, 99)) -> dict[str, float]:
     """``{"p50": …, …, "mean": …}`` of ``values`` (None and NaN ignored).
 
@@ -226,7 +259,10 @@ def per_request_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     columns["tpot_ms"] = tpot * 1000.0
     columns["e2e_ms"] = e2e * 1000.0
     columns["request_output_tokens_per_s"] = tps
-    columns["send_lag_ms"] = (t_start - _float_column([r.get("t_intended_s") for r in recs])) * 1000.0
+    intended = _float_column([r.get("t_intended_s") for r in recs])
+    columns["send_lag_ms"] = (t_start - intended) * 1000.0
+    columns["ttft_from_intended_ms"] = (ttft + t_start - intended) * 1000.0
+    columns["e2e_from_intended_ms"] = (e2e + t_start - intended) * 1000.0
 
     n_chunks: list[int] = []
     multi: list[int] = []

@@ -1,7 +1,8 @@
 """Scenarios: the YAML a user writes, validated into frozen models, and its resolved form.
 
 A scenario is a list of *passes* (one question each: "is it alive", "does it
-batch", ...), each a list of *stages* (a number of users held for a duration).
+batch", ...), each a list of *stages*: a number of users (closed loop) or a
+request rate (open loop) held for a duration.
 Settings cascade, merged key by key for ``workload``, ``slos`` and ``timeouts``::
 
     defaults  <  client  <  pass  <  stage
@@ -46,6 +47,7 @@ __all__ = [
     "Workload",
     "Defaults",
     "Client",
+    "Arrival",
     "Stage",
     "Pass",
     "Quick",
@@ -333,16 +335,50 @@ class Client(StrictModel):
     workload: Workload | None = None
 
 
+Arrival = Literal["constant", "poisson", "gamma"]
+
+
 class Stage(StrictModel):
-    """A number of users held for a duration."""
+    """One step of load, held for ``duration_s``: either closed or open loop.
+
+    Closed loop: ``users`` each send a request as soon as their last one ends.
+    Open loop: requests arrive at ``rate_per_s`` on a schedule fixed in advance
+    (``arrival``: ``constant``, ``poisson`` or ``gamma`` with ``burstiness``; see
+    :mod:`envelope.arrivals`), whether or not earlier ones have finished;
+    ``max_concurrency`` optionally caps how many are in flight (later arrivals
+    wait for a slot, and the wait shows as send lag).
+    """
 
     name: Annotated[str, Field(min_length=1)] | None = None
-    users: PositiveInt
+    users: PositiveInt | None = None
     spawn_rate: PositiveFloat | None = None
+    rate_per_s: PositiveFloat | None = None
+    arrival: Arrival | None = None
+    burstiness: PositiveFloat | None = None
+    max_concurrency: PositiveInt | None = None
     duration_s: PositiveFloat
     workload: Workload | None = None
     slos: Slos | None = None
     timeouts: Timeouts | None = None
+
+    @model_validator(mode="after")
+    def _closed_or_open(self) -> Stage:
+        if self.users is None and self.rate_per_s is None:
+            raise FieldError("a stage needs 'users' (closed loop) or 'rate_per_s' (open loop)", at=())
+        if self.users is not None and self.rate_per_s is not None:
+            raise FieldError("a stage takes 'users' (closed loop) or 'rate_per_s' (open loop), not both",
+                             at=("rate_per_s",))
+        if self.users is not None:
+            for key in ("arrival", "burstiness", "max_concurrency"):
+                if getattr(self, key) is not None:
+                    raise FieldError(f"{key!r} applies to open-loop stages (with 'rate_per_s'), not to 'users'",
+                                     at=(key,))
+        else:
+            if self.spawn_rate is not None:
+                raise FieldError("'spawn_rate' applies to 'users' stages, not to 'rate_per_s'", at=("spawn_rate",))
+            if self.burstiness is not None and self.arrival != "gamma":
+                raise FieldError("'burstiness' applies only to 'arrival: gamma'", at=("burstiness",))
+        return self
 
 
 class Pass(StrictModel):
@@ -452,8 +488,12 @@ class Scenario(StrictModel):
                         pass_index=pi,
                         pass_name=pass_.name,
                         name=_stage_name(pass_, stage),
-                        users=stage.users,
-                        spawn_rate=float(stage.spawn_rate if stage.spawn_rate is not None else stage.users),
+                        users=stage.users or 0,
+                        spawn_rate=float(stage.spawn_rate or stage.users or 1),
+                        rate_per_s=stage.rate_per_s,
+                        arrival=None if stage.rate_per_s is None else (stage.arrival or "poisson"),
+                        burstiness=(stage.burstiness or 1.0) if stage.arrival == "gamma" else None,
+                        max_concurrency=stage.max_concurrency,
                         duration_s=duration_s,
                         slos=self.defaults.slos.merged(pass_.slos).merged(stage.slos).as_dict(),
                         timeouts=self.defaults.timeouts.merged(pass_.timeouts).merged(stage.timeouts),
@@ -464,7 +504,11 @@ class Scenario(StrictModel):
 
 
 def _stage_name(pass_: Pass, stage: Stage) -> str:
-    return stage.name or f"{pass_.name}-{stage.users}u"
+    if stage.name:
+        return stage.name
+    if stage.users is not None:
+        return f"{pass_.name}-{stage.users}u"
+    return f"{pass_.name}-{_num(stage.rate_per_s)}rps"
 
 
 def _check_unique(names: list[str], what: str, at) -> None:
@@ -488,7 +532,12 @@ class ResolvedClient:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ResolvedStage:
-    """One stage with everything merged; ``index`` counts stages across passes from 0."""
+    """One stage with everything merged; ``index`` counts stages across passes from 0.
+
+    Open-loop stages have ``rate_per_s`` (and ``arrival``, ``burstiness`` for
+    gamma, an optional ``max_concurrency``) and ``users == 0``: no Locust user
+    runs, a per-process dispatcher sends on schedule.
+    """
 
     index: int
     pass_index: int
@@ -500,6 +549,14 @@ class ResolvedStage:
     slos: dict[str, float]
     timeouts: Timeouts
     clients: tuple[ResolvedClient, ...]
+    rate_per_s: float | None = None
+    arrival: str | None = None
+    burstiness: float | None = None
+    max_concurrency: int | None = None
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate_per_s is not None
 
     def describe(self, *, max_model_len: int | None = None) -> dict[str, Any]:
         """The stages.json entry for this stage, without start and end times.
@@ -514,14 +571,16 @@ class ResolvedStage:
             "pass_name": self.pass_name,
             "stage_index": self.index,
             "stage_name": self.name,
-            "kind": "users",
-            "target_users": self.users,
-            "spawn_rate": self.spawn_rate,
-            "target_rate_per_s": None,
+            "kind": "rate" if self.open_loop else "users",
+            "target_users": None if self.open_loop else self.users,
+            "spawn_rate": None if self.open_loop else self.spawn_rate,
+            "target_rate_per_s": self.rate_per_s,
             "duration_s": self.duration_s,
             "slos": dict(self.slos),
             "workload": summaries[0],
         }
+        if self.open_loop:
+            out.update(arrival=self.arrival, burstiness=self.burstiness, max_concurrency=self.max_concurrency)
         if any(s != summaries[0] for s in summaries[1:]):
             out["clients"] = {client.name: summary for client, summary in zip(self.clients, summaries)}
         return out

@@ -14,6 +14,9 @@ from envelope.metrics import (
     percentiles,
     request_output_tokens_per_s,
     send_lag_s,
+    achieved_send_rate_per_s,
+    ttft_from_intended_s,
+    e2e_from_intended_s,
     tpot_s,
     ttft_s,
 )
@@ -101,6 +104,22 @@ def test_output_tokens_per_s_and_send_lag():
     assert send_lag_s(rec("late_failed", t_intended=9.5, error="http_503")) == 0.5
 
 
+def test_achieved_send_rate_counts_sends_inside_the_window_only():
+    starts = [100.0 + i * 0.1 for i in range(50)]  # 10/s for 5 s, from 100.0
+    assert achieved_send_rate_per_s(starts, 100.0, 105.0) == pytest.approx(10.0)
+    assert achieved_send_rate_per_s(starts[:45] + [105.2] * 5, 100.0, 105.0) == pytest.approx(9.0)  # 5 slipped out
+    with pytest.raises(ValueError):
+        achieved_send_rate_per_s(starts, 105.0, 105.0)
+
+
+def test_latency_from_the_intended_send_time_adds_the_send_lag():
+    late = rec("late", offsets=(0.5, 1.25), tokens=(1, 1), out=2, t_intended=9.75)
+    assert ttft_from_intended_s(late) == pytest.approx(0.75)  # first token at 10.5, meant to go at 9.75
+    assert e2e_from_intended_s(late) == pytest.approx(1.5)
+    assert ttft_from_intended_s(CASES["multi"][0]) is None  # closed loop: no intended time
+    assert e2e_from_intended_s(rec("f", offsets=(0.5,), out=1, t_intended=9.0, error="http_503")) is None
+
+
 def test_itl_per_chunk_when_chunks_carry_one_token_equals_vllm():
     # vLLM's ITL: successive chunk gaps
     r = rec("x", offsets=(0.125, 0.25, 0.5, 1.0), tokens=(1, 1, 1, 1), out=4)
@@ -161,6 +180,8 @@ def _agree(records):
             ("e2e_ms", e2e_s, 1000.0),
             ("tpot_ms", tpot_s, 1000.0),
             ("send_lag_ms", send_lag_s, 1000.0),
+            ("ttft_from_intended_ms", ttft_from_intended_s, 1000.0),
+            ("e2e_from_intended_ms", e2e_from_intended_s, 1000.0),
             ("request_output_tokens_per_s", request_output_tokens_per_s, 1.0),
         ):
             want = fn(r)

@@ -110,7 +110,20 @@ def test_load_scenario_accepts_text():
         ("{users: 2, duration_s: 10}", "{users: 2, duration_s: 0}",
          ":20: passes[1].stages[0].duration_s: Input should be greater than 0 (got 0)"),
         # missing users: blame the stage mapping
-        ("{users: 2, duration_s: 10}", "{duration_s: 10}", ":20: passes[1].stages[0].users: missing required key 'users'"),
+        ("{users: 2, duration_s: 10}", "{duration_s: 10}", ":20: passes[1].stages[0]: a stage needs 'users' (closed loop) or 'rate_per_s' (open loop)"),
+        # open loop: both users and a rate, a zero rate, an unknown arrival, misplaced options
+        ("{users: 2, duration_s: 10}", "{users: 2, rate_per_s: 3, duration_s: 10}",
+         ":20: passes[1].stages[0].rate_per_s: a stage takes 'users' (closed loop) or 'rate_per_s' (open loop), not both"),
+        ("{users: 2, duration_s: 10}", "{rate_per_s: 0, duration_s: 10}",
+         ":20: passes[1].stages[0].rate_per_s: Input should be greater than 0 (got 0)"),
+        ("{users: 2, duration_s: 10}", "{rate_per_s: 2, arrival: bursty, duration_s: 10}",
+         ":20: passes[1].stages[0].arrival: Input should be 'constant', 'poisson' or 'gamma' (got 'bursty')"),
+        ("{users: 2, duration_s: 10}", "{rate_per_s: 2, arrival: poisson, burstiness: 0.5, duration_s: 10}",
+         ":20: passes[1].stages[0].burstiness: 'burstiness' applies only to 'arrival: gamma'"),
+        ("{users: 2, duration_s: 10}", "{users: 2, max_concurrency: 4, duration_s: 10}",
+         ":20: passes[1].stages[0].max_concurrency: 'max_concurrency' applies to open-loop stages (with 'rate_per_s'), not to 'users'"),
+        ("{users: 2, duration_s: 10}", "{rate_per_s: 2, spawn_rate: 1, duration_s: 10}",
+         ":20: passes[1].stages[0].spawn_rate: 'spawn_rate' applies to 'users' stages, not to 'rate_per_s'"),
         # a pass with no stages
         ("    stages:\n      - {users: 2, duration_s: 10}\n", "    stages: []\n",
          ":19: passes[1].stages: a pass needs at least one stage"),
@@ -512,3 +525,22 @@ def test_scenario_model_is_frozen_and_strict():
     assert isinstance(scenario, Scenario)
     with pytest.raises(Exception):
         scenario.seed = 1  # type: ignore[misc]
+
+
+def test_open_loop_stages_resolve_and_describe(tmp_path):
+    text = _replace("{users: 2, duration_s: 10}",
+                    "{rate_per_s: 2.5, arrival: gamma, burstiness: 0.5, max_concurrency: 8, duration_s: 10}")
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    stage = load_scenario(path).resolve()[-1]
+    assert stage.open_loop and stage.users == 0
+    assert (stage.name, stage.rate_per_s, stage.arrival, stage.burstiness, stage.max_concurrency) == (
+        "p2-2.5rps", 2.5, "gamma", 0.5, 8)
+    desc = stage.describe()
+    assert desc["kind"] == "rate" and desc["target_rate_per_s"] == 2.5 and desc["target_users"] is None
+    assert (desc["arrival"], desc["burstiness"], desc["max_concurrency"]) == ("gamma", 0.5, 8)
+    # the defaults: Poisson, uncapped
+    path.write_text(_replace("{users: 2, duration_s: 10}", "{rate_per_s: 4, duration_s: 10}"))
+    plain = load_scenario(path).resolve()[-1]
+    assert (plain.arrival, plain.burstiness, plain.max_concurrency) == ("poisson", None, None)
+    assert not load_scenario(path).resolve()[0].open_loop
