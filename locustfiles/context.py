@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gevent.event
+
 from envelope.prompts import PromptFactory, TokenizerProbe, calibrate
 from envelope.records import RecordWriter
 from envelope.scenario import ResolvedStage, Scenario, check_against_server, load_scenario
@@ -29,6 +31,8 @@ from envelope.secrets import REDACTED, Secret, resolve_api_key
 __all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "atomic_write_json"]
 
 STAGE_MESSAGE = "envelope_stage"
+ABORT_MESSAGE = "envelope_abort"  # worker -> master: stop the run, with this one-line reason
+READY_MESSAGE = "envelope_ready"  # worker -> master: probed the server, prompts calibrated
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -52,13 +56,22 @@ class ManualStage:
         return getattr(self.base, item)
 
 
+EARLY_STOP_AFTER = 3  # rejections, with no success before them, that stop the run
+REJECTION_HINTS = {
+    "http_401": "check the API key (--api-key-env or --api-key-file)",
+    "http_403": "check the API key's permissions",
+    "http_404": "check the model name (--model) and that the server offers this endpoint",
+}
+
+
 @dataclass(frozen=True)
 class WorkerReport:
     """What a worker's last stats report said about its load, and when the master got it."""
 
     in_flight: int
     users: int
-    received_s: float  # time.monotonic() on the master
+    received_s: float
+    open_loop: int = 0  # time.monotonic() on the master
 
 
 class EnvelopeRun:
@@ -96,6 +109,20 @@ class EnvelopeRun:
         # requests being sent by this process now; on a master, each worker's last report
         self.in_flight = 0
         self.worker_reports: dict[str, WorkerReport] = {}  # client_id -> its last report
+        # early stop: requests rejected before any succeeded (a wrong key or model), and who to tell
+        self.succeeded_once = False
+        self.rejected_before_success = 0
+        self.on_abort = None  # callable(message) set by the locustfile
+        self._aborted = False  # this process asked for the stop
+        self.aborted = False  # the run is stopping early (master/local: the shape drains and ends)
+        self.open_loop = None  # locustfiles.open_loop.OpenLoop, on processes that send
+        self._seen_stage = False
+        # ready to send: the server was probed and prompts calibrated (test_start); on a master,
+        # which workers have said so
+        self.ready = False
+        self.ready_event = gevent.event.Event()
+        self.ready_workers: set[str] = set()
+        self.loop_lag_max_s = 0.0
 
     # -- where things go -------------------------------------------------------------------------
     @staticmethod
@@ -140,15 +167,20 @@ class EnvelopeRun:
             self.stage_log[-1]["end_unix_s"] = now
         self.current_index = index
         entry = self.stages[index].describe(max_model_len=self.max_model_len)
-        entry.update(start_unix_s=now, end_unix_s=None)
+        entry.update(start_unix_s=now, end_unix_s=None, client_loop_lag_max_ms=None, client_cpu_max_percent=None)
         self.stage_log.append(entry)
         self.write_stages()
         self._broadcast()
+        if self.open_loop is not None:  # local runner: this process sends
+            self.open_loop.enter(self.stages[index])
 
     def end_stages(self, *, now_unix_s: float | None = None) -> None:
         if self.stage_log and self.stage_log[-1]["end_unix_s"] is None:
             self.stage_log[-1]["end_unix_s"] = time.time() if now_unix_s is None else now_unix_s
             self.write_stages()
+            self._broadcast(ended=True)
+            if self.open_loop is not None:
+                self.open_loop.stop_dispatching()
 
     def enter_manual(self) -> None:
         """Master/local, web-UI ramps: one open-ended stage for the whole run."""
@@ -166,17 +198,84 @@ class EnvelopeRun:
         run_dir = self.ensure_run_dir()
         atomic_write_json(run_dir / "stages.json", self.stage_log)
 
-    def _broadcast(self) -> None:
+    def _broadcast(self, *, ended: bool = False) -> None:
         runner = self.environment.runner
         if self.is_master and runner is not None:
-            runner.send_message(STAGE_MESSAGE, {"run_dir": str(self.run_dir), "stage_index": self.current_index})
+            runner.send_message(STAGE_MESSAGE, {"run_dir": str(self.run_dir), "stage_index": self.current_index,
+                                                "ended": ended, "processes": max(runner.worker_count, 1)})
 
     def on_stage_message(self, data: dict) -> None:
-        """Worker: the master says which run directory and stage are current."""
+        """Worker: the master says which run directory and stage are current (or that the stages ended)."""
         if self.run_dir is None and data.get("run_dir"):
             self.run_dir = Path(data["run_dir"])
             self.run_id = self.run_dir.name
-        self.current_index = int(data.get("stage_index", 0))
+        index = int(data.get("stage_index", 0))
+        changed = index != self.current_index or not self._seen_stage
+        self.current_index, self._seen_stage = index, True
+        if self.open_loop is None or self.manual:
+            return
+        if data.get("ended"):
+            self.open_loop.stop_dispatching()
+        elif changed:
+            worker_index = getattr(self.environment.runner, "worker_index", 0) or 0
+            self.open_loop.enter(self.stages[index], processes=int(data.get("processes") or 1), index=worker_index)
+
+    # -- the load generator's own health, per stage ----------------------------------------------
+    def watch_event_loop(self, interval_s: float = 0.05) -> None:
+        """Sending processes: how late a timer fires is how late a chunk's arrival can be noticed.
+
+        Runs in its own greenlet; :attr:`loop_lag_max_s` holds the worst lag since it was last taken.
+        """
+        last = time.perf_counter()
+        while True:
+            gevent.sleep(interval_s)
+            now = time.perf_counter()
+            lag = now - last - interval_s
+            if lag > self.loop_lag_max_s:
+                self.loop_lag_max_s = lag
+            last = now
+
+    def take_loop_lag_ms(self) -> float:
+        lag, self.loop_lag_max_s = self.loop_lag_max_s, 0.0
+        return lag * 1000.0
+
+    def note_client_health(self, *, loop_lag_ms: float | None = None, cpu_percent: float | None = None) -> None:
+        """Master/local: keep the worst event-loop lag and CPU use of any load generator in this stage."""
+        if not self.stage_log or self.stage_log[-1]["end_unix_s"] is not None:
+            return
+        entry = self.stage_log[-1]
+        for key, value in (("client_loop_lag_max_ms", loop_lag_ms), ("client_cpu_max_percent", cpu_percent)):
+            if value is not None and value > (entry.get(key) or 0.0):
+                entry[key] = round(float(value), 3)
+
+    def mark_ready(self) -> None:
+        self.ready = True
+        self.ready_event.set()
+
+    # -- early stop -----------------------------------------------------------------------------
+    def note_result(self, record) -> None:
+        """Stop the run when the first requests are all rejected (401/403/404) before any succeeded.
+
+        The probe at start already checks the key and the model on ``/v1/models``;
+        this catches what only the generation endpoint rejects, instead of
+        recording thousands of identical failures.
+        """
+        if self.succeeded_once:
+            return
+        category = record.error_category
+        if category is None:
+            self.succeeded_once = True
+            return
+        hint = REJECTION_HINTS.get(category)
+        if hint is None:
+            return
+        self.rejected_before_success += 1
+        if self.rejected_before_success >= EARLY_STOP_AFTER and not self._aborted and self.on_abort is not None:
+            self._aborted = True
+            status = category.removeprefix("http_")
+            detail = f" ({record.error_detail[:160]})" if record.error_detail else ""
+            self.on_abort(f"the server answered HTTP {status} to the first {self.rejected_before_success} requests "
+                          f"and none succeeded{detail}; {hint}. Stopped early.")
 
     # -- run.json --------------------------------------------------------------------------------
     def write_run_json(self, status: str) -> None:

@@ -17,14 +17,16 @@ import logging
 import sys
 import time
 
+import gevent
 from locust import LoadTestShape, events
 
 from envelope.config import ConfigError
 from envelope.secrets import SecretError
 from envelope.shape import stage_at
 from locustfiles import patches
-from locustfiles.context import STAGE_MESSAGE, EnvelopeRun, WorkerReport
-from locustfiles.users import LLMUser
+from locustfiles.context import ABORT_MESSAGE, READY_MESSAGE, STAGE_MESSAGE, EnvelopeRun, WorkerReport
+from locustfiles.open_loop import OpenLoop
+from locustfiles.users import LLMUser, send_one
 
 __all__ = ["LLMUser", "ScenarioShape"]
 
@@ -32,6 +34,7 @@ patches.apply()
 
 log = logging.getLogger("envelope")
 _RUNS: list[EnvelopeRun] = []
+READY_TIMEOUT_S = 120.0  # how long the first stage waits for every worker to have probed the server
 
 
 class ScenarioShape(LoadTestShape):
@@ -45,15 +48,28 @@ class ScenarioShape(LoadTestShape):
 
     _drain_started_s: float | None = None
     _idle_ticks = 0
+    _started_at_s: float | None = None  # run time at which stage 0 began
 
     def tick(self):
         ctx: EnvelopeRun | None = getattr(self.runner.environment, "envelope", None)
         if ctx is None:
             return None
-        at = stage_at(ctx.stages, self.get_run_time())
+        if self._started_at_s is None:
+            # The schedule starts once every process that sends has learnt the server and
+            # calibrated its prompts (test_start); asking for 0 users is what triggers that.
+            waited = self.get_run_time()
+            if not self._everyone_ready(ctx) and waited < READY_TIMEOUT_S:
+                return 0, 1000
+            if waited >= READY_TIMEOUT_S:
+                log.warning("envelope: not every worker was ready after %.0f s; starting anyway", waited)
+            self._started_at_s = waited
+        self._sample_client_health(ctx)
+        at = None if ctx.aborted else stage_at(ctx.stages, self.get_run_time() - self._started_at_s)
         if at is not None:
             if not ctx.stage_log or at.index != ctx.current_index:
                 ctx.enter_stage(at.index)
+            if at.stage.open_loop:  # the per-process dispatchers send; no Locust users
+                return 0, 1000
             return at.stage.users, at.stage.spawn_rate
         ctx.end_stages()
         now = time.monotonic()
@@ -68,24 +84,42 @@ class ScenarioShape(LoadTestShape):
             return 0, 1000
         return None
 
+    def _sample_client_health(self, ctx: EnvelopeRun) -> None:
+        """Once a tick: the load generators' CPU use (Locust measures it per process) and, locally, loop lag."""
+        runner = self.runner
+        if ctx.is_master:
+            usages = [c.cpu_usage for c in runner.clients.values()]
+            ctx.note_client_health(cpu_percent=max(usages) if usages else None)
+        else:
+            ctx.note_client_health(cpu_percent=runner.current_cpu_usage, loop_lag_ms=ctx.take_loop_lag_ms())
+
+    def _everyone_ready(self, ctx: EnvelopeRun) -> bool:
+        if not ctx.ready:
+            return False
+        if ctx.is_master:
+            clients = set(getattr(self.runner, "clients", {}))
+            return bool(clients) and clients <= ctx.ready_workers
+        return True
+
     def _drained(self, ctx: EnvelopeRun) -> bool:
         """No user left and no request in flight, as seen by the stats Locust will write.
 
         A worker's report carries its stats and, taken at the same instant, its running
-        users and requests in flight. A report received after the drain began that says
+        users, requests in flight and open-loop work (a live dispatcher, requests waiting). A report received after the drain began that says
         0 and 0 holds every request that worker will ever make, so once every worker has
         sent one the master's stats are complete. (Timing guesses are not enough: a
         worker's last report can come up to 3 s after its last request, later on a busy
         machine, and the master drops workers that have stopped.)
         """
         if not ctx.is_master:
-            return ctx.in_flight == 0 and self.runner.user_count == 0
+            return ctx.in_flight == 0 and self.runner.user_count == 0 and _open_loop_busy(ctx) == 0
         clients = list(getattr(self.runner, "clients", {}))
         if not clients:
             return True
         for client_id in clients:
             seen = ctx.worker_reports.get(client_id)
-            if seen is None or seen.received_s < self._drain_started_s or seen.users or seen.in_flight:
+            if (seen is None or seen.received_s < self._drain_started_s or seen.users or seen.in_flight
+                    or seen.open_loop):
                 return False
         return True
 
@@ -141,8 +175,19 @@ def _on_init(environment, **_kw) -> None:
         environment.stop_timeout = min(longest, 120.0)
     LLMUser.connection_timeout = ctx.stages[0].timeouts.connect_s
     runner = environment.runner
+    if runner is not None and not ctx.is_master:  # this process sends requests
+        ctx.open_loop = OpenLoop(ctx, environment, send_one)
+        gevent.spawn(ctx.watch_event_loop)
     if runner is not None and ctx.is_worker:
         runner.register_message(STAGE_MESSAGE, lambda environment, msg, **kw: environment.envelope.on_stage_message(msg.data))
+        ctx.on_abort = lambda message: _abort_worker(environment, message)
+        runner.register_message(ABORT_MESSAGE, lambda environment, msg, **kw: _abort_worker(environment, None))
+    elif runner is not None:
+        ctx.on_abort = lambda message: _abort(environment, message)
+        if ctx.is_master:
+            runner.register_message(ABORT_MESSAGE, lambda environment, msg, **kw: _abort_once(environment, msg.data))
+            runner.register_message(READY_MESSAGE,
+                                    lambda environment, msg, **kw: environment.envelope.ready_workers.add(msg.node_id))
     if runner is not None and not ctx.is_worker:
         ctx.ensure_run_dir()
         ctx.write_run_json("running")
@@ -163,6 +208,9 @@ def _on_test_start(environment, **_kw) -> None:
             sys.stderr.write(f"envelope: {line}\n")
         _fail(environment, f"{len(problems)} problem(s) with the scenario against {host}; no load was sent")
         return
+    ctx.mark_ready()
+    if ctx.is_worker and environment.runner is not None:
+        environment.runner.send_message(READY_MESSAGE, None)
     if ctx.manual and not ctx.is_worker:
         ctx.enter_manual()
     log.info("envelope: model %s, max_model_len %s, prompts %r", ctx.model, ctx.max_model_len, ctx.factory)
@@ -174,6 +222,8 @@ def _report_in_flight(client_id, data, **_kw) -> None:
         data["envelope_in_flight"] = ctx.in_flight
         runner = ctx.environment.runner
         data["envelope_users"] = runner.user_count if runner is not None else 0
+        data["envelope_open_loop"] = _open_loop_busy(ctx)
+        data["envelope_loop_lag_max_ms"] = ctx.take_loop_lag_ms()
 
 
 @events.worker_report.add_listener
@@ -182,15 +232,56 @@ def _collect_in_flight(client_id, data, **_kw) -> None:
         for ctx in _contexts():
             ctx.worker_reports[client_id] = WorkerReport(
                 in_flight=int(data["envelope_in_flight"]), users=int(data.get("envelope_users", 0)),
-                received_s=time.monotonic())
+                open_loop=int(data.get("envelope_open_loop", 0)), received_s=time.monotonic())
+            ctx.note_client_health(loop_lag_ms=data.get("envelope_loop_lag_max_ms"))
+
+
+def _open_loop_busy(ctx: EnvelopeRun) -> int:
+    """Open-loop work left in this process: requests spawned and not done, plus a live dispatcher."""
+    loop = ctx.open_loop
+    if loop is None:
+        return 0
+    return loop.pending + (1 if loop.dispatching else 0)
 
 
 @events.test_stop.add_listener
 def _on_test_stop(environment, **_kw) -> None:
     ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
-    if ctx is None or ctx.is_worker:
+    if ctx is None:
         return
-    ctx.end_stages()
+    if ctx.open_loop is not None:  # interrupted or ended: open-loop requests still running are cancelled
+        ctx.open_loop.cancel_all()
+    if not ctx.is_worker:
+        ctx.end_stages()
+
+
+def _abort_once(environment, message: str) -> None:
+    """Master: a worker saw the first requests rejected; the first such report stops the run."""
+    if not environment.envelope.aborted:
+        _abort(environment, message)
+
+
+def _abort(environment, message: str) -> None:
+    """Stop a run that has started: one line, exit status 2; the shape drains what is in flight and ends."""
+    ctx: EnvelopeRun = environment.envelope
+    ctx.aborted = True
+    sys.stderr.write(f"envelope: {message}\n")
+    environment.process_exit_code = 2
+    runner = environment.runner
+    if ctx.is_master and runner is not None:  # the other workers stop sending now, not at the next tick
+        runner.send_message(ABORT_MESSAGE, None)
+    if environment.shape_class is None and runner is not None:  # web UI: no shape to end it
+        gevent.spawn(runner.stop)
+
+
+def _abort_worker(environment, message: str | None) -> None:
+    """Worker: stop sending; with a message (this worker saw it), ask the master to stop the run."""
+    ctx: EnvelopeRun = environment.envelope
+    ctx.aborted = True
+    if ctx.open_loop is not None:
+        ctx.open_loop.stop_dispatching()
+    if message is not None:
+        environment.runner.send_message(ABORT_MESSAGE, message)
 
 
 @events.quit.add_listener

@@ -23,7 +23,7 @@ from envelope.stream import StreamObserver
 from locustfiles.context import EnvelopeRun
 from locustfiles.transports import RequestSpec, stream_fasthttp, stream_openai
 
-__all__ = ["LLMUser", "LLMRequestError"]
+__all__ = ["LLMUser", "LLMRequestError", "build_request", "send_one", "report"]
 
 perf_counter = time.perf_counter
 _user_seq = itertools.count()
@@ -91,117 +91,148 @@ class LLMUser(FastHttpUser):
 
     @task
     def one_request(self) -> None:
-        ctx = self.ctx
-        stage = ctx.stage
+        stage = self.ctx.stage
+        if self.ctx.aborted or getattr(stage, "open_loop", False):
+            # the run is stopping early, or an open-loop stage sends from the per-process
+            # dispatcher: this user is about to be stopped and sends nothing more
+            gevent.sleep(0.05)
+            return
         client = next((c for c in stage.clients if c.name == self.client_name), stage.clients[0])
-        workload = client.workload
-        factory = ctx.factory
-        if factory is None:
-            raise RuntimeError("prompts were not calibrated: test_start did not run")
+        send_one(self.ctx, self.environment, stage=stage, client=client, rng=self.rng,
+                 request_id=f"{self.ctx.worker_id}-{next(self._req_seq)}-{id(self) & 0xFFFF:x}",
+                 transport=self._transport(client))
 
-        output_tokens = workload.sample_output_tokens(self.rng)
-        prompt_tokens = workload.sample_prompt_tokens(self.rng, max_model_len=ctx.max_model_len)
-        sys_prefix = None
-        if workload.system_prefix_tokens:
-            sys_prefix = factory.system_prefix(workload.system_prefix_tokens, ctx.scenario.seed)
-        body: dict = {"model": ctx.model, "stream": True,
-                      "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-                      "temperature": workload.temperature}
-        if client.endpoint == "chat":
-            built = factory.chat(prompt_tokens, self.rng, system_prefix=sys_prefix,
-                                 system_prefix_tokens=workload.system_prefix_tokens)
-            body["messages"] = built.messages
-            path = "/v1/chat/completions"
-        else:
-            built = factory.completion(prompt_tokens, self.rng, system_prefix=sys_prefix,
-                                       system_prefix_tokens=workload.system_prefix_tokens)
-            body["prompt"] = built.text
-            path = "/v1/completions"
-        if output_tokens is not None:
-            body["max_tokens"] = output_tokens
-            if workload.fixed_output:
-                body["min_tokens"] = output_tokens
-                body["ignore_eos"] = True
-        timeouts = stage.timeouts
-        spec = RequestSpec(path=path, body=body, headers=ctx.auth_headers(),
-                           connect_timeout_s=timeouts.connect_s, first_token_timeout_s=timeouts.first_token_s,
-                           total_timeout_s=timeouts.total_s)
+    def _transport(self, client):
+        if client.transport == "openai":
+            openai_client = self._openai_client()
+            return lambda spec, obs: stream_openai(openai_client, spec, obs)
+        pool, host = self.client.client.clientpool, self.host
+        return lambda spec, obs: stream_fasthttp(pool, host, spec, obs)
 
-        wall_start = time.time()
-        t_start = perf_counter()
-        obs = StreamObserver(t_start, keep_text=ctx.record_text)
-        cancelled = False
-        ctx.in_flight += 1
-        try:
-            if client.transport == "openai":
-                outcome = stream_openai(self._openai_client(), spec, obs)
-            else:
-                outcome = stream_fasthttp(self.client.client.clientpool, self.host, spec, obs)
-        except gevent.GreenletExit:
-            # Locust is stopping this user mid-request: keep what was measured, then let it stop.
-            cancelled = True
-            outcome = None
-        finally:
-            ctx.in_flight -= 1
-        fields = obs.finish(
-            perf_counter(),
-            error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
-            error_detail="stopped by Locust mid-request" if cancelled else outcome.error_detail,
-            http_status=None if cancelled else outcome.http_status,
-        )
-        record = RequestRecord(
-            run_id=ctx.run_id,
-            request_id=f"{ctx.worker_id}-{next(self._req_seq)}-{id(self) & 0xFFFF:x}",
-            worker_id=ctx.worker_id,
-            client=client.name,
-            endpoint=client.endpoint,
-            pass_name=stage.pass_name,
-            stage_index=stage.index,
-            stage_name=stage.name,
-            wall_start_unix_s=wall_start,
-            t_start_s=t_start,
-            t_first_byte_s=None if outcome is None else outcome.t_first_byte_s,
-            requested_prompt_tokens=prompt_tokens,
-            requested_output_tokens=output_tokens,
-            prompt_text=_prompt_text(built) if ctx.record_text else None,
-            completion_text=fields.pop("completion_text", None) if ctx.record_text else None,
-            **{k: v for k, v in fields.items() if k != "completion_text"},
-        )
-        ctx.record_writer().write(record)
-        self._report(record)
-        if cancelled:
-            raise gevent.GreenletExit()
 
-    def _report(self, rec: RequestRecord) -> None:
-        fire = self.environment.events.request.fire
-        view = _RecordView(rec)
-        name = rec.client
-        if rec.error_category == ErrorCategory.CANCELLED:
-            # Stopped by the load generator itself (the run ended or was interrupted): not a server
-            # failure, so not a Locust failure, but counted, so Locust's totals still equal the records.
-            end = rec.t_done_s if rec.t_done_s is not None else rec.t_start_s
-            fire(request_type="CANCELLED", name=name, response_time=(end - rec.t_start_s) * 1000.0,
-                 response_length=rec.output_tokens or 0, exception=None, context={})
-            return
-        if rec.error_category is not None:
-            end = rec.t_done_s if rec.t_done_s is not None else rec.t_start_s
-            fire(request_type="E2E", name=name, response_time=(end - rec.t_start_s) * 1000.0,
-                 response_length=rec.output_tokens or 0,
-                 exception=LLMRequestError(rec.error_category, rec.error_detail), context={})
-            return
-        e2e = metrics.e2e_s(view)
-        if e2e is None:  # succeeded but no chunk carried visible text: time until the stream ended
-            e2e = (rec.t_done_s or rec.t_start_s) - rec.t_start_s
-        fire(request_type="E2E", name=name, response_time=e2e * 1000.0,
+def build_request(ctx: EnvelopeRun, stage, client, rng: random.Random):
+    """The request body for one request of ``client`` in ``stage``: (spec, built prompt, prompt tokens, output tokens)."""
+    workload = client.workload
+    factory = ctx.factory
+    if factory is None:
+        raise RuntimeError("prompts were not calibrated: test_start did not run")
+    output_tokens = workload.sample_output_tokens(rng)
+    prompt_tokens = workload.sample_prompt_tokens(rng, max_model_len=ctx.max_model_len)
+    sys_prefix = None
+    if workload.system_prefix_tokens:
+        sys_prefix = factory.system_prefix(workload.system_prefix_tokens, ctx.scenario.seed)
+    body: dict = {"model": ctx.model, "stream": True,
+                  "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                  "temperature": workload.temperature}
+    if client.endpoint == "chat":
+        built = factory.chat(prompt_tokens, rng, system_prefix=sys_prefix,
+                             system_prefix_tokens=workload.system_prefix_tokens)
+        body["messages"] = built.messages
+        path = "/v1/chat/completions"
+    else:
+        built = factory.completion(prompt_tokens, rng, system_prefix=sys_prefix,
+                                   system_prefix_tokens=workload.system_prefix_tokens)
+        body["prompt"] = built.text
+        path = "/v1/completions"
+    if output_tokens is not None:
+        body["max_tokens"] = output_tokens
+        if workload.fixed_output:
+            body["min_tokens"] = output_tokens
+            body["ignore_eos"] = True
+    timeouts = stage.timeouts
+    spec = RequestSpec(path=path, body=body, headers=ctx.auth_headers(),
+                       connect_timeout_s=timeouts.connect_s, first_token_timeout_s=timeouts.first_token_s,
+                       total_timeout_s=timeouts.total_s)
+    return spec, built, prompt_tokens, output_tokens
+
+
+def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random, request_id: str,
+             transport, t_intended_s: float | None = None) -> RequestRecord:
+    """Send one streamed request, write its record, report it to Locust; returns the record.
+
+    ``transport(spec, observer) -> Outcome`` does the network part. ``t_intended_s``
+    (open loop) is when the schedule meant it to go; the record keeps both times.
+    If Locust kills the greenlet mid-request, what was measured is recorded as
+    cancelled and the kill goes on.
+    """
+    spec, built, prompt_tokens, output_tokens = build_request(ctx, stage, client, rng)
+    wall_start = time.time()
+    t_start = perf_counter()
+    obs = StreamObserver(t_start, keep_text=ctx.record_text)
+    cancelled = False
+    ctx.in_flight += 1
+    try:
+        outcome = transport(spec, obs)
+    except gevent.GreenletExit:
+        # Locust is stopping this user mid-request: keep what was measured, then let it stop.
+        cancelled = True
+        outcome = None
+    finally:
+        ctx.in_flight -= 1
+    fields = obs.finish(
+        perf_counter(),
+        error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
+        error_detail="stopped by Locust mid-request" if cancelled else outcome.error_detail,
+        http_status=None if cancelled else outcome.http_status,
+    )
+    record = RequestRecord(
+        run_id=ctx.run_id,
+        request_id=request_id,
+        worker_id=ctx.worker_id,
+        client=client.name,
+        endpoint=client.endpoint,
+        pass_name=stage.pass_name,
+        stage_index=stage.index,
+        stage_name=stage.name,
+        wall_start_unix_s=wall_start,
+        t_intended_s=t_intended_s,
+        t_start_s=t_start,
+        t_first_byte_s=None if outcome is None else outcome.t_first_byte_s,
+        requested_prompt_tokens=prompt_tokens,
+        requested_output_tokens=output_tokens,
+        prompt_text=_prompt_text(built) if ctx.record_text else None,
+        completion_text=fields.pop("completion_text", None) if ctx.record_text else None,
+        **{k: v for k, v in fields.items() if k != "completion_text"},
+    )
+    ctx.record_writer().write(record)
+    report(environment, record)
+    ctx.note_result(record)
+    if cancelled:
+        raise gevent.GreenletExit()
+    return record
+
+
+def report(environment, rec: RequestRecord) -> None:
+    """Fire Locust's request events for one record: E2E (or a failure, or CANCELLED), TTFT, TPOT."""
+    fire = environment.events.request.fire
+    view = _RecordView(rec)
+    name = rec.client
+    if rec.error_category == ErrorCategory.CANCELLED:
+        # Stopped by the load generator itself (the run ended or was interrupted): not a server
+        # failure, so not a Locust failure, but counted, so Locust's totals still equal the records.
+        end = rec.t_done_s if rec.t_done_s is not None else rec.t_start_s
+        fire(request_type="CANCELLED", name=name, response_time=(end - rec.t_start_s) * 1000.0,
              response_length=rec.output_tokens or 0, exception=None, context={})
-        ttft = metrics.ttft_s(view)
-        if ttft is not None:
-            fire(request_type="TTFT", name=name, response_time=ttft * 1000.0, response_length=0,
-                 exception=None, context={})
-        tpot = metrics.tpot_s(view)
-        if tpot is not None:
-            fire(request_type="TPOT", name=name, response_time=tpot * 1000.0, response_length=0,
-                 exception=None, context={})
+        return
+    if rec.error_category is not None:
+        end = rec.t_done_s if rec.t_done_s is not None else rec.t_start_s
+        fire(request_type="E2E", name=name, response_time=(end - rec.t_start_s) * 1000.0,
+             response_length=rec.output_tokens or 0,
+             exception=LLMRequestError(rec.error_category, rec.error_detail), context={})
+        return
+    e2e = metrics.e2e_s(view)
+    if e2e is None:  # succeeded but no chunk carried visible text: time until the stream ended
+        e2e = (rec.t_done_s or rec.t_start_s) - rec.t_start_s
+    fire(request_type="E2E", name=name, response_time=e2e * 1000.0,
+         response_length=rec.output_tokens or 0, exception=None, context={})
+    ttft = metrics.ttft_s(view)
+    if ttft is not None:
+        fire(request_type="TTFT", name=name, response_time=ttft * 1000.0, response_length=0,
+             exception=None, context={})
+    tpot = metrics.tpot_s(view)
+    if tpot is not None:
+        fire(request_type="TPOT", name=name, response_time=tpot * 1000.0, response_length=0,
+             exception=None, context={})
 
 
 def _prompt_text(built) -> str:

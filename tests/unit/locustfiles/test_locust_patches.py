@@ -57,6 +57,7 @@ DRAIN = """
     class Ctx:
         def __init__(self, is_master, in_flight=0):
             self.is_master, self.in_flight, self.worker_reports = is_master, in_flight, {}
+            self.open_loop = None
 
     class Runner:
         def __init__(self, clients=(), user_count=0):
@@ -82,6 +83,8 @@ def test_master_drain_needs_a_fresh_idle_report_from_every_worker():
     results["a request in flight"] = drained(ctx, runner)
     ctx.worker_reports["w2"] = WorkerReport(in_flight=0, users=1, received_s=102.0)
     results["a user still running (between requests)"] = drained(ctx, runner)
+    ctx.worker_reports["w2"] = WorkerReport(in_flight=0, users=0, open_loop=1, received_s=102.0)
+    results["open-loop work left (a dispatcher or a request waiting for a slot)"] = drained(ctx, runner)
     ctx.worker_reports["w2"] = WorkerReport(in_flight=0, users=0, received_s=102.0)
     results["both idle"] = drained(ctx, runner)
     results["no workers left"] = drained(Ctx(True), Runner([]))
@@ -89,13 +92,19 @@ def test_master_drain_needs_a_fresh_idle_report_from_every_worker():
     """)
     assert out == {"no reports": False, "one of two": False, "stale (sent before the drain)": False,
                    "a request in flight": False, "a user still running (between requests)": False,
+                   "open-loop work left (a dispatcher or a request waiting for a slot)": False,
                    "both idle": True, "no workers left": True}
 
 
 def test_local_drain_waits_for_users_and_requests():
     out = _run(DRAIN + """
+    class Loop:
+        pending, dispatching = 0, True
+    waiting = Ctx(False)
+    waiting.open_loop = Loop()
     print(json.dumps([drained(Ctx(False, in_flight=1), Runner(user_count=0)),
                       drained(Ctx(False, in_flight=0), Runner(user_count=1)),
+                      drained(waiting, Runner(user_count=0)),
                       drained(Ctx(False, in_flight=0), Runner(user_count=0))]))
     """)
-    assert out == [False, False, True]
+    assert out == [False, False, False, True]

@@ -1,0 +1,174 @@
+"""Open-loop stages: one dispatcher per load-generator process sends requests on a fixed schedule.
+
+Locust's users are closed loop (the next request waits for the last). In a
+``rate_per_s`` stage the shape asks for no users; instead each process that
+sends (a worker, or the single local process) runs a dispatcher greenlet that
+walks its share of the stage's arrival schedule (:mod:`envelope.arrivals`) and
+spawns one greenlet per request at its intended time. Each record keeps the
+intended time next to the actual send time, so a late send (a busy client, or a
+``max_concurrency`` cap that is full) shows as send lag instead of silently
+stretching the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+
+import gevent
+from gevent.lock import BoundedSemaphore
+from gevent.pool import Group
+
+from envelope.arrivals import arrival_offsets_s, process_share
+from envelope.scenario import ResolvedStage, pick_client_name
+from locustfiles.transports import stream_fasthttp, stream_openai
+
+__all__ = ["OpenLoop", "concurrency_share"]
+
+perf_counter = time.perf_counter
+log = logging.getLogger("envelope")
+_MAX_CONNECTIONS = 100_000  # connections are opened on demand; this only removes the pool's own queue
+
+
+def concurrency_share(cap: int | None, processes: int, index: int) -> int | None:
+    """This process's part of a stage's ``max_concurrency`` (the parts add up to ``cap``)."""
+    if cap is None:
+        return None
+    return cap // processes + (1 if index < cap % processes else 0)
+
+
+class OpenLoop:
+    """The dispatcher of one process, and the requests it has in flight or waiting for a slot."""
+
+    def __init__(self, ctx, environment, send_one) -> None:
+        self.ctx = ctx
+        self.environment = environment
+        self._send_one = send_one  # locustfiles.users.send_one (passed in to keep imports one-way)
+        self.requests = Group()
+        self.dispatcher: gevent.Greenlet | None = None
+        self.stage_index: int | None = None
+        self._pool = None
+        self._openai = None
+
+    # -- what the drain and the reports need ------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Requests spawned and not finished (sending, or waiting for a ``max_concurrency`` slot)."""
+        return len(self.requests)
+
+    @property
+    def dispatching(self) -> bool:
+        return self.dispatcher is not None and not self.dispatcher.dead
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def enter(self, stage: ResolvedStage, *, processes: int = 1, index: int = 0) -> None:
+        """A stage began: stop the previous schedule; start this one if it is open loop.
+
+        Requests already sent keep going (they belong to the stage they were sent in).
+        """
+        t0 = perf_counter()
+        self.stop_dispatching()
+        self.stage_index = stage.index
+        if stage.rate_per_s is None:
+            return
+        processes = max(int(processes), 1)
+        index = int(index) % processes
+        self.dispatcher = gevent.spawn(self._dispatch, stage, processes, index, t0)
+
+    def stop_dispatching(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.kill(block=False)
+            self.dispatcher = None
+
+    def cancel_all(self, timeout_s: float = 5.0) -> None:
+        """The run is stopping: no more sends; requests in flight are recorded as cancelled."""
+        self.stop_dispatching()
+        self.requests.kill(block=True, timeout=timeout_s)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._openai is not None:
+            self._openai.close()
+            self._openai = None
+
+    # -- the schedule -------------------------------------------------------------------------------
+    def _dispatch(self, stage: ResolvedStage, processes: int, index: int, t0: float) -> None:
+        if not self.ctx.ready:  # prompts not calibrated yet: the schedule starts when they are
+            self.ctx.ready_event.wait()
+            t0 = perf_counter()
+        seed = self.ctx.scenario.seed
+        share = process_share(stage.rate_per_s, stage.arrival, processes, index)
+        schedule = arrival_offsets_s(share.rate_per_s, stage.arrival, stage.duration_s,
+                                     random.Random(f"{seed}:arrivals:{stage.index}:{index}"),
+                                     burstiness=stage.burstiness, phase_s=share.phase_s)
+        cap = concurrency_share(stage.max_concurrency, processes, index)
+        slots = BoundedSemaphore(cap) if cap else None
+        clients = [(c.name, c.weight) for c in stage.clients]
+        spawn = self.requests.spawn
+        for n, offset in enumerate(schedule):
+            t_intended = t0 + offset
+            delay = t_intended - perf_counter()
+            if delay > 0:
+                gevent.sleep(delay)
+            if self.ctx.aborted:
+                return
+            name = pick_client_name(clients, n)
+            client = next(c for c in stage.clients if c.name == name)
+            spawn(self._one, stage, client, n, index, t_intended, slots)
+
+    def _one(self, stage, client, n: int, index: int, t_intended: float, slots) -> None:
+        if slots is not None:
+            slots.acquire()
+        try:
+            rng = random.Random(f"{self.ctx.scenario.seed}:request:{stage.index}:{index}:{n}")
+            self._send_one(self.ctx, self.environment, stage=stage, client=client, rng=rng,
+                           request_id=f"{self.ctx.worker_id}-o{stage.index}-{n}",
+                           transport=self._transport(client, stage), t_intended_s=t_intended)
+        except gevent.GreenletExit:
+            raise
+        except Exception:  # a bug on our side: loud, and counted by Locust like a user's exception
+            log.exception("envelope: open-loop request %s of stage %r failed in the client", n, stage.name)
+            runner = self.environment.runner
+            if runner is not None:
+                runner.log_exception(self.ctx.worker_id, "open-loop request failed in the client",
+                                     traceback.format_exc())
+        finally:
+            if slots is not None:
+                slots.release()
+
+    # -- connections ----------------------------------------------------------------------------------
+    def _transport(self, client, stage: ResolvedStage):
+        host = self.environment.host
+        if client.transport == "openai":
+            openai_client = self._openai_client(stage)
+            return lambda spec, obs: stream_openai(openai_client, spec, obs)
+        pool = self._fasthttp_pool(stage)
+        return lambda spec, obs: stream_fasthttp(pool, host, spec, obs)
+
+    def _fasthttp_pool(self, stage: ResolvedStage):
+        if self._pool is None:
+            from geventhttpclient.client import HTTPClientPool
+
+            # As many connections as requests can be in flight: a request must never queue
+            # for a connection inside the client, where its wait would not be measured.
+            self._pool = HTTPClientPool(concurrency=_MAX_CONNECTIONS, network_timeout=3600.0,
+                                        connection_timeout=stage.timeouts.connect_s,
+                                        ssl_context_factory=gevent.ssl.create_default_context)
+        return self._pool
+
+    def _openai_client(self, stage: ResolvedStage):
+        if self._openai is None:
+            import httpx
+            import openai
+
+            key = self.ctx.api_key.get() if self.ctx.api_key else "EMPTY"
+            self._openai = openai.OpenAI(
+                base_url=self.environment.host.rstrip("/") + "/v1", api_key=key, max_retries=0,
+                timeout=httpx.Timeout(None, connect=stage.timeouts.connect_s),
+                http_client=httpx.Client(limits=httpx.Limits(max_connections=_MAX_CONNECTIONS,
+                                                             max_keepalive_connections=_MAX_CONNECTIONS)),
+            )
+        return self._openai
+
