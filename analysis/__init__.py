@@ -2,9 +2,11 @@
 
 Modules: :mod:`analysis.load` (run directory to frames), :mod:`analysis.table`
 (the envelope table), :mod:`analysis.envelope` (what is safe, what broke
-first), :mod:`analysis.plots` (graphs on given axes), :mod:`analysis.report`
-(report files), :mod:`analysis.compare` and :mod:`analysis.cli`
-(``python -m analysis``). Nothing is imported here, so importing the package is cheap.
+first), :mod:`analysis.broke` (events in time order, token cross-check),
+:mod:`analysis.failures` (failed requests by category, a server that stopped
+answering), :mod:`analysis.tokens` (token-count audit), :mod:`analysis.plots`
+(graphs on given axes), :mod:`analysis.report` (report files),
+:mod:`analysis.compare` and :mod:`analysis.cli` (``python -m analysis``). Nothing is imported here, so importing the package is cheap.
 """
 
 __all__: list[str] = []

@@ -13,7 +13,10 @@ fell in:
 * ``client_saturated``: the first load-generator sample inside a stage's steady-state
   window where one process used more than 0.9 of a core (that stage's numbers
   are then not trustworthy);
-* ``slo``: the first stage whose SLOs failed, at that stage's start.
+* ``slo``: the first stage whose SLOs failed, at that stage's start (a stage
+  the server had stopped answering in is not judged, see :mod:`analysis.failures`);
+* ``server_stopped``: the server stopped answering for good (failures that are
+  part of that outage are not an ``errors`` event).
 
 Ordering: by stage, then by time inside the stage; an SLO failure is a verdict
 over the stage's window, so it sorts after the timed events of its own stage
@@ -32,6 +35,7 @@ import pandas as pd
 
 from analysis.load import run_start_unix_s
 from analysis.envelope import worst_failed_slo
+from analysis.failures import ServerStop, run_server_stop
 
 __all__ = [
     "KV_PRESSURE_RATIO",
@@ -59,6 +63,7 @@ _BROKE_LABEL = {
     "preemption": "the KV cache (preemption)",
     "errors": "errors",
     "client_saturated": "the load generator",
+    "server_stopped": "the server (it stopped answering)",
 }
 
 
@@ -66,7 +71,7 @@ _BROKE_LABEL = {
 class BreakEvent:
     """One thing that went wrong, when (``t_s`` after the load started) and in which stage."""
 
-    kind: str  # queueing | kv_cache | preemption | errors | client_saturated | slo
+    kind: str  # queueing | kv_cache | preemption | errors | client_saturated | slo | server_stopped
     t_unix_s: float
     t_s: float
     stage_index: int | None
@@ -203,6 +208,7 @@ def break_events(
     host: pd.DataFrame | None,
     run_start_unix_s: float,
     table_start_unix_s: float | None = None,
+    server_stop: ServerStop | None = None,
 ) -> list[BreakEvent]:
     """The first event of each kind, in order (see the module docstring).
 
@@ -250,8 +256,10 @@ def break_events(
         failed = ~ok
         if cats is not None:
             failed &= np.array([c != "cancelled" for c in cats], dtype=bool)
+        when = _failure_times(frame)
+        if server_stop is not None:
+            failed &= ~(when >= server_stop.t_unix_s)  # those are the outage, reported on their own
         if failed.any():
-            when = _failure_times(frame)
             i = int(np.flatnonzero(failed)[np.argmin(when[failed])])
             cat = str(cats[i]) if cats is not None else "error"
             events.append(event("errors", float(when[i]), f"requests began failing ({cat})",
@@ -264,8 +272,14 @@ def break_events(
                             f"a load-generator process used {_pct(ratio)} of a CPU core (numbers not trustworthy)",
                             _BROKE_LABEL["client_saturated"], value=ratio, limit=CLIENT_SATURATED_CORE_RATIO))
 
+    if server_stop is not None:
+        events.append(event("server_stopped", server_stop.t_unix_s,
+                            "the server stopped answering (every later request got no answer)",
+                            _BROKE_LABEL["server_stopped"], value=float(server_stop.requests)))
+
     by_index = {int(s["stage_index"]): s for s in stages}
-    failing = [r for r in rows if r.get("slo_pass") is False and int(r["stage_index"]) in by_index]
+    failing = [r for r in rows if r.get("slo_pass") is False and not r.get("server_stopped")
+               and int(r["stage_index"]) in by_index]
     if failing:
         r = min(failing, key=lambda r: float(by_index[int(r["stage_index"])]["start_unix_s"]))
         stage = by_index[int(r["stage_index"])]
@@ -297,7 +311,7 @@ def what_broke_first(run: Any, rows: Sequence[Mapping[str, Any]]) -> BrokeFirst:
     metrics = telemetry.get("metrics")
     events = break_events(stages=run.stages, rows=rows, frame=run.frame, metrics=metrics,
                           host=telemetry.get("host"), run_start_unix_s=load_start,
-                          table_start_unix_s=table_start)
+                          table_start_unix_s=table_start, server_stop=run_server_stop(run))
     saturated = saturated_stage_indices(rows, telemetry.get("host"), run_start_unix_s=table_start)
     fields = dict(events=tuple(events), first=events[0] if events else None,
                   server_metrics=_ok_metrics(metrics) is not None, saturated_stages=tuple(sorted(saturated)))
@@ -314,7 +328,19 @@ def broke_sentence(result: BrokeFirst) -> str:
                     f"ran its KV cache at {_pct(KV_PRESSURE_RATIO)} or more, or preempted.")
         return f"Nothing broke on the client side (no SLO failed, no request failed); {no_server}."
     slo = next((e for e in result.events if e.kind == "slo"), None)
+    stop = next((e for e in result.events if e.kind == "server_stopped"), None)
     head = f"{_capital(first.detail)} {_when(first)}"
+    if first.kind == "server_stopped":
+        text = (f"{head}, before any SLO failed or server pressure was seen: "
+                "the envelope above that point is unknown.")
+        return text if result.server_metrics else f"{text} ({_capital(no_server)}.)"
+    if stop is not None:
+        return _without_stop(result, first, slo, head, no_server) + (
+            f" Later the server stopped answering {_when(stop)}: the envelope above that point is unknown.")
+    return _without_stop(result, first, slo, head, no_server)
+
+
+def _without_stop(result: BrokeFirst, first: BreakEvent, slo: BreakEvent | None, head: str, no_server: str) -> str:
     if first.kind == "slo":
         if result.server_metrics:
             text = f"{head}, before any server pressure or error was seen: {first.label} broke first."

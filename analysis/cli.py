@@ -24,9 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, *, err: TextIO | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 unusable input, 1 failure while writing)."""
+def main(argv: Sequence[str] | None = None, *, err: TextIO | None = None, out: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 unusable input, 1 failure while writing).
+
+    The report's headline (a partial run says so first) goes to ``out``; progress to ``err``.
+    """
     err = err or sys.stderr
+    out_stream = out or sys.stdout
     args = _parser().parse_args(argv)
     if not args.run_dir and not args.compare:
         print("analysis: give RUN_DIR or --compare RUN_A RUN_B", file=err)
@@ -43,12 +47,15 @@ def main(argv: Sequence[str] | None = None, *, err: TextIO | None = None) -> int
         run = load_run(args.run_dir)
         out = Path(args.out) if args.out else Path(args.run_dir) / "report"
         print(f"analysis: {len(run.frame)} records, {len(run.stages)} stages; writing {out}", file=err)
-        from analysis.report import write_report
+        from analysis.report import summary_lines, write_report
+        from analysis.table import envelope_table
 
-        write_report(run, out, rule=rule)
+        rows = envelope_table(run, rule=rule)
+        write_report(run, out, rule=rule, rows=rows)
         if run.missing:
             print(f"analysis: {len(run.missing)} missing part(s) listed in {out / 'envelope.md'}", file=err)
         print(f"analysis: wrote {out / 'envelope.md'}", file=err)
+        print("\n".join(summary_lines(run, rows)), file=out_stream)
         return 0
     except RunDirError as exc:
         print(f"analysis: {exc}", file=err)

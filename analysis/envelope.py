@@ -41,9 +41,12 @@ _METRIC_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 class EnvelopeFinding:
     """What one pass says about the envelope.
 
-    ``status`` is ``all_pass``, ``broke``, ``none_pass``, ``no_slos`` or ``no_data``.
-    ``cause`` is ``errors``, ``kv_cache``, ``queueing``, ``decode_slowdown``,
-    ``throughput`` or ``unknown`` (None unless something broke).
+    ``status`` is ``all_pass``, ``broke``, ``none_pass``, ``no_slos``, ``no_data``
+    or ``server_stopped`` (the server stopped answering before any stage of the
+    pass finished). ``cause`` is ``errors``, ``kv_cache``, ``queueing``,
+    ``decode_slowdown``, ``throughput`` or ``unknown`` (None unless something broke).
+    Rows marked ``server_stopped`` are left out of the verdict;
+    ``server_stopped_row`` is the first of them (the stage the server stopped in).
     """
 
     pass_name: str
@@ -58,6 +61,7 @@ class EnvelopeFinding:
     output_tokens: float | None = None
     prompt_tokens: float | None = None
     limits: tuple[str, ...] = field(default_factory=tuple)
+    server_stopped_row: Mapping[str, Any] | None = None
 
 
 def level_text(row: Mapping[str, Any]) -> str:
@@ -87,10 +91,16 @@ def find_envelope(rows: Sequence[Mapping[str, Any]], *, pass_name: str | None = 
         for r in rows:
             counts[r.get("pass_name")] = counts.get(r.get("pass_name"), 0) + 1
         pass_name = max(counts, key=counts.get) if counts else ""
-    mine = sorted((r for r in rows if r.get("pass_name") == pass_name), key=_level)
-    limits = _limits(mine)
+    everything = sorted((r for r in rows if r.get("pass_name") == pass_name), key=_level)
+    limits = _limits(everything)
+    stopped = [r for r in everything if r.get("server_stopped")]
+    mine = [r for r in everything if not r.get("server_stopped")]
     with_data = [r for r in mine if (r.get("samples") or 0) > 0]
-    common = dict(pass_name=pass_name, limits=tuple(limits))
+    common: dict[str, Any] = dict(pass_name=pass_name, limits=tuple(limits))
+    if stopped:
+        common["server_stopped_row"] = min(stopped, key=lambda r: (_f(r.get("window_start_s")), r["stage_index"]))
+        if not mine:
+            return EnvelopeFinding(status="server_stopped", **common)
     if not with_data:
         return EnvelopeFinding(status="no_data", **common)
     out_tokens, prompt_tokens = _workload(with_data)
@@ -130,22 +140,35 @@ def find_envelope(rows: Sequence[Mapping[str, Any]], *, pass_name: str | None = 
 def envelope_sentence(finding: EnvelopeFinding) -> str:
     """The envelope in one or two plain sentences."""
     f = finding
+    stop = f.server_stopped_row
+    stop_at = f"during {stop.get('stage_name')} ({level_text(stop)})" if stop else ""
+    if f.status == "server_stopped":
+        return (f"The server stopped answering {stop_at}, before any stage of this pass finished, "
+                "so its envelope is unknown.")
     if f.status == "no_data":
-        return "No successful requests fell inside any steady-state window, so no envelope can be stated."
+        text = "No successful requests fell inside any steady-state window, so no envelope can be stated."
+        return text + (f" The server stopped answering {stop_at}." if stop else "")
     workload = _workload_text(f)
     if f.status == "no_slos":
         r = f.safe_row or {}
-        return (
+        text = (
             f"No SLOs were set, so no envelope is stated; the highest throughput was "
             f"{_tps(r.get('aggregate_output_tokens_per_s'))} output tokens/s at {level_text(r)}"
             f"{workload} ({_key_numbers(r)})."
         )
+        return text + (f" The server stopped answering {stop_at}; later stages are not counted." if stop else "")
     if f.status == "all_pass":
         r = f.safe_row or {}
-        text = (
-            f"Met every SLO up to the highest tested concurrency, {level_text(r)}{workload} "
-            f"({_key_numbers(r)}); the limit is above {level_text(r)}."
-        )
+        if stop:
+            text = (
+                f"Met every SLO up to {level_text(r)}{workload} ({_key_numbers(r)}); then the server stopped "
+                f"answering {stop_at}, so the envelope above {level_text(r)} is unknown."
+            )
+        else:
+            text = (
+                f"Met every SLO up to the highest tested concurrency, {level_text(r)}{workload} "
+                f"({_key_numbers(r)}); the limit is above {level_text(r)}."
+            )
         if f.first_pressure:
             text += f" Note: {f.first_pressure}."
         return text
@@ -161,6 +184,8 @@ def envelope_sentence(finding: EnvelopeFinding) -> str:
         )
     if f.first_pressure:
         text += f" Server pressure: {f.first_pressure}."
+    if stop:
+        text += f" The server later stopped answering {stop_at}."
     return text
 
 
@@ -294,6 +319,8 @@ def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         limits.append(f"{p} rests on fewer than {need} samples at {', '.join(levels)}: treat it as rough.")
     seen_fail = None
     for r in rows:
+        if r.get("server_stopped"):
+            continue
         if r.get("slo_pass") is False and seen_fail is None:
             seen_fail = r
         elif r.get("slo_pass") is True and seen_fail is not None:
@@ -303,6 +330,9 @@ def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             )
             break
     for r in rows:
+        if r.get("server_stopped"):
+            limits.append(f"At {level_text(r)} ({r.get('stage_name')}) the server had stopped answering: "
+                          "the stage is not judged.")
         if r.get("window_note"):
             limits.append(f"{level_text(r)}: {r['window_note']}.")
         cpu = r.get("host_cpu_max_core_ratio")

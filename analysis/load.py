@@ -22,10 +22,20 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from analysis.tokens import TokenAudit, TokenAuditBuilder
 from envelope import metrics
 from envelope.records import iter_record_files, read_records
 
-__all__ = ["Run", "RunDirError", "load_run", "records_frame", "run_start_unix_s", "BATCH_RECORDS"]
+__all__ = [
+    "Run",
+    "RunDirError",
+    "Completeness",
+    "load_run",
+    "records_frame",
+    "run_start_unix_s",
+    "completeness",
+    "BATCH_RECORDS",
+]
 
 BATCH_RECORDS = 20_000  # records per per_request_frame call: bounds the dicts held at once
 
@@ -41,7 +51,8 @@ class Run:
     ``frame`` has one row per record (the columns of ``per_request_frame`` plus
     ``in_flight_end_unix_s``); ``itl_ms``/``itl_counts`` and the ``chunk_*``
     arrays are flat per-token arrays whose per-row lengths are the counts, in
-    frame row order.
+    frame row order. ``token_audit`` is computed from the records as they
+    stream past (see :mod:`analysis.tokens`).
     """
 
     run_dir: Path
@@ -54,11 +65,13 @@ class Run:
     chunk_unix_s: np.ndarray  # wall-clock arrival of every content chunk
     chunk_output_tokens: np.ndarray  # float32 tokens attributed to that chunk (sums to output_tokens)
     chunk_counts: np.ndarray
-    telemetry: dict[str, pd.DataFrame] = field(default_factory=dict)  # metrics, gpu, host
+    # metrics (good samples only), metrics_failed (t_unix_s, error of failed samples), gpu, host
+    telemetry: dict[str, pd.DataFrame] = field(default_factory=dict)
     locust: dict[str, pd.DataFrame] = field(default_factory=dict)  # stats, history, failures
     missing: list[str] = field(default_factory=list)
     skipped_lines: list[str] = field(default_factory=list)
     stages_from_records: bool = False
+    token_audit: TokenAudit = field(default_factory=TokenAudit)
 
     @property
     def name(self) -> str:
@@ -89,7 +102,7 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
     files = iter_record_files(root)
     if not files:
         missing.append("records/: no record files, so no latency or throughput numbers")
-    loaded = records_frame(read_records(files, skipped=skipped), batch_records=batch_records)
+    loaded = records_frame(_objects(read_records(files, skipped=skipped), skipped), batch_records=batch_records)
     frame = loaded["frame"]
 
     stages_from_records = False
@@ -124,6 +137,7 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
         missing=missing,
         skipped_lines=skipped,
         stages_from_records=stages_from_records,
+        token_audit=loaded["token_audit"],
     )
 
 
@@ -135,6 +149,7 @@ def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECO
     chunk_t_parts: list[np.ndarray] = []
     chunk_tok_parts: list[np.ndarray] = []
     chunk_count_parts: list[np.ndarray] = []
+    audit = TokenAuditBuilder()
     for batch in _batches(records, batch_records):
         frame = metrics.per_request_frame(batch)
         if len(frame) != len(batch):  # the flat arrays rely on one row per record, in order
@@ -149,6 +164,7 @@ def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECO
             itl_counts[i] = _itl_count(rec)
             flight_s[i] = _flight_s(rec, e2e_ms[i])
             chunk_counts[i] = _chunk_attribution(rec, flight_s[i], offs, toks)
+            audit.add(rec)
         itl = metrics.itl_values_ms(batch)
         if itl.size != int(itl_counts.sum()):
             # the fast count disagrees with envelope.metrics: ask it record by record
@@ -176,7 +192,17 @@ def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECO
         "chunk_unix_s": _cat(chunk_t_parts, float),
         "chunk_output_tokens": _cat(chunk_tok_parts, np.float32),
         "chunk_counts": _cat(chunk_count_parts, np.int64),
+        "token_audit": audit.result(),
     }
+
+
+def _objects(records: Iterable[Any], skipped: list[str]) -> Iterator[Mapping]:
+    """The records that are JSON objects; any other JSON value is noted in ``skipped``."""
+    for rec in records:
+        if isinstance(rec, dict):
+            yield rec
+        else:
+            skipped.append(f"records/: a line holds {type(rec).__name__} {str(rec)[:40]!r}, not a JSON object; skipped")
 
 
 def _batches(records: Iterable[Mapping], size: int) -> Iterator[list[Mapping]]:
@@ -413,7 +439,12 @@ def _read_telemetry(tdir: Path, missing: list[str], skipped: list[str]) -> dict[
         if "t_unix_s" in frame.columns:
             frame = frame.sort_values("t_unix_s", kind="stable", ignore_index=True)
         if name == "metrics" and not frame.empty and "ok" in frame.columns:
-            frame = frame[frame["ok"].fillna(False).astype(bool)].reset_index(drop=True)
+            good = frame["ok"].fillna(False).astype(bool)
+            if not good.all():
+                # failed samples (server gone, timeouts) mark telemetry gaps
+                cols = [c for c in ("t_unix_s", "error") if c in frame.columns]
+                out["metrics_failed"] = frame.loc[~good, cols].reset_index(drop=True)
+            frame = frame[good].reset_index(drop=True)
         out[name] = frame
     return out
 
@@ -449,3 +480,61 @@ def run_start_unix_s(run: Any) -> float:
     if len(run.frame):
         return float(run.frame["wall_start_unix_s"].min())
     return 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Completeness:
+    """Whether a run ran its whole schedule, from run.json's ``status`` and the stages.
+
+    ``partial`` is True for a run that stopped early (status ``partial``, a
+    ``running`` left by a killed load generator, ``failed``, or fewer stages
+    than ``planned_stages``); ``reasons`` says why, one sentence each.
+    """
+
+    status: str | None
+    partial: bool
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``partial run``, ``failed run``, ``complete run`` or ``run status unknown``."""
+        if self.partial:
+            return "failed run" if self.status == "failed" else "partial run"
+        return "complete run" if self.status else "run status unknown"
+
+
+_COMPLETE = ("complete", "completed")
+
+
+def completeness(run: Any) -> Completeness:
+    """How complete ``run`` is (see :class:`Completeness`)."""
+    info = getattr(run, "info", {}) or {}
+    status = info.get("status")
+    status = str(status) if status is not None else None
+    reasons: list[str] = []
+    if status is None:
+        reasons.append("run.json gives no status, so whether the run finished is unknown.")
+    elif status == "running":
+        reasons.append("run.json still says \"running\": the load generator stopped without finishing "
+                       "(killed, or still running when this report was made).")
+    elif status == "partial":
+        reasons.append("run.json says \"partial\": the run was interrupted or did not run its schedule to the end.")
+    elif status == "failed":
+        failure = info.get("failure")
+        reasons.append("run.json says \"failed\"" + (f": {failure}" if failure else "") + ".")
+    elif status not in _COMPLETE:
+        reasons.append(f"run.json says {status!r}, not \"complete\".")
+    planned = info.get("planned_stages")
+    ran = len(getattr(run, "stages", []) or [])
+    short = isinstance(planned, int) and not isinstance(planned, bool) and ran < planned
+    if short:
+        reasons.append(f"{ran} of {planned} planned stages ran.")
+    inferred = [s.get("stage_name") for s in getattr(run, "stages", []) or [] if s.get("end_inferred")]
+    if inferred:
+        reasons.append(f"Stage {inferred[-1]} has no recorded end: it was cut short, and its end is inferred.")
+    if status is None:
+        partial = short or bool(inferred)
+    else:
+        partial = status not in _COMPLETE or short
+    return Completeness(status=status, partial=partial,
+                        reasons=tuple(reasons) if (partial or status is None) else ())

@@ -11,24 +11,30 @@ import html
 import io
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from analysis import broke
 from analysis import envelope as env
+from analysis import failures as fail
 from analysis import plots
+from analysis import tokens
+from analysis.load import Completeness, completeness, run_start_unix_s
 from analysis.table import (
+    SERVER_STOPPED_CELL,
     WindowRule,
     envelope_table,
     format_cell,
     MARKDOWN_COLUMNS,
+    row_cell,
     slo_summary,
     table_totals,
     write_table_csv,
     write_table_markdown,
 )
 
-__all__ = ["write_report", "render_figure_png", "DATA_NOTE"]
+__all__ = ["write_report", "render_figure_png", "summary_lines", "DATA_NOTE"]
 
 DATA_NOTE = (
     "Percentiles are exact, computed from the per-request records with numpy's linear "
@@ -84,13 +90,101 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     notes = _method_notes(rule, totals, rows)
     first = broke.what_broke_first(run, rows)
     check = broke.token_cross_check(run.frame, run.telemetry.get("metrics"))
+    extra = _extra(run)
+    with open(out / "failures.csv", "w", encoding="utf-8", newline="") as fh:
+        fail.write_failures_csv(extra.failures, fh)
+    written["failures.csv"] = out / "failures.csv"
     (out / "envelope.md").write_text(
-        _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check), encoding="utf-8"
+        _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check, extra), encoding="utf-8"
     )
     written["envelope.md"] = out / "envelope.md"
-    (out / "envelope.html").write_text(_html(run, rows, graphs, sentences, notes, first, check), encoding="utf-8")
+    (out / "envelope.html").write_text(_html(run, rows, graphs, sentences, notes, first, check, extra),
+                                       encoding="utf-8")
     written["envelope.html"] = out / "envelope.html"
     return written
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Extra:
+    """The report's sections beyond the table: completeness, outage, failures, token audit."""
+
+    completeness: Completeness
+    stop_sentence: str | None = None
+    failures: tuple[fail.FailureCount, ...] = ()
+    failure_intro: str = ""
+    failure_table: tuple[tuple[str, ...], ...] = ()
+    failure_notes: tuple[str, ...] = ()
+    audit_table: tuple[tuple[str, ...], ...] = ()
+    audit_lines: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def banner(self) -> str | None:
+        c = self.completeness
+        if not c.partial:
+            return None
+        return (f"{c.label.capitalize()}. " + " ".join(c.reasons)
+                + " Everything below covers only what was recorded before the run stopped.")
+
+
+def _load_start(run: Any) -> float:
+    """The zero of the report's event times: the first stage's start (as in :mod:`analysis.broke`)."""
+    return min((float(s["start_unix_s"]) for s in run.stages), default=run_start_unix_s(run))
+
+
+def _extra(run: Any) -> _Extra:
+    stop = fail.run_server_stop(run)
+    stop_sentence = (fail.server_stop_sentence(stop, zero_unix_s=_load_start(run), stages=run.stages)
+                     if stop is not None else None)
+    counts = fail.failure_counts(run.frame, run.stages)
+    locust = fail.locust_failure_counts((getattr(run, "locust", {}) or {}).get("failures"))
+    n = len(run.frame)
+    failed = [f for f in counts if f.is_failure]
+    total_failed = sum(f.requests for f in failed)
+    cancelled = sum(f.requests for f in counts if not f.is_failure)
+    intro = (f"Every record of the run, not only the steady-state windows: {n:,} requests, {n - total_failed - cancelled:,} "
+             f"succeeded, {total_failed:,} failed"
+             + (f", {cancelled:,} cancelled (stopped by the load generator itself: not a failure)" if cancelled else "")
+             + ".")
+    table: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    if counts:
+        table.append(("category", "requests", "Locust failures", "by stage"))
+        for f in counts:
+            lc = "-" if locust is None or not f.is_failure else f"{locust.get(f.category, 0):,}"
+            table.append((f.category, f"{f.requests:,}", lc, ", ".join(f"{name}: {k:,}" for _, name, k in f.by_stage)))
+        table.append(("all failures", f"{total_failed:,}",
+                      "-" if locust is None else f"{sum(locust.values()):,}", ""))
+    if locust is None:
+        notes.append("Locust's failures CSV (locust/locust_failures.csv) is absent: no second count to compare.")
+    else:
+        ours = {f.category: f.requests for f in failed}
+        diff = sorted(k for k in set(ours) | set(locust) if ours.get(k, 0) != locust.get(k, 0))
+        if diff:
+            notes.append("Locust's failures CSV disagrees with the records for: " + ", ".join(
+                f"{k} (records {ours.get(k, 0):,}, Locust {locust.get(k, 0):,})" for k in diff) + ".")
+        else:
+            notes.append("Locust's failures CSV (E2E entries) counts the same failures, category by category.")
+    audit_rows, audit_text = tokens.audit_lines(run.token_audit)
+    return _Extra(completeness=completeness(run), stop_sentence=stop_sentence, failures=tuple(counts),
+                  failure_intro=intro, failure_table=tuple(table), failure_notes=tuple(notes),
+                  audit_table=tuple(audit_rows), audit_lines=tuple(audit_text))
+
+
+def summary_lines(run: Any, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The report's headline as lines for a terminal: completeness, envelope per pass, what broke, failures."""
+    extra = _extra(run)
+    lines = []
+    if extra.completeness.partial:
+        lines.append(f"{extra.completeness.label.upper()}: " + " ".join(extra.completeness.reasons))
+    if rows:
+        primary = env.find_envelope(rows)
+        findings = [primary] + [f for f in env.find_envelopes(rows) if f.pass_name != primary.pass_name]
+        lines += [f"{f.pass_name}: {env.envelope_sentence(f)}" for f in findings]
+    lines.append(f"What broke first: {broke.what_broke_first(run, rows).sentence}")
+    if extra.stop_sentence:
+        lines.append(extra.stop_sentence)
+    lines.append(extra.failure_intro)
+    return lines
 
 
 def _graphs(run: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, bytes]]:
@@ -169,11 +263,26 @@ def _header_lines(run: Any) -> list[str]:
     return lines
 
 
+def _title(run: Any, extra: _Extra | None) -> str:
+    suffix = f" ({extra.completeness.label})" if extra is not None and extra.completeness.partial else ""
+    return f"Service envelope: {run.name}{suffix}"
+
+
+def _md_table(rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(_md_escape(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(rows[0]), "|" + "|".join("---" for _ in rows[0]) + "|", *(line(r) for r in rows[1:])])
+
+
 def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
               sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
               rows: Sequence[Mapping[str, Any]], first: broke.BrokeFirst | None = None,
-              check: broke.TokenCrossCheck | None = None) -> str:
-    parts = [f"# Service envelope: {run.name}\n", "\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
+              check: broke.TokenCrossCheck | None = None, extra: _Extra | None = None) -> str:
+    parts = [f"# {_md_escape(_title(run, extra))}\n"]
+    if extra is not None and extra.banner:
+        parts.append(f"> **{_md_escape(extra.banner)}**\n")
+    parts += ["\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
     parts.append("## Envelope\n")
     if not sentences:
         parts.append("No stages to analyse.\n")
@@ -181,20 +290,33 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append(f"**{_md_escape(name or 'run')}**: {_md_escape(sentence)}\n")
     if first is not None:
         parts.append(f"**What broke first**: {_md_escape(first.sentence)}\n")
+    if extra is not None and extra.stop_sentence:
+        parts.append("## Server stopped answering\n")
+        parts.append(_md_escape(extra.stop_sentence) + "\n")
+    if first is not None:
         parts.append("## What broke first\n")
         parts.append(_md_escape(first.sentence) + "\n")
         if first.events:
             parts.append("\n".join(f"- {_md_escape(line)}" for line in _event_lines(first)) + "\n")
     if check is not None:
         parts.append("## Client/server token cross-check\n")
-        parts.append(_md_escape(broke.cross_check_text(check)) + "\n")
+        parts.append(_md_escape(_cross_check(check, extra)) + "\n")
     parts.append("## Table\n")
     parts.append(table_md)
-    slo_lines = [f"- {r['pass_name']} / {r['stage_name']}: {slo_summary(r['slo_results'])}"
-                 for r in rows if r.get("slo_results")]
+    slo_lines = [f"- {r['pass_name']} / {r['stage_name']}: {_slo_line(r)}" for r in rows if r.get("slo_results")]
     if slo_lines:
         parts.append("\nSLO checks (measured value in parentheses):\n")
         parts.append("\n".join(_md_escape(line) for line in slo_lines) + "\n")
+    if extra is not None:
+        parts.append("\n## Failed requests by category\n")
+        parts.append(_md_escape(extra.failure_intro) + "\n")
+        if extra.failure_table:
+            parts.append(_md_table(extra.failure_table) + "\n")
+        parts.append("\n".join(_md_escape(n) for n in extra.failure_notes) + "\n")
+        parts.append("## Token counts: server usage vs client estimate\n")
+        parts.append(_md_escape(TOKEN_AUDIT_NOTE) + "\n")
+        parts.append(_md_table(extra.audit_table) + "\n")
+        parts.append("\n".join(f"- {_md_escape(line)}" for line in extra.audit_lines) + "\n")
     parts.append("\n## Graphs\n")
     for fname, (title, _) in graphs.items():
         parts.append(f"![{_md_escape(title)}]({fname})\n")
@@ -208,6 +330,26 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append("## Missing\n")
         parts.append("\n".join(f"- {_md_escape(m)}" for m in run.missing) + "\n")
     return "\n".join(parts)
+
+
+TOKEN_AUDIT_NOTE = (
+    "Successful requests only (a failed request is cut short). Per request, the server's usage count "
+    "against the client's: output tokens against the content chunks the client received (its estimate, "
+    "one token per chunk); prompt tokens against the prompt length the client asked for. Exact counts."
+)
+
+
+def _cross_check(check: broke.TokenCrossCheck, extra: _Extra | None) -> str:
+    text = broke.cross_check_text(check)
+    if extra is not None and extra.stop_sentence and check.server_generation_tokens is not None:
+        text += (" The server stopped answering during the run, so its counter misses the tokens generated "
+                 "after its last good /metrics sample.")
+    return text
+
+
+def _slo_line(row: Mapping[str, Any]) -> str:
+    text = slo_summary(row["slo_results"])
+    return f"{SERVER_STOPPED_CELL} ({text})" if row.get("server_stopped") else text
 
 
 def _md_escape(text: str) -> str:
@@ -224,20 +366,34 @@ def _event_lines(first: broke.BrokeFirst) -> list[str]:
     return lines
 
 
+def _html_table(rows: Sequence[Sequence[str]]) -> str:
+    e = html.escape
+    head = "<tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table>{head}{body}</table>"
+
+
 def _html(run: Any, rows: Sequence[Mapping[str, Any]], graphs: Mapping[str, tuple[str, bytes]],
           sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
-          first: broke.BrokeFirst | None = None, check: broke.TokenCrossCheck | None = None) -> str:
+          first: broke.BrokeFirst | None = None, check: broke.TokenCrossCheck | None = None,
+          extra: _Extra | None = None) -> str:
     e = html.escape
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Service envelope: {e(run.name)}</title>",
+        f"<title>{e(_title(run, extra))}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px;"
         "text-align:right}th{background:#eee}td.fail{color:#b00;font-weight:bold}img{max-width:100%}"
-        ".sentence{font-size:1.1em;background:#f4f8ff;padding:0.6em;border-left:4px solid #36c}</style>",
+        ".sentence{font-size:1.1em;background:#f4f8ff;padding:0.6em;border-left:4px solid #36c}"
+        ".banner{font-size:1.1em;background:#fff0f0;padding:0.6em;border-left:6px solid #b00;font-weight:bold}"
+        "</style>",
         "</head><body>",
-        f"<h1>Service envelope: {e(run.name)}</h1>",
+        f"<h1>{e(_title(run, extra))}</h1>",
+    ]
+    if extra is not None and extra.banner:
+        out.append(f'<p class="banner">{e(extra.banner)}</p>')
+    out += [
         "<ul>" + "".join(f"<li>{e(line)}</li>" for line in _header_lines(run)) + "</ul>",
         "<h2>Envelope</h2>",
     ]
@@ -245,25 +401,35 @@ def _html(run: Any, rows: Sequence[Mapping[str, Any]], graphs: Mapping[str, tupl
         out.append(f'<p class="sentence"><b>{e(name or "run")}</b>: {e(sentence)}</p>')
     if first is not None:
         out.append(f'<p class="sentence"><b>What broke first</b>: {e(first.sentence)}</p>')
+    if extra is not None and extra.stop_sentence:
+        out.append(f'<h2>Server stopped answering</h2><p class="sentence">{e(extra.stop_sentence)}</p>')
+    if first is not None:
         out.append("<h2>What broke first</h2>" + f"<p>{e(first.sentence)}</p>")
         if first.events:
             out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in _event_lines(first)) + "</ul>")
     if check is not None:
-        out.append(f"<h2>Client/server token cross-check</h2><p>{e(broke.cross_check_text(check))}</p>")
+        out.append(f"<h2>Client/server token cross-check</h2><p>{e(_cross_check(check, extra))}</p>")
     out.append("<h2>Table</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for _, h in MARKDOWN_COLUMNS) + "</tr>")
     for r in rows:
         cells = []
         for c, _ in MARKDOWN_COLUMNS:
-            text = format_cell(c, r.get(c))
-            cls = ' class="fail"' if c == "slo_pass" and r.get(c) is False else ""
+            text = row_cell(r, c)
+            cls = ' class="fail"' if c == "slo_pass" and r.get(c) is False and not r.get("server_stopped") else ""
             cells.append(f"<td{cls}>{e(text)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
-    slo_lines = [f"{r['pass_name']} / {r['stage_name']}: {slo_summary(r['slo_results'])}"
-                 for r in rows if r.get("slo_results")]
+    slo_lines = [f"{r['pass_name']} / {r['stage_name']}: {_slo_line(r)}" for r in rows if r.get("slo_results")]
     if slo_lines:
         out.append("<p>SLO checks (measured value in parentheses):</p><ul>"
                    + "".join(f"<li>{e(s)}</li>" for s in slo_lines) + "</ul>")
+    if extra is not None:
+        out.append(f"<h2>Failed requests by category</h2><p>{e(extra.failure_intro)}</p>")
+        if extra.failure_table:
+            out.append(_html_table(extra.failure_table))
+        out.append("".join(f"<p>{e(n)}</p>" for n in extra.failure_notes))
+        out.append(f"<h2>Token counts: server usage vs client estimate</h2><p>{e(TOKEN_AUDIT_NOTE)}</p>")
+        out.append(_html_table(extra.audit_table))
+        out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in extra.audit_lines) + "</ul>")
     out.append("<h2>Graphs</h2>")
     for title, png in graphs.values():
         data = base64.b64encode(png).decode("ascii")

@@ -24,6 +24,9 @@ Which requests count:
       of its E2E (success) or to ``t_done_s`` (failure).
     * ``per_user_output_tokens_per_s`` = aggregate / mean_in_flight: the output
       rate one in-flight request sees (with no think time, the rate per user).
+    * ``server_stopped``: the server stopped answering during this stage or
+      before it (see :mod:`analysis.failures`); such a row is kept in the table
+      but not judged as part of the envelope.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import pandas as pd
 
 from analysis.load import run_start_unix_s
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
+from analysis.failures import run_server_stop
 from envelope import metrics
 from envelope.records import ErrorCategory
 
@@ -54,6 +58,8 @@ __all__ = [
     "table_totals",
     "write_table_csv",
     "write_table_markdown",
+    "row_cell",
+    "SERVER_STOPPED_CELL",
 ]
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
@@ -79,7 +85,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "stage_records", "stage_output_tokens",
     "server_requests_running_mean", "server_requests_waiting_max",
     "server_kv_cache_usage_max_ratio", "server_preemptions", "server_output_tokens_per_s",
-    "host_cpu_max_core_ratio", "client_saturated",
+    "host_cpu_max_core_ratio", "client_saturated", "server_stopped",
     "slo_pass", "slo_results",
 )
 
@@ -188,6 +194,11 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
         row["slo_results"] = results
         row["slo_pass"] = _overall(results)
         rows.append(row)
+    stop = run_server_stop(run) if n else None
+    affected = set(stop.affected_stage_indices) if stop is not None else set()
+    for row in rows:
+        # a stage the server died in (or after) measured the outage, not the envelope
+        row["server_stopped"] = row["stage_index"] in affected
     return rows
 
 
@@ -267,8 +278,18 @@ def write_table_markdown(rows: Iterable[Mapping[str, Any]], sink: IO[str]) -> No
     sink.write("| " + " | ".join(h for _, h in MARKDOWN_COLUMNS) + " |\n")
     sink.write("|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|\n")
     for row in rows:
-        cells = [format_cell(c, row.get(c)).replace("|", "\\|") for c, _ in MARKDOWN_COLUMNS]
+        cells = [row_cell(row, c).replace("|", "\\|") for c, _ in MARKDOWN_COLUMNS]
         sink.write("| " + " | ".join(cells) + " |\n")
+
+
+SERVER_STOPPED_CELL = "not judged: server stopped"
+
+
+def row_cell(row: Mapping[str, Any], column: str) -> str:
+    """:func:`format_cell` of one row's column; a stage after the server stopped is not judged."""
+    if column == "slo_pass" and row.get("server_stopped"):
+        return SERVER_STOPPED_CELL
+    return format_cell(column, row.get(column))
 
 
 def format_cell(column: str, value: Any) -> str:
