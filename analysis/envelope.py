@@ -336,7 +336,12 @@ def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         if r.get("window_note"):
             limits.append(f"{level_text(r)}: {r['window_note']}.")
         cpu = r.get("host_cpu_max_core_ratio")
-        if r.get("client_saturated"):
+        if r.get("trustworthy") is False:
+            limits.append(
+                f"At {level_text(r)} ({r.get('stage_name')}) the numbers are not trustworthy: "
+                f"{r.get('untrustworthy_reasons')}; the load generator, not the server, may have set them."
+            )
+        elif r.get("client_saturated"):
             limits.append(
                 f"At {level_text(r)} a load-generator process saturated a CPU core: not trustworthy, "
                 "the client may have limited the load."

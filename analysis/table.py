@@ -86,8 +86,16 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "server_requests_running_mean", "server_requests_waiting_max",
     "server_kv_cache_usage_max_ratio", "server_preemptions", "server_output_tokens_per_s",
     "host_cpu_max_core_ratio", "client_saturated", "server_stopped",
+    "achieved_rate_per_s", "send_lag_p50_ms", "send_lag_p99_ms",
+    "ttft_from_intended_p50_ms", "ttft_from_intended_p95_ms", "e2e_from_intended_p95_ms",
+    "client_loop_lag_max_ms", "client_cpu_max_percent", "trustworthy", "untrustworthy_reasons",
     "slo_pass", "slo_results",
 )
+
+# When a stage's numbers stop describing the server (see trust_reasons)
+RATE_SHORTFALL_LIMIT = 0.02  # an open-loop stage that sent more than 2% fewer requests than asked
+CLIENT_CPU_LIMIT_PERCENT = 90.0  # a load-generator process this busy limits the load it offers
+CLIENT_LOOP_LAG_LIMIT_MS = 50.0  # a stall this long delays every chunk read meanwhile
 
 
 def steady_window(stage: Mapping[str, Any], *, rule: WindowRule = WindowRule()) -> tuple[float, float, str]:
@@ -190,6 +198,11 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
             stage_output_tokens=int(np.nansum(out_tokens[mine])),
         )
         row.update(_telemetry_cells(telemetry, ws, we))
+        row.update(_open_loop_cells(stage, frame, mine, sel, start))
+        row.update(client_loop_lag_max_ms=stage.get("client_loop_lag_max_ms"),
+                   client_cpu_max_percent=stage.get("client_cpu_max_percent"))
+        reasons = trust_reasons(row)
+        row.update(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
         results = evaluate_slos(row, stage.get("slos") or {})
         row["slo_results"] = results
         row["slo_pass"] = _overall(results)
@@ -200,6 +213,50 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
         # a stage the server died in (or after) measured the outage, not the envelope
         row["server_stopped"] = row["stage_index"] in affected
     return rows
+
+
+def _open_loop_cells(stage: Mapping[str, Any], frame: pd.DataFrame, mine: np.ndarray, sel: np.ndarray,
+                     start: np.ndarray) -> dict[str, Any]:
+    """Open-loop (rate) stages: what was sent against what was asked, and how late.
+
+    The achieved rate counts the stage's requests actually sent between its start
+    and end (a send that slipped past the end does not count); send lag is over
+    every request of the stage; latencies from the intended send time are over
+    the steady-state window's successes, like the other latencies.
+    """
+    if stage.get("kind") != "rate" or not len(frame):
+        return {}
+    cells: dict[str, Any] = {}
+    t0, t1 = float(stage["start_unix_s"]), float(stage["end_unix_s"])
+    if t1 > t0:
+        cells["achieved_rate_per_s"] = metrics.achieved_send_rate_per_s(start[mine], t0, t1)
+    lag = _num(frame, "send_lag_ms")[mine]
+    lag = lag[~np.isnan(lag)]
+    if lag.size:
+        cells["send_lag_p50_ms"], cells["send_lag_p99_ms"] = (float(v) for v in np.percentile(lag, [50, 99]))
+    for column, qs in (("ttft_from_intended", (50, 95)), ("e2e_from_intended", (95,))):
+        values = _num(frame, f"{column}_ms")[sel]
+        values = values[~np.isnan(values)]
+        if values.size:
+            for q, v in zip(qs, np.percentile(values, qs)):
+                cells[f"{column}_p{q}_ms"] = float(v)
+    return cells
+
+
+def trust_reasons(row: Mapping[str, Any]) -> list[str]:
+    """Why a stage's numbers may describe the load generator rather than the server (empty: none)."""
+    reasons = []
+    target, achieved = row.get("target_rate_per_s"), row.get("achieved_rate_per_s")
+    if row.get("kind") == "rate" and target and achieved is not None and achieved < target * (1 - RATE_SHORTFALL_LIMIT):
+        reasons.append(f"sent {achieved:.3g} requests/s of the {target:.3g}/s asked "
+                       f"({(1 - achieved / target) * 100:.0f}% short)")
+    cpu = row.get("client_cpu_max_percent")
+    if row.get("client_saturated") or (cpu is not None and cpu >= CLIENT_CPU_LIMIT_PERCENT):
+        reasons.append("load generator CPU-saturated" + (f" ({cpu:.0f}% of a core)" if cpu is not None else ""))
+    lag = row.get("client_loop_lag_max_ms")
+    if lag is not None and lag > CLIENT_LOOP_LAG_LIMIT_MS:
+        reasons.append(f"load generator stalled up to {lag:.0f} ms (latencies measured meanwhile are late by up to that)")
+    return reasons
 
 
 def evaluate_slos(row: Mapping[str, Any], slos: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -269,7 +326,8 @@ MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("tpot_p50_ms", "TPOT p50 ms"), ("itl_p95_ms", "ITL p95 ms"),
     ("e2e_p50_ms", "E2E p50 ms"), ("e2e_p95_ms", "E2E p95 ms"),
     ("samples", "n"), ("few_samples", "few-sample tails"), ("slo_pass", "SLOs"),
-    ("client_saturated", "load generator"),
+    ("achieved_rate_per_s", "req/s sent"), ("send_lag_p99_ms", "send lag p99 ms"),
+    ("trustworthy", "load generator"),
 )
 
 
@@ -289,6 +347,8 @@ def row_cell(row: Mapping[str, Any], column: str) -> str:
     """:func:`format_cell` of one row's column; a stage after the server stopped is not judged."""
     if column == "slo_pass" and row.get("server_stopped"):
         return SERVER_STOPPED_CELL
+    if column == "trustworthy" and row.get("trustworthy") is False:
+        return f"NOT TRUSTWORTHY: {row.get('untrustworthy_reasons')}"
     return format_cell(column, row.get(column))
 
 
@@ -298,6 +358,8 @@ def format_cell(column: str, value: Any) -> str:
         return {True: "pass", False: "FAIL", None: "-"}.get(value, "-")
     if column == "client_saturated":
         return {True: "not trustworthy: client CPU saturated", False: "ok", None: "-"}.get(value, "-")
+    if column == "trustworthy":
+        return {True: "ok", False: "NOT TRUSTWORTHY", None: "-"}.get(value, "-")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if column == "error_rate":

@@ -6,8 +6,12 @@ measured is the client's schedule (and, with faults, its reaction).
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from envelope import metrics
@@ -71,6 +75,15 @@ def test_a_constant_rate_is_delivered_on_schedule_and_its_send_lag_recorded(sim_
     lags = [metrics.send_lag_s(r) for r in recs]
     assert all(lag is not None and lag >= 0 for lag in lags)
     assert all(metrics.ttft_from_intended_s(r) >= metrics.ttft_s(r) for r in recs if metrics.ttft_s(r) is not None)
+    # the report's table carries the achieved rate and the send lag, and judges trust by them
+    analysed = subprocess.run([sys.executable, "-m", "analysis", str(run_dir)], capture_output=True, text=True,
+                              timeout=300)
+    assert analysed.returncode == 0, analysed.stderr[-2000:]
+    with open(run_dir / "report" / "table.csv", newline="") as fh:
+        (row,) = [r for r in csv.DictReader(fh) if r["stage_name"] == "c20"]
+    assert float(row["achieved_rate_per_s"]) == pytest.approx(achieved)
+    assert float(row["send_lag_p99_ms"]) == pytest.approx(float(np.percentile(lags, 99)) * 1000.0)
+    assert (row["trustworthy"] == "True") == (achieved >= 20.0 * 0.98 and not row["untrustworthy_reasons"])
 
 
 def test_two_processes_share_the_rate_exactly(sim_url, tmp_path):

@@ -238,5 +238,6 @@ def test_report_has_the_sections_and_flags_a_saturated_stage(builders, tmp_path)
     assert "at 50 s, sweep-2: a load-generator process used 97% of a CPU core" in section
     assert "rose by 220 " in md and "(0.00%)" in md
     table_md = (root / "report" / "table.md").read_text().splitlines()
-    assert table_md[2].endswith("| ok |") and table_md[3].endswith("| not trustworthy: client CPU saturated |")
+    assert table_md[2].endswith("| ok |") and table_md[3].endswith("| NOT TRUSTWORTHY: load generator CPU-saturated |")
+    assert [r["trustworthy"] for r in rows] == [True, False]
     assert "What broke first" in (root / "report" / "envelope.html").read_text()
