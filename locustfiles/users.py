@@ -27,6 +27,7 @@ __all__ = ["LLMUser", "LLMRequestError", "build_request", "send_one", "report"]
 
 perf_counter = time.perf_counter
 _user_seq = itertools.count()
+UNREACHABLE = frozenset({ErrorCategory.CONNECT_ERROR, ErrorCategory.TIMEOUT_CONNECT})
 
 
 class LLMRequestError(Exception):
@@ -70,6 +71,7 @@ class LLMUser(FastHttpUser):
         self.rng = random.Random(f"{self.ctx.scenario.seed}:{worker_index}:{seq}")
         self._req_seq = itertools.count()
         self._openai = None
+        self._backoff_s = 0.0
 
     def on_stop(self) -> None:
         if self._openai is not None:
@@ -98,9 +100,16 @@ class LLMUser(FastHttpUser):
             gevent.sleep(0.05)
             return
         client = next((c for c in stage.clients if c.name == self.client_name), stage.clients[0])
-        send_one(self.ctx, self.environment, stage=stage, client=client, rng=self.rng,
-                 request_id=f"{self.ctx.worker_id}-{next(self._req_seq)}-{id(self) & 0xFFFF:x}",
-                 transport=self._transport(client))
+        record = send_one(self.ctx, self.environment, stage=stage, client=client, rng=self.rng,
+                          request_id=f"{self.ctx.worker_id}-{next(self._req_seq)}-{id(self) & 0xFFFF:x}",
+                          transport=self._transport(client))
+        if record.error_category in UNREACHABLE:
+            # Nothing is listening (the server died or restarts): retrying at once would write
+            # thousands of identical records a second. Back off 50 ms, doubling to 1 s.
+            self._backoff_s = min(1.0, max(0.05, self._backoff_s * 2))
+            gevent.sleep(self._backoff_s)
+        else:
+            self._backoff_s = 0.0
 
     def _transport(self, client):
         if client.transport == "openai":

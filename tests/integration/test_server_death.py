@@ -139,6 +139,9 @@ def _check(k: Killed) -> None:
     after = [r for r in recs if r["wall_start_unix_s"] > k.kill_unix_s + 0.5]
     assert after and all(r["error_category"] in NO_ANSWER_CATEGORIES | {ErrorCategory.CANCELLED} for r in after)
     assert {r["stage_name"] for r in after} == set(STAGE_NAMES[KILL_IN_STAGE:])
+    # users back off (50 ms doubling to 1 s) while nothing listens, instead of thousands of records a second
+    span_s = max(r["wall_start_unix_s"] for r in after) - k.kill_unix_s
+    assert len(after) <= 3 * (span_s + 6)
 
     # the analysis finds when and where the server stopped answering
     run = load_run(k.run_dir)
