@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "FieldError", "StrictModel", "load_yaml_model", "validate_data"]
+__all__ = ["ConfigError", "FieldError", "StrictModel", "find_line", "load_yaml_model", "validate_data"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -80,6 +80,35 @@ def validate_data(data: Any, model: type[M], *, source: str = "<config>", node: 
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_first_error_line(exc, source, node)) from None
+
+
+def find_line(path: str | os.PathLike[str], at: tuple[str | int, ...], *, text: str | None = None) -> int | None:
+    """The 1-based line of the key (or list item) at ``at`` in a YAML file, or None when it is not there.
+
+    For checks made after loading (a model name the server does not serve), so
+    their message can still point at the line to fix.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8") if text is None else text
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    current = node
+    line = None
+    for part in at:
+        nxt = None
+        if isinstance(current, yaml.MappingNode):
+            for key_node, value_node in current.value:
+                if key_node.value == str(part):
+                    line, nxt = key_node.start_mark.line + 1, value_node
+                    break
+        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(current.value):
+            nxt = current.value[part]
+            line = nxt.start_mark.line + 1
+        if nxt is None:
+            return None
+        current = nxt
+    return line
 
 
 def _first_error_line(exc: ValidationError, source: str, node: yaml.Node | None) -> str:

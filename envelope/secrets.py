@@ -57,14 +57,13 @@ class SecretError(ValueError):
     """The key source was named but could not be read."""
 
 
-
 def resolve_api_key(
     *,
     env_var: str | None = None,
     file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Secret | None:
-    """The API key from ``file`` (first line, stripped) or the environment variable ``env_var``.
+    """The API key from ``file`` (its first non-blank line, stripped) or the environment variable ``env_var``.
 
     With neither given, ``ENVELOPE_API_KEY`` is consulted. A named file that is
     missing or empty is an error; an unset variable simply means no key.

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 __all__ = ["main"]
 
@@ -27,9 +27,14 @@ class _UsageError(Exception):
     """Bad input: exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        raise _UsageError(f"{message} (see: {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m server", description="Launch and probe vLLM servers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m server", description="Launch and probe vLLM servers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     up = sub.add_parser("up", help="start a server from a profile and leave it running")
     up.add_argument("--profile", required=True, help="profile name (see server/profiles/) or path to a .yaml file")
@@ -67,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from envelope.config import ConfigError
     from envelope.secrets import SecretError
     from server.launcher import LaunchError

@@ -100,6 +100,10 @@ def probe_server(url: str, *, api_key: Secret | None = None, timeout_s: float = 
     }
     with httpx.Client(timeout=timeout_s) as client:
         info["health"] = _status(client, f"{base_url}/health")
+        if isinstance(info["health"], str):
+            # nothing answers: asking the other endpoints would only wait out the same timeout again
+            info.update(models_status=info["health"], vllm_version=None, metrics_ok=False, ok=False, hardware=None)
+            return info
         models_status, models = _json(client, f"{base_url}/v1/models", _headers(api_key))
         info["models_status"] = models_status
         data = models.get("data") if isinstance(models, dict) else None

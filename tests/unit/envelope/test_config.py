@@ -120,3 +120,19 @@ def test_validate_data_without_node_names_the_source():
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     assert FieldError("m", at=("a", 1)).at == ("a", 1)
+
+
+def test_find_line_points_at_keys_and_list_items(tmp_path):
+    from envelope.config import find_line
+
+    path = tmp_path / "conf.yaml"
+    path.write_text("name: a\n# a comment\nitems:\n  - size: 3\n  -\n    size: 4\n    label: y\n")
+    assert find_line(path, ("name",)) == 1
+    assert find_line(path, ("items",)) == 3
+    assert find_line(path, ("items", 0)) == 4
+    assert find_line(path, ("items", 1, "label")) == 7
+    assert find_line(path, ("items", 2)) is None  # no third item
+    assert find_line(path, ("colour",)) is None
+    assert find_line(tmp_path / "missing.yaml", ("name",)) is None
+    assert find_line(path, ("name",), text="x: 1\n\nname: b\n") == 3  # text wins over the file
+    assert find_line(path, ("name",), text="name: [\n") is None  # YAML that does not parse

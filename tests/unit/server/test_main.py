@@ -102,3 +102,18 @@ def test_build_into_a_file_is_bad_input(capsys, tmp_path):
 def test_extra_args_only_for_up(capsys, tmp_path):
     assert main(["down", "--state", str(tmp_path / "s.json"), "--", "--seed", "1"]) == 2
     assert _one_line_error(capsys) == "error: extra arguments after '--' are only for 'up'"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["up"], "error: the following arguments are required: --profile (see: python -m server up --help)"),
+    (["up", "--profile", "cpu-tiny", "--port", "abc"],
+     "error: argument --port: invalid int value: 'abc' (see: python -m server up --help)"),
+    ([], "error: the following arguments are required: command (see: python -m server --help)"),
+    # argparse's wording of the choices differs between Python versions: only the ends are ours
+    (["sideways"], "error: argument command: invalid choice: 'sideways' * (see: python -m server --help)"),
+])
+def test_argument_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    head, _, tail = message.partition("*")
+    line = _one_line_error(capsys)
+    assert line == message if not tail else (line.startswith(head) and line.endswith(tail)), line

@@ -124,5 +124,6 @@ def test_probe_of_a_dead_url_says_so_without_raising():
         info = probe_server(f"http://127.0.0.1:{port}", timeout_s=1)
     assert info["ok"] is False
     assert info["health"] == "error: ConnectError"
+    assert info["models_status"] == "error: ConnectError"  # not asked again: it would only time out too
     assert info["metrics_ok"] is False
     assert "served_model_name" not in info
