@@ -3,10 +3,13 @@
     envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick
     envelope run --scenario scenarios/smoke.yaml --host http://127.0.0.1:8000
 
-Everything is checked before anything starts (bad input: one line on stderr,
-exit 2). The command then creates ``OUT/<UTC yyyymmdd-HHMMSS>-<scenario>/``,
-owns its ``run.json``, launches (``--profile``) or probes (``--host``) the
-server, records telemetry, runs Locust as a child process in its own process
+Everything is checked before anything starts (bad input: one line on stderr
+naming the file:line or the flag, exit 2): the scenario, the flags, the key,
+and the server. A ``--host`` is probed (reachable, key accepted, model served,
+stages within its max model length; no load is sent); a ``--profile`` is
+checked for the model and the length from the profile itself. The command then
+creates ``OUT/<UTC yyyymmdd-HHMMSS>-<scenario>/``, owns its ``run.json``,
+launches (``--profile``) or uses (``--host``) the server, records telemetry, runs Locust as a child process in its own process
 group (the API key only in the child's environment, never on its command
 line), shows live progress, and finally writes the report and prints the
 envelope. Ctrl-C or SIGTERM stops Locust cleanly, marks the run ``partial``,
@@ -72,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--api-key-env", help=f"environment variable holding the API key (default {DEFAULT_API_KEY_ENV})")
     r.add_argument("--api-key-file", help="file whose first line is the API key")
     r.add_argument("--model", help="served model name (default: the scenario's, else the first listed)")
+    r.add_argument("--record-text", action="store_true",
+                   help="store prompt and completion text in the records (off by default)")
     r.add_argument("--no-analysis", action="store_true", help="do not write the report at the end")
     return p
 
@@ -102,6 +107,7 @@ def locust_command(
     duration_scale: float | None = None,
     processes: int | None = None,
     model: str | None = None,
+    record_text: bool = False,
     python: str = sys.executable,
 ) -> list[str]:
     """Locust's argv. It never carries the API key: that goes in the environment (:func:`locust_env`)."""
@@ -121,6 +127,8 @@ def locust_command(
         argv += ["--processes", str(processes)]
     if model:
         argv += ["--model", model]
+    if record_text:
+        argv.append("--record-text")
     return argv
 
 
@@ -163,6 +171,7 @@ class _Plan:
     planned_stages: list[Any]
     profile: Any = None
     api_key: Secret | None = None
+    server_info: dict[str, Any] | None = None  # --host: the probe made while validating
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,8 +213,94 @@ def _validate(args: argparse.Namespace) -> _Plan:
         raise UsageError(str(exc)) from None
     if args.api_key_env and key is None:
         raise UsageError(f"--api-key-env {args.api_key_env}: the variable is not set or empty")
-    return _Plan(args=args, scenario_path=path, scenario_name=scenario.name, planned_stages=stages,
+    plan = _Plan(args=args, scenario_path=path, scenario_name=scenario.name, planned_stages=stages,
                  profile=profile, api_key=key)
+    if profile is not None:
+        # what the launched server will serve is known now: no need to wait for vLLM to find out
+        _check_model(plan, scenario, f"profile {profile.name}", [profile.served_model_name])
+        _check_length(plan, scenario, f"profile {profile.name}", profile.max_model_len)
+    else:
+        plan.server_info = _preflight_host(plan, scenario)
+    return plan
+
+
+def _key_source(args: argparse.Namespace) -> str:
+    if args.api_key_file:
+        return f"--api-key-file {args.api_key_file}"
+    return args.api_key_env or DEFAULT_API_KEY_ENV
+
+
+def _preflight_host(plan: _Plan, scenario: Any) -> dict[str, Any]:
+    """Probe ``--host`` before anything starts; a server that cannot take the scenario is bad input.
+
+    Only ``/health``, ``/v1/models``, ``/version`` and ``/metrics`` are asked: no load.
+    """
+    from server.probe import probe_server
+
+    args = plan.args
+    info = probe_server(args.host, api_key=plan.api_key)
+    url = info["base_url"]
+    health, models = info.get("health"), info.get("models_status")
+    if isinstance(health, str) and isinstance(models, str):  # "error: ConnectError" and the like
+        raise UsageError(f"--host {url}: cannot reach the server ({health.removeprefix('error: ')})")
+    if models in (401, 403):
+        if plan.api_key is None:
+            raise UsageError(f"--host {url}: the server wants an API key (GET /v1/models answered HTTP {models}); "
+                             f"set {DEFAULT_API_KEY_ENV} or pass --api-key-env / --api-key-file")
+        raise UsageError(f"--host {url}: the server rejected the API key from {_key_source(args)} "
+                         f"(GET /v1/models answered HTTP {models})")
+    if models != 200:
+        what = f"answered HTTP {models}" if isinstance(models, int) else f"failed ({models.removeprefix('error: ')})"
+        raise UsageError(f"--host {url}: GET /v1/models {what}; is this an OpenAI-compatible server?")
+    names = [n for n in info.get("served_model_names") or [] if n]
+    if not names:
+        raise UsageError(f"--host {url}: the server lists no models (GET /v1/models)")
+    model = _check_model(plan, scenario, url, names)
+    if info.get("max_model_len") and (model is None or model == info.get("served_model_name")):
+        _check_length(plan, scenario, url, int(info["max_model_len"]))
+    return info
+
+
+def _check_model(plan: _Plan, scenario: Any, server: str, names: list[str]) -> str | None:
+    """The model the run will ask for, when named; raise naming ``--model`` or the scenario's line if not served."""
+    served = ", ".join(names)
+    if plan.args.model:
+        if plan.args.model not in names:
+            raise UsageError(f"--model {plan.args.model}: not served by {server} (it serves: {served})")
+        return plan.args.model
+    if scenario.model:
+        if scenario.model not in names:
+            raise UsageError(f"{_where(plan.scenario_path, ('model',))}: model {scenario.model!r} is not served "
+                             f"by {server} (it serves: {served}; or pass --model)")
+        return scenario.model
+    return None
+
+
+def _check_length(plan: _Plan, scenario: Any, server: str, max_model_len: int) -> None:
+    """Raise, naming the first stage's line, when a stage's requests cannot fit ``max_model_len``."""
+    from envelope.scenario import check_against_server
+
+    problems = check_against_server(scenario, max_model_len=max_model_len)
+    if not problems:
+        return
+    first = problems[0]
+    at: tuple[str | int, ...] = ()
+    position: dict[int, int] = {}  # pass index -> stages of that pass seen so far
+    for stage in scenario.resolve():
+        n = position[stage.pass_index] = position.get(stage.pass_index, -1) + 1
+        # the problem names its stage as "pass 'p', stage 's'" (envelope.scenario.check_against_server)
+        if first.startswith(f"pass {stage.pass_name!r}, stage {stage.name!r}"):
+            at = ("passes", stage.pass_index, "stages", n)
+            break
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise UsageError(f"{_where(plan.scenario_path, at)}: {first} ({server}){more}")
+
+
+def _where(path: Path, at: tuple[str | int, ...]) -> str:
+    from envelope.config import find_line
+
+    line = find_line(path, at) if at else None
+    return f"{path}:{line}" if line else str(path)
 
 
 # --------------------------------------------------------------------------- the run
@@ -278,6 +373,7 @@ class _Runner:
                 "api_key": REDACTED if self.plan.api_key else None,
                 "api_key_env": args.api_key_env,
                 "api_key_file": args.api_key_file,
+                "record_text": bool(args.record_text),
                 "no_analysis": bool(args.no_analysis),
             },
             "versions": {
@@ -355,7 +451,7 @@ class _Runner:
             return server.base_url
         from server.probe import probe_server
 
-        info = probe_server(self.args.host, api_key=self.plan.api_key)
+        info = self.plan.server_info or probe_server(self.args.host, api_key=self.plan.api_key)
         _write_json(run_dir / "server.json", info)
         if not info.get("ok"):
             self.say(f"warning: {info['base_url']} did not answer as expected "
@@ -370,7 +466,8 @@ class _Runner:
         args = self.args
         argv = locust_command(locustfile=locustfile_path(), scenario=self.plan.scenario_path.resolve(),
                               host=base_url, run_dir=run_dir.resolve(), quick=args.quick,
-                              duration_scale=args.duration_scale, processes=args.processes, model=args.model)
+                              duration_scale=args.duration_scale, processes=args.processes, model=args.model,
+                              record_text=args.record_text)
         (run_dir / "locust").mkdir(exist_ok=True)
         log_path = run_dir / "locust" / "locust.log"
         proc: subprocess.Popen[bytes] | None = None
@@ -448,10 +545,8 @@ class _Runner:
         return ("failed" if no_load else "partial"), (EXIT_USAGE if locust_rc == 2 else EXIT_FAILED)
 
     def _analyse(self, run_dir: Path) -> None:
-        from analysis.broke import what_broke_first
-        from analysis.envelope import envelope_sentence, find_envelope, find_envelopes
         from analysis.load import RunDirError, load_run
-        from analysis.report import write_report
+        from analysis.report import summary_lines, write_report
         from analysis.table import envelope_table
 
         try:
@@ -464,13 +559,8 @@ class _Runner:
             self.say("no requests were recorded; the report says what is missing")
         rows = envelope_table(run)
         write_report(run, run_dir / "report", rows=rows)
-        lines = []
-        if rows:
-            primary = find_envelope(rows)
-            findings = [primary] + [f for f in find_envelopes(rows) if f.pass_name != primary.pass_name]
-            lines += [f"{f.pass_name}: {envelope_sentence(f)}" for f in findings]
-        lines.append(f"What broke first: {what_broke_first(run, rows).sentence}")
-        lines.append(f"report: {run_dir / 'report' / 'envelope.md'}")
+        # the same headline as `python -m analysis`: partial or not, the envelope, what broke, failures
+        lines = summary_lines(run, rows) + [f"report: {run_dir / 'report' / 'envelope.md'}"]
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()
 
@@ -538,3 +628,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except KeyboardInterrupt:
         err.write("envelope: interrupted\n")
         return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # python -m envelope.cli
+    sys.exit(main())

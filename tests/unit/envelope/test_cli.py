@@ -103,6 +103,47 @@ def test_argument_syntax_errors_are_one_line(tmp_path):
                        r"--host must be an http:// or https:// URL")
 
 
+def test_stage_too_long_for_the_profile_names_its_line_before_launching(tmp_path):
+    scenario = tmp_path / "two.yaml"
+    scenario.write_text(
+        "name: two\n"
+        "defaults:\n"
+        "  workload: {prompt_tokens: 100, output_tokens: 10}\n"
+        "passes:\n"
+        "  - name: a\n"
+        "    stages:\n"
+        "      - {users: 1, duration_s: 5}\n"
+        "  - name: b\n"
+        "    stages:\n"
+        "      - {users: 1, duration_s: 5}\n"
+        "      - users: 2\n"
+        "        duration_s: 5\n"
+        "        workload: {prompt_tokens: 4090}\n"
+    )
+    assert_usage_error(tmp_path, ["run", "--scenario", str(scenario), "--profile", "cpu-tiny"],
+                       rf"^envelope: {re.escape(str(scenario))}:11: pass 'b', stage 'b-2u': prompt_tokens up to 4090 "
+                       r"\+ output_tokens up to 10 = 4100 exceeds the server's max_model_len 4096 \(profile cpu-tiny\)$")
+
+
+def test_scenario_model_the_profile_does_not_serve_names_its_line(tmp_path):
+    scenario = tmp_path / "m.yaml"
+    scenario.write_text(SMOKE.read_text().replace("model: null", "model: qwen3-8b"))
+    line = next(i for i, text in enumerate(scenario.read_text().splitlines(), 1) if text.startswith("model:"))
+    assert_usage_error(tmp_path, ["run", "--scenario", str(scenario), "--profile", "cpu-tiny"],
+                       rf"^envelope: {re.escape(str(scenario))}:{line}: model 'qwen3-8b' is not served by profile "
+                       r"cpu-tiny \(it serves: tiny-qwen3; or pass --model\)$")
+    # --model wins over the scenario's model
+    assert_usage_error(tmp_path, ["run", "--scenario", str(scenario), "--profile", "cpu-tiny", "--model", "x"],
+                       r"^envelope: --model x: not served by profile cpu-tiny \(it serves: tiny-qwen3\)$")
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "envelope.cli", "run", "--scenario", str(SMOKE)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr == "envelope: give exactly one of --profile NAME (launch a server) or --host URL (use a running one)\n"
+
+
 def test_run_dir_name_is_utc():
     t = calendar.timegm((2026, 11, 22, 6, 30, 5, 0, 0, 0))
     assert run_dir_name("capstone", t + 0.9) == "20261122-063005-capstone"
@@ -120,6 +161,9 @@ def test_locust_command_never_carries_the_key(tmp_path):
     assert argv[argv.index("--duration-scale") + 1] == "0.5"
     assert argv[argv.index("--processes") + 1] == "2"
     assert "--quick" in argv and "--headless" in argv and "--only-summary" in argv
+    assert "--record-text" not in argv  # prompts and completions stay out of the records unless asked for
+    assert locust_command(locustfile=locustfile_path(), scenario=SMOKE, host="http://h:1", run_dir=tmp_path,
+                          record_text=True)[-1] == "--record-text"
     env = locust_env(key, base={"PATH": "/bin", "ENVELOPE_API_KEY": "inherited"})
     assert env == {"PATH": "/bin", "ENVELOPE_API_KEY": key.get()}
     assert locust_env(None, base={"ENVELOPE_API_KEY": "inherited"}) == {}
@@ -202,7 +246,8 @@ def test_complete_run_against_the_simulated_server(tmp_path, sim):
     assert (run_dir / "telemetry" / "metrics.jsonl").stat().st_size > 0
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == f"report: {run_dir / 'report' / 'envelope.md'}"
-    assert lines[-2].startswith("What broke first: ")
+    assert any(line.startswith("What broke first: ") for line in lines)
+    assert not any(line.startswith(("PARTIAL", "FAILED")) for line in lines)
     assert files_containing(run_dir, key) == []
 
 
