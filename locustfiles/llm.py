@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import locust  # noqa: F401  - import Locust first: it monkey-patches the standard library with gevent
 
+import csv
 import logging
+import signal
 import sys
 import time
 
@@ -27,6 +29,7 @@ from locustfiles import patches
 from locustfiles.context import ABORT_MESSAGE, READY_MESSAGE, STAGE_MESSAGE, EnvelopeRun, WorkerReport
 from locustfiles.open_loop import OpenLoop
 from locustfiles.users import LLMUser, send_one
+from locustfiles import webui  # noqa: F401  - the web UI's LLM tab (registers its own listeners)
 
 __all__ = ["LLMUser", "ScenarioShape"]
 
@@ -167,6 +170,10 @@ def _on_init(environment, **_kw) -> None:
         sys.exit(2)
     environment.envelope = ctx
     _RUNS.append(ctx)
+    if not ctx.is_worker:
+        # Locust installs its SIGTERM handler only after a headless shape run ends; until then
+        # SIGTERM killed the process outright (no CSVs, run.json left "running"). Treat it as Ctrl-C.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     if ctx.manual:
         environment.shape_class = None
     # Let users that ramp-downs stop finish their current request, so nothing measured is cut off.
@@ -290,6 +297,8 @@ def _on_quit(exit_code, **_kw) -> None:
     for ctx in _contexts():
         if ctx.writer is not None:
             ctx.writer.close()
+        if not ctx.is_worker:
+            _write_final_csvs(ctx)
         if not ctx.is_worker and ctx.run_dir is not None:
             ctx.end_stages()
             finished = _schedule_completed(ctx)
@@ -297,6 +306,26 @@ def _on_quit(exit_code, **_kw) -> None:
             # that ran its whole schedule is complete; 2 is ours (bad input, early stop)
             status = "failed" if exit_code == 2 else ("complete" if finished else "partial")
             ctx.write_run_json(status)
+
+
+def _write_final_csvs(ctx: EnvelopeRun) -> None:
+    """Rewrite Locust's stats, failures and exceptions CSVs with the final stats.
+
+    Locust rewrites them once a second and never at exit, so requests that end while
+    it stops (after Ctrl-C, say) were missing from them though our records hold them.
+    ``quit`` fires after the stats are final and before Locust closes its files (whose
+    buffers are empty: each rewrite ends with a truncate, which flushes).
+    """
+    prefix = getattr(ctx.options, "csv_prefix", None)
+    if not prefix:
+        return
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
+    writer = StatsCSV(ctx.environment, PERCENTILES_TO_REPORT)
+    for suffix, write in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv),
+                          ("_exceptions.csv", writer.exceptions_csv)):
+        with open(f"{prefix}{suffix}", "w", newline="") as fh:
+            write(csv.writer(fh))
 
 
 def _contexts() -> list[EnvelopeRun]:
