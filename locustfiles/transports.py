@@ -20,6 +20,7 @@ from envelope.stream import StreamObserver, category_for_exception
 __all__ = ["Outcome", "RequestSpec", "stream_fasthttp", "stream_openai"]
 
 perf_counter = time.perf_counter
+_yield = gevent.sleep  # gevent.sleep() with no delay: a turn for every other ready greenlet
 
 
 @dataclass(slots=True)
@@ -53,6 +54,19 @@ class _RequestTimeout(Exception):
         self.detail = detail
 
 
+_URLS: dict[tuple[str, str], URL] = {}
+
+
+def _url(base_url: str, path: str) -> URL:
+    """The parsed URL of ``base_url`` + ``path``, parsed once (a user sends thousands of requests)."""
+    url = _URLS.get((base_url, path))
+    if url is None:
+        if len(_URLS) > 64:
+            _URLS.clear()
+        url = _URLS[(base_url, path)] = URL(base_url.rstrip("/") + path)
+    return url
+
+
 def _timers(spec: RequestSpec) -> tuple[gevent.Timeout, gevent.Timeout]:
     """The first-token and total timers of one request (not started)."""
     first = _RequestTimeout(ErrorCategory.TIMEOUT_FIRST_TOKEN, f"no token within {spec.first_token_timeout_s:g} s")
@@ -72,28 +86,58 @@ def _error_body_detail(body: bytes) -> str:
     return text[:200]
 
 
-def _read_some(resp) -> bytes:
-    """Whatever body bytes one ``recv`` delivers (b"" at the end of the message).
+# Bytes asked of each recv. Larger reads cost less per chunk when data piles up; how long one
+# stream may keep the process before others get a turn is bounded by the yield in stream_fasthttp.
+_RECV_BYTES = 16384
 
-    geventhttpclient's ``read(n)`` waits until n bytes have accumulated, which
-    would bunch chunk arrivals together and corrupt inter-token latency; this
-    returns as soon as any body bytes are parsed.
-    """
-    buf = resp._body_buffer
-    while True:
-        if buf:
-            data = bytes(buf)
-            del buf[:]
-            return data
-        sock = resp._sock
-        if resp.message_complete or sock is None:
-            return b""
-        data = sock.recv(resp.block_size)
-        if not data:
-            if _close_delimited(resp):
-                return b""  # a body without length or chunking ends when the server closes
-            raise ConnectionResetError("connection closed by the server mid-stream")
-        resp.feed(data)
+
+class _BodyReader:
+    """Reads a streamed body one ``recv`` at a time (see :meth:`read`)."""
+
+    __slots__ = ("resp", "recv_bytes", "backlog", "drained", "_wait")
+
+    def __init__(self, resp, recv_bytes: int | None = None) -> None:
+        self.resp = resp
+        self.recv_bytes = recv_bytes or _RECV_BYTES
+        self.backlog = False  # the last recv filled its buffer: more is probably waiting
+        self.drained = False  # the last recv emptied the socket
+        # gevent's wait for readability, when the socket is a gevent socket
+        self._wait = getattr(resp._sock, "_wait", None)
+
+    def read(self) -> bytes:
+        """Whatever body bytes one ``recv`` delivers (b"" at the end of the message).
+
+        geventhttpclient's ``read(n)`` waits until n bytes have accumulated, which
+        would bunch chunk arrivals together and corrupt inter-token latency; this
+        returns as soon as any body bytes are parsed.
+        """
+        resp = self.resp
+        buf = resp._body_buffer
+        while True:
+            if buf:
+                data = bytes(buf)
+                del buf[:]
+                return data
+            sock = resp._sock
+            if resp.message_complete or sock is None:
+                return b""
+            if self.drained and self._wait is not None:
+                # The last recv emptied the socket, so a recv now would almost surely fail (an
+                # EAGAIN, an exception in gevent, then the same wait): wait for data first.
+                self._wait(sock._read_event)
+            data = sock.recv(self.recv_bytes)
+            if not data:
+                if _close_delimited(resp):
+                    return b""  # a body without length or chunking ends when the server closes
+                raise ConnectionResetError("connection closed by the server mid-stream")
+            self.backlog = backlog = len(data) == self.recv_bytes
+            self.drained = not backlog
+            resp.feed(data)
+
+
+def _read_some(resp, recv_bytes: int | None = None) -> bytes:
+    """One :meth:`_BodyReader.read` of ``resp``."""
+    return _BodyReader(resp, recv_bytes).read()
 
 
 def _close_delimited(resp) -> bool:
@@ -104,7 +148,7 @@ def _close_delimited(resp) -> bool:
 def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver) -> Outcome:
     """POST ``spec`` through geventhttpclient's pool and feed the body to ``obs`` as it arrives."""
     out = Outcome()
-    url = URL(base_url.rstrip("/") + spec.path)
+    url = _url(base_url, spec.path)
     payload = orjson.dumps(spec.body)
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **spec.headers}
     first_token, total = _timers(spec)
@@ -122,14 +166,35 @@ def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver)
             out.error_detail = _error_body_detail(body)
             return out
         on_bytes = obs.on_bytes
-        while True:
-            data = _read_some(resp)
-            if not data:
-                break
-            now = perf_counter()
-            on_bytes(data, now)
-            if first_token.pending and obs.t_first_token_s is not None:
-                first_token.cancel()
+        reader = _BodyReader(resp)
+        read = reader.read
+        # The first-token and total timers bound this request; the socket's own timeout (a
+        # backstop) would add a timer start and stop to every recv that waits.
+        sock = resp._sock
+        network_timeout = sock.timeout if sock is not None else None
+        if sock is not None:
+            sock.settimeout(None)
+        try:
+            before_first_token = True
+            while True:
+                data = read()
+                if not data:
+                    break
+                now = perf_counter()
+                on_bytes(data, now)
+                if before_first_token and obs.t_first_token_s is not None:
+                    first_token.cancel()
+                    before_first_token = False
+                if reader.backlog:
+                    # A gevent socket's recv returns at once while data is waiting, without
+                    # passing through the hub: a stream with a backlog would keep the process to
+                    # itself until it is drained, while every other stream's chunks wait unread
+                    # (and are timestamped late). Let the others have their turn first.
+                    reader.backlog = False
+                    _yield()
+        finally:
+            if sock is not None:
+                sock.settimeout(network_timeout)  # the socket goes back to the pool
     except _RequestTimeout as timeout:
         out.error_category, out.error_detail = timeout.category, timeout.detail
     except Exception as exc:  # noqa: BLE001 - every failure becomes a categorised record

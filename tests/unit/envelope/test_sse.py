@@ -114,3 +114,122 @@ def test_empty_feed_and_empty_data_events():
 @pytest.mark.parametrize("pieces", [[b"data: 1\n\ndata: 2\n\ndata: 3\n\n"], [b"data: 1\n\ndata: 2\n", b"\ndata: 3\n\n"]])
 def test_several_events_per_read(pieces):
     assert feed_all(pieces) == [b"1", b"2", b"3"]
+
+
+# -- the block-splitting fast path against the plain line-by-line decoder ------------------------
+
+class LineDecoder:
+    """The SSE line rules applied one line at a time (the decoder before the fast path), as a reference."""
+
+    def __init__(self):
+        self._tail = b""
+        self._data = []
+        self._skip_lf = False
+
+    def feed(self, data):
+        if not data:
+            return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        buf = self._tail + data if self._tail else data
+        if b"\r" in buf:
+            self._skip_lf = buf.endswith(b"\r")
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = buf.rfind(b"\n")
+        if cut < 0:
+            self._tail = buf
+            return []
+        self._tail = buf[cut + 1:]
+        return self._lines(buf[:cut].split(b"\n"))
+
+    def flush(self):
+        lines = [self._tail, b""] if self._tail else [b""]
+        self._tail = b""
+        self._skip_lf = False
+        return self._lines(lines)
+
+    def _lines(self, lines):
+        out = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    payload = b"\n".join(self._data)
+                    self._data.clear()
+                    if payload:
+                        out.append(payload)
+                continue
+            if line.startswith(b"data:"):
+                self._data.append(line[5:].strip())
+            elif line == b"data":
+                self._data.append(b"")
+        return out
+
+
+def _both(pieces):
+    fast, ref = SSEDecoder(), LineDecoder()
+    got, want = [], []
+    for piece in pieces:
+        got.append(fast.feed(piece))
+        want.append(ref.feed(piece))
+    got.append(fast.flush())
+    want.append(ref.flush())
+    return got, want
+
+
+TRICKY = [
+    STREAM,
+    STREAM.replace(b"\n", b"\r\n"),
+    STREAM.replace(b"\n", b"\r"),
+    b"\n\n\ndata: a\n\n\n\ndata: b\n\n",  # blank lines before and between events
+    b": ping\n\ndata: a\ndata: b\n\nevent: x\ndata:c\nid: 1\n\n",
+    b"data\n\ndata\ndata: x\n\n",  # 'data' without a colon is an empty data line
+    b"data: a\n\ndata: b",  # last event without its blank line
+    b"data: a\n\ndata: b\n",
+    b"data:  \t{}\t \n\n",
+    b"data: \xc3\xa9\xe4\xb8\xad\n\ndata: {\"t\":\"\\\"q\\\"\"}\n\n",
+    b"\r\n\r\ndata: a\r\n\r\n\rdata: b\r\r",
+    b"dat",
+    b"",
+]
+
+
+@pytest.mark.parametrize("stream", TRICKY)
+def test_fast_decoder_matches_line_decoder_at_every_split(stream):
+    for cut in range(len(stream) + 1):
+        got, want = _both([stream[:cut], stream[cut:]])
+        assert got == want, cut
+
+
+@pytest.mark.parametrize("stream", TRICKY)
+def test_fast_decoder_matches_line_decoder_byte_by_byte(stream):
+    got, want = _both([stream[i:i + 1] for i in range(len(stream))])
+    assert got == want
+
+
+def test_fast_decoder_matches_line_decoder_on_random_streams():
+    import random
+
+    rng = random.Random(7)
+    atoms = [b"data: ", b"data:", b"data", b"\n", b"\r", b"\r\n", b"\n\n", b": c", b"event: e", b"x", b" ",
+             b"{\"a\":1}", b"[DONE]", b"\xc3\xa9"]
+    for _ in range(400):
+        stream = b"".join(rng.choice(atoms) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(stream) + 1), k=min(len(stream) + 1, rng.randint(0, 6))))
+        pieces, pos = [], 0
+        for cut in cuts:
+            pieces.append(stream[pos:cut])
+            pos = cut
+        pieces.append(stream[pos:])
+        got, want = _both(pieces)
+        assert got == want, (stream, cuts)
+
+
+def test_feed_blocks_and_event_data():
+    from envelope.sse import event_data
+
+    d = SSEDecoder()
+    assert d.feed_blocks(b"data: a\n\n: c\ndata: b\n\ndata: c") == [b"data: a", b": c\ndata: b"]
+    assert [event_data(b) for b in (b"data: a", b": c\ndata: b", b"event: x", b"\ndata: y")] == [b"a", b"b", b"", b"y"]
+    assert d.flush() == [b"c"]

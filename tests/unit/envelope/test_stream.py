@@ -350,3 +350,227 @@ def test_openai_sdk_chunk_dumps_agree_with_bytes():
         else:
             obs.on_event(chunk_type.model_validate_json(payload).model_dump(), t)
     assert obs.finish(101.0, http_status=200) == by_bytes(CONTINUOUS)[1]
+
+
+# -- the fast path (ChunkLayout) against full parsing ---------------------------------------------
+
+import random  # noqa: E402
+
+import envelope.stream as stream_module  # noqa: E402
+from envelope.stream import ChunkLayout, summarize_chunk  # noqa: E402
+from server.sim.chunks import ChunkFormat  # noqa: E402
+
+
+def sim_events(n, *, chat=True, usage=True, tokens=None, prompt_tokens=37, request_id="r1"):
+    """A vLLM-shaped stream from the simulator's chunk builder, as SSE bytes per event (HTTP framing removed)."""
+    fmt = ChunkFormat(chat=chat, response_id=("chatcmpl-" if chat else "cmpl-") + request_id, model="sim-model",
+                      created_unix_s=1_700_000_000, prompt_tokens=prompt_tokens, finish_reason="length")
+
+    def unframe(framed):
+        return framed[framed.index(b"\r\n") + 2:-2]
+
+    events = [unframe(fmt.role(usage=usage))] if chat else []
+    sent = 0
+    for i in range(n):
+        k = tokens[i] if tokens else 1
+        sent += k
+        events.append(unframe(fmt.content(k, sent, usage=usage, final=i == n - 1)))
+    if usage:
+        events.append(unframe(fmt.usage_only(sent)))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def sse(payload):
+    return b"data: " + payload + b"\n\n"
+
+
+def observe(pieces, *, fast, keep_text=False, t_finish=500.0):
+    """Feed byte pieces (one read each, read i at time 100 + i) and finish."""
+    obs = StreamObserver(T0, keep_text=keep_text, fast=fast)
+    for i, piece in enumerate(pieces):
+        obs.on_bytes(piece, 100.0 + i)
+    return obs, obs.finish(t_finish, http_status=200)
+
+
+def assert_same(pieces, *, keep_text=False):
+    fast_obs, fast = observe(pieces, fast=True, keep_text=keep_text)
+    _, full = observe(pieces, fast=False, keep_text=keep_text)
+    assert fast == full
+    return fast_obs, fast
+
+
+class CountingParser:
+    """Stands in for orjson in envelope.stream: counts full parses."""
+
+    JSONDecodeError = orjson.JSONDecodeError
+
+    def __init__(self):
+        self.calls = 0
+
+    def loads(self, data):
+        self.calls += 1
+        return orjson.loads(data)
+
+
+def test_fast_path_skips_the_full_parse_and_gives_the_same_record(monkeypatch):
+    events = sim_events(200)
+    parser = CountingParser()
+    monkeypatch.setattr(stream_module, "orjson", parser)
+    obs, fast = observe(events, fast=True, keep_text=True)
+    fast_parses = parser.calls
+    _, full = observe(events, fast=False, keep_text=True)
+    assert fast == full
+    assert fast["chunk_tokens"] == (1,) * 200 and fast["output_tokens"] == 200 and fast["prompt_tokens"] == 37
+    assert fast["completion_text"] == " tok" * 200
+    # role chunk, first content chunk (learned), the last chunk (finish_reason), the usage chunk,
+    # plus the layout's own proof: a handful, not one per chunk
+    assert fast_parses <= 8 < 200
+    assert isinstance(obs._layout, ChunkLayout)
+
+
+@pytest.mark.parametrize("cut_every", [1, 7, 64, 333, 4096])
+def test_fast_path_with_events_split_across_reads(cut_every):
+    blob = b"".join(sim_events(40, tokens=[1, 2, 3, 1] * 10))
+    pieces = [blob[i:i + cut_every] for i in range(0, len(blob), cut_every)]
+    _, f = assert_same(pieces, keep_text=True)
+    assert f["chunk_tokens"] == (1, 2, 3, 1) * 10 and f["output_tokens"] == 70
+
+
+def test_fast_path_completions_and_no_usage_streams():
+    _, f = assert_same(sim_events(30, chat=False), keep_text=True)
+    assert f["completion_text"] == " tok" * 30 and f["chunk_tokens"] == (1,) * 30
+    _, f = assert_same(sim_events(30, usage=False))
+    assert f["chunk_tokens"] is None and f["output_tokens_estimated"] is True and f["output_tokens"] == 30
+
+
+def chunk(text, completion, *, prompt=12, key="content", extra=b""):
+    """A raw vLLM-shaped chat chunk with ``text`` and ``completion`` spliced in as given (JSON bytes)."""
+    total = b"%d" % (prompt + int(float(completion)))
+    return (b'{"id":"chatcmpl-7","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+            b'"delta":{"' + key.encode() + b'":"' + text + b'"},"logprobs":null,"finish_reason":null}],"usage":'
+            b'{"prompt_tokens":' + b"%d" % prompt + b',"total_tokens":' + total + b',"completion_tokens":'
+            + completion + b"}" + extra + b"}")
+
+
+def learned(*more):
+    """Two ordinary chunks (the layout is learned from the first) followed by ``more`` and [DONE]."""
+    return [sse(chunk(b" a", b"1")), sse(chunk(b" b", b"2")), *more, b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize(
+    ("event", "category"),
+    [
+        (sse(chunk(b"\\\"quoted\\\" \\n", b"3")), None),  # escapes: parsed in full
+        (sse(chunk("é中文 🙂".encode(), b"3")), None),  # UTF-8 text: the unicode pattern
+        (sse(chunk(b"\xff\xfe", b"3")), "malformed_sse"),  # not UTF-8
+        (sse(chunk(b"\xed\xa0\x80", b"3")), "malformed_sse"),  # a UTF-8-encoded surrogate
+        (sse(chunk(b"tab\there", b"3")), "malformed_sse"),  # a raw control character
+        (sse(chunk(b"x", b"03")), "malformed_sse"),  # a number with a leading zero
+        (sse(chunk(b"x", b"-3")), None),  # odd but valid JSON: parsed in full
+        (sse(chunk(b"x", b"3.0")), None),
+        (sse(chunk(b"x", b"3", extra=b',"extra":true')), None),  # another field: parsed in full
+        (sse(chunk(b"x", b"3", prompt=99)), None),  # usage.prompt_tokens changes mid-stream
+        (sse(chunk(b"", b"3")), None),  # no text: not a content chunk
+        (sse(chunk(b"x", b"3")[:-9]), "malformed_sse"),  # cut short
+        (sse(chunk(b"x", b"3") + b" trailing"), "malformed_sse"),
+        (sse(b'{"error":{"message":"engine died","type":"InternalServerError","code":500}}'), "stream_error_event"),
+        (sse(b'{"object":"error","message":"bad","type":"BadRequestError","code":400}'), "stream_error_event"),
+        (b"data: " + chunk(b"x", b"3") + b"\ndata: \n\n", None),  # two data lines: joined
+        (b"data:" + chunk(b"x", b"3") + b"  \n\n", None),  # no space, trailing spaces
+        (b": keep-alive\n\n", None),
+        (sse(chunk(b"think", b"3", key="reasoning_content")), None),
+    ],
+)
+def test_unusual_events_after_the_layout_is_learned(event, category):
+    _, f = assert_same(learned(event, sse(chunk(b" z", b"9"))), keep_text=True)
+    assert f["error_category"] == category
+
+
+def test_tricky_events_split_at_every_byte():
+    pieces = learned(sse(chunk("é \\\"x\\\"".encode(), b"4")), sse(chunk(b"x", b"5")[:-3]), sse(chunk(b" c", b"6")))
+    blob = b"".join(pieces)
+    for cut in range(0, len(blob) + 1, 3):
+        assert_same([blob[:cut], blob[cut:]], keep_text=True)
+
+
+def test_reasoning_then_content_stream():
+    events = [sse(chunk(b"r%d" % i, b"%d" % (i + 1), key="reasoning_content")) for i in range(10)]
+    events += [sse(chunk(b"c%d" % i, b"%d" % (i + 11))) for i in range(10)] + [b"data: [DONE]\n\n"]
+    _, f = assert_same(events, keep_text=True)
+    assert f["completion_text"] == "".join(f"c{i}" for i in range(10))
+    assert f["output_tokens_client_estimate"] == 20 and f["chunk_tokens"] == (1,) * 20
+
+
+def test_random_streams_fast_equals_full():
+    rng = random.Random(11)
+    texts = [b" tok", b"\\n", "é".encode(), b"\\\"", b"", b"x" * 40, "🙂".encode(), b"\x01", b"\xc3"]
+    for _ in range(150):
+        n, events, tokens = rng.randint(1, 25), [], 0
+        for _ in range(n):
+            r = rng.random()
+            tokens += rng.choice([0, 1, 1, 1, 2, 5])
+            if r < 0.75:
+                events.append(sse(chunk(rng.choice(texts[:3]) if rng.random() < 0.8 else rng.choice(texts),
+                                        b"%d" % tokens, prompt=rng.choice([12, 12, 12, 7]))))
+            elif r < 0.8:
+                events.append(sse(b'{"id":"chatcmpl-7","choices":[],"usage":{"prompt_tokens":12,'
+                                  b'"completion_tokens":%d}}' % tokens))
+            elif r < 0.85:
+                events.append(sse(chunk(b"x", b"%d" % tokens)[: rng.randint(1, 60)]))
+            elif r < 0.9:
+                events.append(sse(b'{"error":{"message":"boom"}}'))
+            else:
+                events.append(sse(chunk(b"y", b"%d" % tokens, key=rng.choice(["reasoning", "text"]))))
+        if rng.random() < 0.8:
+            events.append(b"data: [DONE]\n\n")
+        blob = b"".join(events)
+        cuts = sorted(rng.sample(range(len(blob) + 1), k=min(len(blob) + 1, rng.randint(0, 8))))
+        pieces, pos = [], 0
+        for cut in cuts:
+            pieces.append(blob[pos:cut])
+            pos = cut
+        pieces.append(blob[pos:])
+        assert_same(pieces, keep_text=rng.random() < 0.5)
+
+
+def test_layout_refuses_what_it_cannot_prove():
+    def learn(payload):
+        obj = orjson.loads(payload)
+        return ChunkLayout.learn(payload, obj, summarize_chunk(obj))
+
+    assert learn(chunk(b" a", b"1")) is not None
+    assert learn(chunk(b"\\\"", b"1")) is None  # escaped text cannot be cut out of the raw bytes
+    two = b'{"choices":[{"delta":{"content":"a"}},{"delta":{"content":"b"}}]}'
+    assert learn(two) is None  # several choices
+    dup = b'{"choices":[{"delta":{"content":"a"}}],"usage":{"completion_tokens":1},"usage":{"completion_tokens":2}}'
+    assert learn(dup) is None  # the key appears twice: which one counts is not provable from the bytes
+    nested = (b'{"choices":[{"delta":{"content":"a"}}],"usage":{"completion_tokens":1,'
+              b'"details":{"completion_tokens":1}}}')
+    assert learn(nested) is None
+    assert learn(b'{"choices":[{"delta":{"content":"a"}}]}') is not None  # no usage: text only
+
+
+def test_summarize_chunk():
+    assert summarize_chunk(orjson.loads(chunk(b" a", b"3"))) == (None, 12, 3, True, (" a",))
+    assert summarize_chunk({"choices": [{"delta": {"reasoning": "r"}}]}) == (None, None, None, True, ())
+    assert summarize_chunk({"error": {"message": "m"}}).error == "m"
+    assert summarize_chunk({"choices": [], "usage": {"completion_tokens": 4}}) == (None, None, 4, False, ())
+
+
+def test_layout_proof_rejects_a_wrong_reading():
+    payload = chunk(b" a", b"3")
+    obj = orjson.loads(payload)
+    good = ChunkLayout.learn(payload, obj, summarize_chunk(obj))
+    assert good is not None and good.completion_group == 4
+    # the same cut, but reading total_tokens as completion_tokens: the substitution proof must refuse it
+    head = payload[:payload.index(b'" a"') + 1]
+    rest = payload[len(head) + 2:]
+    p_at, t_at, c_at = (rest.index(k) + len(k) for k in (b'"prompt_tokens":', b'"total_tokens":',
+                                                          b'"completion_tokens":'))
+    literals = [rest[:p_at], rest[p_at + 2:t_at], rest[t_at + 2:c_at], rest[c_at + 1:]]
+    slots = [stream_module._ANY_TEXT_SLOT] + [stream_module._NUMBER_SLOT] * 3
+    wrong = ChunkLayout(head, literals, slots, ["text", "prompt", "completion", "ignored"], True)
+    assert wrong._proven(head, literals, slots, payload, summarize_chunk(obj)) is False
+    right = ChunkLayout(head, literals, slots, ["text", "prompt", "ignored", "completion"], True)
+    assert right._proven(head, literals, slots, payload, summarize_chunk(obj)) is True

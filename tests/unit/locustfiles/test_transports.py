@@ -82,3 +82,99 @@ def test_a_closed_port_is_a_connect_error():
         pass
     out, rec = _request(base)  # the server is stopped: nothing listens there now
     assert rec["error_category"] == ErrorCategory.CONNECT_ERROR
+
+
+def test_multi_token_chunks_match_the_servers_truth():
+    config = SimConfig(ttft_s=0.005, itl_s=0.002, multi_token_chunk_probability=0.3, multi_token_chunk_tokens=3)
+    server = SimServer(config)
+    base = server.start_in_thread()
+    try:
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": " a b c"}], "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "max_tokens": 60}
+        spec = RequestSpec(path="/v1/chat/completions", body=body, headers={}, connect_timeout_s=2,
+                           first_token_timeout_s=5, total_timeout_s=10)
+        pool = HTTPClientPool(connection_timeout=2, network_timeout=30)
+        obs = StreamObserver(time.perf_counter())
+        out = stream_fasthttp(pool, base, spec, obs)
+        rec = obs.finish(time.perf_counter(), error_category=out.error_category, http_status=out.http_status)
+        pool.close()
+        truth = server.app.truth.since(0)
+    finally:
+        server.stop()
+    assert rec["error_category"] is None and len(truth) == 1
+    assert rec["chunk_tokens"] == tuple(truth[0]["chunk_tokens"])
+    assert 3 in rec["chunk_tokens"] and rec["output_tokens"] == 60
+    # every chunk arrived after the server wrote it (one clock: perf_counter in both)
+    t = truth[0]
+    for client_off, server_off in zip(rec["chunk_offsets_s"], t["chunk_offsets_s"]):
+        assert obs.t_start_s + client_off >= t["t_arrival_s"] + server_off
+
+
+def test_a_backlog_yields_to_other_streams_and_loses_nothing(monkeypatch):
+    import locustfiles.transports as transports
+
+    yields = []
+    real_yield = transports._yield
+    monkeypatch.setattr(transports, "_RECV_BYTES", 512)  # small reads: the backlog fills each one
+    monkeypatch.setattr(transports, "_yield", lambda: (yields.append(1), real_yield()))
+    server = SimServer(SimConfig(ttft_s=0.0, itl_s=0.0))  # every chunk written at once
+    base = server.start_in_thread()
+    try:
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": " a"}], "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "max_tokens": 300}
+        spec = RequestSpec(path="/v1/chat/completions", body=body, headers={}, connect_timeout_s=2,
+                           first_token_timeout_s=5, total_timeout_s=10)
+        pool = HTTPClientPool(connection_timeout=2, network_timeout=30)
+        obs = StreamObserver(time.perf_counter())
+        out = stream_fasthttp(pool, base, spec, obs)
+        rec = obs.finish(time.perf_counter(), error_category=out.error_category)
+        # the socket went back to the pool with its network timeout restored
+        sock = pool.get_client(transports._url(base, spec.path))._connection_pool._socket_queue.get(block=False)
+        timeout = sock.timeout
+        sock.close()
+        pool.close()
+    finally:
+        server.stop()
+    assert timeout == 30
+    assert rec["error_category"] is None and rec["chunk_tokens"] == (1,) * 300
+    assert len(yields) > 10
+
+
+class _Sock:
+    """A socket whose recv hands out pieces; ``_wait`` (gevent's) is recorded."""
+
+    def __init__(self, pieces):
+        self.pieces, self.log = list(pieces), []
+        self._read_event = object()
+
+    def _wait(self, event):
+        assert event is self._read_event
+        self.log.append("wait")
+
+    def recv(self, n):
+        self.log.append("recv")
+        return self.pieces.pop(0)[:n] if self.pieces else b""
+
+
+class _Resp:
+    def __init__(self, pieces):
+        self._sock = _Sock(pieces)
+        self._body_buffer = bytearray()
+        self.message_complete = False
+
+    def get(self, key, default=None):
+        return {"transfer-encoding": "chunked"}.get(key, default)
+
+    def feed(self, data):
+        self._body_buffer += data
+
+
+def test_reader_waits_before_recv_only_after_the_socket_was_emptied():
+    from locustfiles.transports import _BodyReader
+
+    resp = _Resp([b"x" * 8, b"y" * 3, b"z" * 8])
+    reader = _BodyReader(resp, recv_bytes=8)
+    assert reader.read() == b"x" * 8 and reader.backlog  # a full buffer: more is probably waiting
+    assert reader.read() == b"y" * 3 and not reader.backlog  # a short read emptied the socket...
+    assert reader.read() == b"z" * 8  # ...so the next read waits for data before its recv
+    assert resp._sock.log == ["recv", "recv", "wait", "recv"]
