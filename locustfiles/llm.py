@@ -70,6 +70,10 @@ class ScenarioShape(LoadTestShape):
         at = None if ctx.aborted else stage_at(ctx.stages, self.get_run_time() - self._started_at_s)
         if at is not None:
             if not ctx.stage_log or at.index != ctx.current_index:
+                # Ticks come once a second, later on a busy machine: a stage entered late still
+                # runs its whole duration from when it really began (the schedule moves with it).
+                self._started_at_s += at.stage_elapsed_s
+                at = stage_at(ctx.stages, self.get_run_time() - self._started_at_s)
                 ctx.enter_stage(at.index)
             if at.stage.open_loop:  # the per-process dispatchers send; no Locust users
                 return 0, 1000

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from locust import argument_parser, runners
+from locust import argument_parser, runners, stats
 
 # Seconds of silence before the master calls a worker missing (Locust's default is 3 missed
 # 1-second heartbeats). On a box shared with the server, a worker's event loop can stall for
@@ -37,6 +37,27 @@ def _cached_default_args_dict():
     return default_args_dict
 
 
+def _quiet_csv_writer():
+    """Locust's CSV writer greenlet can run once more after Locust closed its files at exit
+    and die with "I/O operation on closed file", printing a traceback after a clean run.
+    The files were final by then (see ``locustfiles.llm._write_final_csvs``): end quietly."""
+    original = stats.StatsCSVFileWriter.stats_writer
+    if getattr(original, "_envelope_quiet", False):
+        return original
+
+    @functools.wraps(original)
+    def stats_writer(self) -> None:
+        try:
+            original(self)
+        except ValueError as exc:
+            if "closed file" not in str(exc):
+                raise
+
+    stats_writer._envelope_quiet = True
+    return stats_writer
+
+
 def apply() -> None:
     argument_parser.default_args_dict = _cached_default_args_dict()
+    stats.StatsCSVFileWriter.stats_writer = _quiet_csv_writer()
     runners.HEARTBEAT_LIVENESS = max(runners.HEARTBEAT_LIVENESS, HEARTBEAT_LIVENESS_S)

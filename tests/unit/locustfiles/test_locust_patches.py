@@ -108,3 +108,27 @@ def test_local_drain_waits_for_users_and_requests():
                       drained(Ctx(False, in_flight=0), Runner(user_count=0))]))
     """)
     assert out == [False, False, False, True]
+
+
+def test_the_csv_writer_ends_quietly_on_files_locust_closed_but_not_on_other_errors():
+    out = _run("""
+        import json, locust
+        from locust import stats
+        from locustfiles import patches
+        patches.apply()
+        class W:
+            def __init__(self, exc): self.exc = exc
+        def raising(self):
+            raise self.exc
+        results = {}
+        for name, exc in (("closed", ValueError("I/O operation on closed file.")), ("other", ValueError("boom"))):
+            stats.StatsCSVFileWriter.stats_writer = raising  # stands for Locust's writer meeting `exc`
+            stats.StatsCSVFileWriter.stats_writer = patches._quiet_csv_writer()
+            try:
+                stats.StatsCSVFileWriter.stats_writer(W(exc))
+                results[name] = "quiet"
+            except ValueError as e:
+                results[name] = str(e)
+        print(json.dumps(results))
+    """)
+    assert out == {"closed": "quiet", "other": "boom"}
