@@ -36,6 +36,8 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
+from envelope.progress import RecordTailer  # noqa: E402
+
 GROWTH_TARGET_RATIO = 0.10
 
 
@@ -87,25 +89,14 @@ def cpu_ratio(samples: Sequence[Sample]) -> float:
 # -- measuring -----------------------------------------------------------------------------------------
 
 class _RecordCounter:
-    """Counts record lines as they are appended, reading each file only once."""
+    """Counts complete record lines as they are appended (``RecordTailer`` reads each byte once)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self._offsets: dict[Path, int] = {}
+        self._tailer = RecordTailer(run_dir / "records")
         self._lines = 0
 
     def count(self) -> int:
-        for path in (self.run_dir / "records").glob("*.jsonl"):
-            offset = self._offsets.get(path, 0)
-            try:
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read()
-            except OSError:
-                continue
-            self._lines += data.count(b"\n")
-            # count only whole lines; a partial last line is read again next time
-            self._offsets[path] = offset + (data.rfind(b"\n") + 1 if b"\n" in data else 0)
+        self._lines += len(self._tailer.poll())
         return self._lines
 
 
