@@ -20,6 +20,7 @@ from analysis import envelope as env
 from analysis import failures as fail
 from analysis import plots
 from analysis import tokens
+from analysis import workers as wk
 from analysis.load import Completeness, completeness, run_start_unix_s
 from analysis.table import (
     SERVER_STOPPED_CELL,
@@ -116,6 +117,10 @@ class _Extra:
     failure_notes: tuple[str, ...] = ()
     audit_table: tuple[tuple[str, ...], ...] = ()
     audit_lines: tuple[str, ...] = field(default_factory=tuple)
+    # a distributed run's load generators (workers.json); empty for a single-process run
+    worker_table: tuple[tuple[str, ...], ...] = ()
+    worker_lines: tuple[str, ...] = ()
+    worker_summary: tuple[str, ...] = ()
 
     @property
     def banner(self) -> str | None:
@@ -165,17 +170,26 @@ def _extra(run: Any) -> _Extra:
         else:
             notes.append("Locust's failures CSV (E2E entries) counts the same failures, category by category.")
     audit_rows, audit_text = tokens.audit_lines(run.token_audit)
+    lg = wk.describe_load_generators(run, zero_unix_s=run_start_unix_s(run))
+    worker_rows, worker_text = wk.load_generator_lines(lg) if lg is not None else ([], [])
+    worker_summary = [wk.ending_summary_line(e) for e in lg.endings] if lg is not None else []
+    worker_summary += [f"{gaps:,} record(s) from load generator {w} were lost in transit (not in the run)."
+                       for w, gaps in (lg.gaps if lg is not None else ())]
     return _Extra(completeness=completeness(run), stop_sentence=stop_sentence, failures=tuple(counts),
                   failure_intro=intro, failure_table=tuple(table), failure_notes=tuple(notes),
-                  audit_table=tuple(audit_rows), audit_lines=tuple(audit_text))
+                  audit_table=tuple(audit_rows), audit_lines=tuple(audit_text),
+                  worker_table=tuple(worker_rows), worker_lines=tuple(worker_text),
+                  worker_summary=tuple(worker_summary))
 
 
 def summary_lines(run: Any, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The report's headline as lines for a terminal: completeness, envelope per pass, what broke, failures."""
+    """The report's headline as lines for a terminal: completeness, lost load generators, envelope per pass,
+    what broke, failures."""
     extra = _extra(run)
     lines = []
     if extra.completeness.partial:
         lines.append(f"{extra.completeness.label.upper()}: " + " ".join(extra.completeness.reasons))
+    lines += extra.worker_summary
     if rows:
         primary = env.find_envelope(rows)
         findings = [primary] + [f for f in env.find_envelopes(rows) if f.pass_name != primary.pass_name]
@@ -301,6 +315,11 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
     if check is not None:
         parts.append("## Client/server token cross-check\n")
         parts.append(_md_escape(_cross_check(check, extra)) + "\n")
+    if extra is not None and extra.worker_lines:
+        parts.append("## Load generators\n")
+        parts.append(_md_escape(extra.worker_lines[0]) + "\n")
+        parts.append(_md_table(extra.worker_table) + "\n")
+        parts.append("\n".join(f"- {_md_escape(line)}" for line in extra.worker_lines[1:]) + "\n")
     parts.append("## Table\n")
     parts.append(table_md)
     slo_lines = [f"- {r['pass_name']} / {r['stage_name']}: {_slo_line(r)}" for r in rows if r.get("slo_results")]
@@ -409,6 +428,10 @@ def _html(run: Any, rows: Sequence[Mapping[str, Any]], graphs: Mapping[str, tupl
             out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in _event_lines(first)) + "</ul>")
     if check is not None:
         out.append(f"<h2>Client/server token cross-check</h2><p>{e(_cross_check(check, extra))}</p>")
+    if extra is not None and extra.worker_lines:
+        out.append(f"<h2>Load generators</h2><p>{e(extra.worker_lines[0])}</p>")
+        out.append(_html_table(extra.worker_table))
+        out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in extra.worker_lines[1:]) + "</ul>")
     out.append("<h2>Table</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for _, h in MARKDOWN_COLUMNS) + "</tr>")
     for r in rows:
         cells = []

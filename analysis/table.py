@@ -27,6 +27,9 @@ Which requests count:
     * ``server_stopped``: the server stopped answering during this stage or
       before it (see :mod:`analysis.failures`); such a row is kept in the table
       but not judged as part of the envelope.
+    * ``load_generators_ended``: load-generator workers lost or left during
+      the stage (see :mod:`analysis.workers`); their load was not replaced
+      until the next stage, so such a stage is not trustworthy.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import pandas as pd
 from analysis.load import run_start_unix_s
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
 from analysis.failures import run_server_stop
+from analysis.workers import ending_reason, stage_endings, worker_endings
 from envelope import metrics
 from envelope.records import ErrorCategory
 
@@ -88,7 +92,8 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "host_cpu_max_core_ratio", "client_saturated", "server_stopped",
     "achieved_rate_per_s", "send_lag_p50_ms", "send_lag_p99_ms",
     "ttft_from_intended_p50_ms", "ttft_from_intended_p95_ms", "e2e_from_intended_p95_ms",
-    "client_loop_lag_max_ms", "client_cpu_max_percent", "trustworthy", "untrustworthy_reasons",
+    "client_loop_lag_max_ms", "client_cpu_max_percent", "load_generators_ended",
+    "trustworthy", "untrustworthy_reasons",
     "slo_pass", "slo_results",
 )
 
@@ -137,6 +142,7 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
     columns = {m: _num(frame, f"{m}_ms") for m in ("ttft", "tpot", "e2e")}
     prompt = _num(frame, "prompt_tokens")
     telemetry = getattr(run, "telemetry", {}) or {}
+    endings = worker_endings(run, zero_unix_s=run_start)
 
     rows = []
     for stage in run.stages:
@@ -200,7 +206,8 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
         row.update(_telemetry_cells(telemetry, ws, we))
         row.update(_open_loop_cells(stage, frame, mine, sel, start))
         row.update(client_loop_lag_max_ms=stage.get("client_loop_lag_max_ms"),
-                   client_cpu_max_percent=stage.get("client_cpu_max_percent"))
+                   client_cpu_max_percent=stage.get("client_cpu_max_percent"),
+                   load_generators_ended=stage_endings(endings, stage))
         reasons = trust_reasons(row)
         row.update(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
         results = evaluate_slos(row, stage.get("slos") or {})
@@ -256,6 +263,7 @@ def trust_reasons(row: Mapping[str, Any]) -> list[str]:
     lag = row.get("client_loop_lag_max_ms")
     if lag is not None and lag > CLIENT_LOOP_LAG_LIMIT_MS:
         reasons.append(f"load generator stalled up to {lag:.0f} ms (latencies measured meanwhile are late by up to that)")
+    reasons += [ending_reason(item) for item in row.get("load_generators_ended") or ()]
     return reasons
 
 
@@ -382,6 +390,8 @@ def slo_summary(results: Sequence[Mapping[str, Any]]) -> str:
 def _csv_cell(column: str, value: Any) -> Any:
     if column == "slo_results":
         return slo_summary(value or [])
+    if column == "load_generators_ended":
+        return "; ".join(f"{i['worker']} {i['status']} at {i['t_s']:+.1f} s" for i in value or ())
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
