@@ -27,6 +27,15 @@ from envelope.prompts import PromptFactory, TokenizerProbe, calibrate
 from envelope.records import RecordWriter
 from envelope.scenario import ResolvedStage, Scenario, check_against_server, load_scenario
 from envelope.secrets import REDACTED, Secret, resolve_api_key
+from locustfiles.cluster import (
+    RECORDS_MESSAGE,
+    WORKERS_FILE,
+    ClockSync,
+    RecordShipper,
+    RecordSink,
+    WorkerLedger,
+    record_file_name,
+)
 
 __all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "atomic_write_json"]
 
@@ -85,12 +94,12 @@ class EnvelopeRun:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.scenario_path: str | None = getattr(options, "scenario", None) or None
         self.scenario: Scenario = load_scenario(self.scenario_path) if self.scenario_path else _default_scenario()
-        self.stages: list[ResolvedStage] = self.scenario.resolve(
-            quick=bool(getattr(options, "quick", False)),
-            duration_scale=getattr(options, "duration_scale", None),
-        )
-        # Without a scenario, or with --manual, the operator drives the user count from the web UI.
-        self.manual = not self.scenario_path or bool(getattr(options, "manual", False))
+        if self.is_master and self.scenario_path:
+            # Locust sends the master's options to its workers with every spawn message; the scenario
+            # goes with them as text, so a worker on another host runs exactly the master's stages
+            # (see adopt_master_options) and needs no copy of the file.
+            options.envelope_scenario_yaml = Path(self.scenario_path).read_text(encoding="utf-8")
+        self._resolve_stages(options)
         self.run_dir = self._run_dir_from_options(options)
         self.run_id = self.run_dir.name if self.run_dir else ""
         self.api_key: Secret | None = resolve_api_key(
@@ -100,7 +109,7 @@ class EnvelopeRun:
         self.record_text = bool(getattr(options, "record_text", False) or self.scenario.record_text)
         self.current_index = 0
         self.stage_log: list[dict] = []
-        self.writer: RecordWriter | None = None
+        self.writer: RecordWriter | RecordShipper | None = None
         self.factory: PromptFactory | None = None
         self.model: str | None = getattr(options, "model", None) or self.scenario.model
         self.max_model_len: int | None = None
@@ -123,6 +132,50 @@ class EnvelopeRun:
         self.ready_event = gevent.event.Event()
         self.ready_workers: set[str] = set()
         self.loop_lag_max_s = 0.0
+        # distributed runs: a worker ships its records and aligns its wall clock to the master's;
+        # the master writes what workers ship and keeps their ledger (workers.json)
+        self.clock: ClockSync | None = ClockSync() if self.is_worker else None
+        self.clock_offset_s = 0.0  # added to time.time() for wall_start_unix_s (master's clock)
+        self.sink: RecordSink | None = None
+        self.ledger: WorkerLedger | None = None
+        if self.is_master:
+            from locustfiles.patches import HEARTBEAT_LIVENESS_S
+
+            self.sink = RecordSink(lambda: self.ensure_run_dir() / "records")
+            self.ledger = WorkerLedger(heartbeat_timeout_s=HEARTBEAT_LIVENESS_S)
+
+    def _resolve_stages(self, options) -> None:
+        self.stages: list[ResolvedStage] = self.scenario.resolve(
+            quick=bool(getattr(options, "quick", False)),
+            duration_scale=getattr(options, "duration_scale", None),
+        )
+        # Without a scenario, or with --manual, the operator drives the user count from the web UI.
+        self.manual = not self.scenario_path or bool(getattr(options, "manual", False))
+
+    def adopt_master_options(self, options) -> None:
+        """Worker, at test start: run the master's scenario and options, whatever this host was given.
+
+        ``options`` is this worker's parsed options after Locust updated them with the
+        master's (the spawn message carries them). The API key is never among them:
+        each worker reads its own from its environment.
+        """
+        text = getattr(options, "envelope_scenario_yaml", None)
+        path = getattr(options, "scenario", None) or None
+        if text:
+            source = path or "<the master's scenario>"
+            mine = Path(self.scenario_path).read_text(encoding="utf-8") if self.scenario_path else None
+            if mine is not None and mine != text:
+                import logging
+
+                logging.getLogger("envelope").warning(
+                    "envelope: this worker's --scenario differs from the master's; running the master's (%s)", source)
+            self.scenario = load_scenario(source, text=text)
+            self.scenario_path = path
+        else:  # the master runs without a scenario: the web UI drives the user count
+            self.scenario, self.scenario_path = _default_scenario(), None
+        self._resolve_stages(options)
+        self.model = getattr(options, "model", None) or self.scenario.model
+        self.record_text = bool(getattr(options, "record_text", False) or self.scenario.record_text)
 
     # -- where things go -------------------------------------------------------------------------
     @staticmethod
@@ -146,12 +199,31 @@ class EnvelopeRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return self.run_dir
 
-    def record_writer(self) -> RecordWriter:
+    def record_writer(self) -> RecordWriter | RecordShipper:
+        """Where this process's records go: its own file, or, on a worker, to the master."""
         if self.writer is None:
-            run_dir = self.ensure_run_dir()
-            safe = self.worker_id.replace(":", "_").replace("/", "_")
-            self.writer = RecordWriter(run_dir / "records" / f"{safe}.jsonl")
+            if self.is_worker:
+                runner = self.environment.runner
+                self.writer = RecordShipper(self.worker_id,
+                                            lambda payload: runner.send_message(RECORDS_MESSAGE, payload))
+            else:
+                self.writer = RecordWriter(self.ensure_run_dir() / "records" / record_file_name(self.worker_id))
         return self.writer
+
+    def ship_records(self) -> None:
+        """Worker: send the records not yet sent (called often, and before every stats report)."""
+        if isinstance(self.writer, RecordShipper):
+            self.writer.flush()
+
+    def set_clock(self, estimate) -> None:
+        """Worker: use this offset to the master's wall clock from now on."""
+        self.clock_offset_s = estimate.offset_s
+
+    def write_workers_json(self) -> None:
+        if self.ledger is None:
+            return
+        self.ledger.changed = False
+        atomic_write_json(self.ensure_run_dir() / WORKERS_FILE, self.ledger.to_json(time.time()))
 
     # -- stages ----------------------------------------------------------------------------------
     @property
@@ -175,6 +247,8 @@ class EnvelopeRun:
             self.open_loop.enter(self.stages[index])
 
     def end_stages(self, *, now_unix_s: float | None = None) -> None:
+        if self.ledger is not None:  # workers that go from now on went with the run
+            self.ledger.closing = True
         if self.stage_log and self.stage_log[-1]["end_unix_s"] is None:
             self.stage_log[-1]["end_unix_s"] = time.time() if now_unix_s is None else now_unix_s
             self.write_stages()

@@ -20,12 +20,21 @@ import sys
 import time
 
 import gevent
-from locust import LoadTestShape, events
+from locust import LoadTestShape, events, runners
 
 from envelope.config import ConfigError
 from envelope.secrets import SecretError
 from envelope.shape import stage_at
 from locustfiles import patches
+from locustfiles.cluster import (
+    CLOCK_PING_MESSAGE,
+    CLOCK_PONG_MESSAGE,
+    RECORDS_MESSAGE,
+    SHIP_INTERVAL_S,
+    BatchError,
+    ClockSync,
+    WorkerLedger,
+)
 from locustfiles.context import ABORT_MESSAGE, READY_MESSAGE, STAGE_MESSAGE, EnvelopeRun, WorkerReport
 from locustfiles.open_loop import OpenLoop
 from locustfiles.users import LLMUser, send_one
@@ -38,6 +47,8 @@ patches.apply()
 log = logging.getLogger("envelope")
 _RUNS: list[EnvelopeRun] = []
 READY_TIMEOUT_S = 120.0  # how long the first stage waits for every worker to have probed the server
+CLOCK_WAIT_S = 5.0  # how long a worker waits for its first clock offset before saying it is ready
+CLOCK_RESYNC_S = 5.0  # a worker pings the master's clock this often (the best of the last 16 is used)
 
 
 class ScenarioShape(LoadTestShape):
@@ -104,7 +115,7 @@ class ScenarioShape(LoadTestShape):
         if not ctx.ready:
             return False
         if ctx.is_master:
-            clients = set(getattr(self.runner, "clients", {}))
+            clients = set(_live_workers(self.runner))
             return bool(clients) and clients <= ctx.ready_workers
         return True
 
@@ -120,7 +131,7 @@ class ScenarioShape(LoadTestShape):
         """
         if not ctx.is_master:
             return ctx.in_flight == 0 and self.runner.user_count == 0 and _open_loop_busy(ctx) == 0
-        clients = list(getattr(self.runner, "clients", {}))
+        clients = _live_workers(self.runner)  # a lost worker will never report again: the ledger has it
         if not clients:
             return True
         for client_id in clients:
@@ -129,6 +140,12 @@ class ScenarioShape(LoadTestShape):
                     or seen.open_loop):
                 return False
         return True
+
+
+def _live_workers(runner) -> list[str]:
+    """The workers the master still hears from (Locust keeps a missing one listed for a while)."""
+    clients = getattr(runner, "clients", {})
+    return [node_id for node_id, node in clients.items() if node.state != runners.STATE_MISSING]
 
 
 @events.init_command_line_parser.add_listener
@@ -180,16 +197,15 @@ def _on_init(environment, **_kw) -> None:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     if ctx.manual:
         environment.shape_class = None
-    # Let users that ramp-downs stop finish their current request, so nothing measured is cut off.
-    if not environment.stop_timeout:
-        longest = max(s.timeouts.total_s for s in ctx.stages)
-        environment.stop_timeout = min(longest, 120.0)
-    LLMUser.connection_timeout = ctx.stages[0].timeouts.connect_s
+    _apply_stage_settings(environment, ctx)
     runner = environment.runner
     if runner is not None and not ctx.is_master:  # this process sends requests
         ctx.open_loop = OpenLoop(ctx, environment, send_one)
         gevent.spawn(ctx.watch_event_loop)
     if runner is not None and ctx.is_worker:
+        runner.register_message(CLOCK_PONG_MESSAGE, _on_clock_pong)
+        gevent.spawn(_ship_loop, ctx)
+        gevent.spawn(_clock_loop, ctx, runner)
         runner.register_message(STAGE_MESSAGE, lambda environment, msg, **kw: environment.envelope.on_stage_message(msg.data))
         ctx.on_abort = lambda message: _abort_worker(environment, message)
         runner.register_message(ABORT_MESSAGE, lambda environment, msg, **kw: _abort_worker(environment, None))
@@ -197,11 +213,23 @@ def _on_init(environment, **_kw) -> None:
         ctx.on_abort = lambda message: _abort(environment, message)
         if ctx.is_master:
             runner.register_message(ABORT_MESSAGE, lambda environment, msg, **kw: _abort_once(environment, msg.data))
-            runner.register_message(READY_MESSAGE,
-                                    lambda environment, msg, **kw: environment.envelope.ready_workers.add(msg.node_id))
+            runner.register_message(READY_MESSAGE, _on_worker_ready)
+            runner.register_message(RECORDS_MESSAGE, _on_records)
+            runner.register_message(CLOCK_PING_MESSAGE, _on_clock_ping)
+            environment.events.heartbeat_sent.add_listener(
+                lambda client_id, timestamp, **kw: ctx.ledger.heard(client_id, time.time()))
+            gevent.spawn(_ledger_loop, ctx, runner)
     if runner is not None and not ctx.is_worker:
         ctx.ensure_run_dir()
         ctx.write_run_json("running")
+
+
+def _apply_stage_settings(environment, ctx: EnvelopeRun) -> None:
+    # Let users that ramp-downs stop finish their current request, so nothing measured is cut off.
+    if not environment.stop_timeout or getattr(environment, "_envelope_stop_timeout", None) == environment.stop_timeout:
+        longest = max(s.timeouts.total_s for s in ctx.stages)
+        environment.stop_timeout = environment._envelope_stop_timeout = min(longest, 120.0)
+    LLMUser.connection_timeout = ctx.stages[0].timeouts.connect_s
 
 
 @events.test_start.add_listener
@@ -209,6 +237,13 @@ def _on_test_start(environment, **_kw) -> None:
     ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
     if ctx is None:
         return
+    if ctx.is_worker and environment.parsed_options is not None:
+        try:
+            ctx.adopt_master_options(environment.parsed_options)
+        except ConfigError as exc:
+            _fail(environment, f"the master's scenario: {exc}")
+            return
+        _apply_stage_settings(environment, ctx)
     host = environment.host
     if not host:
         _fail(environment, "no --host given: the URL of the OpenAI-compatible server")
@@ -221,7 +256,10 @@ def _on_test_start(environment, **_kw) -> None:
         return
     ctx.mark_ready()
     if ctx.is_worker and environment.runner is not None:
-        environment.runner.send_message(READY_MESSAGE, None)
+        # after its clock offset is known (test_start runs in the greenlet that receives the pongs)
+        gevent.spawn(_announce_ready, ctx, environment.runner)
+    if ctx.ledger is not None:
+        ctx.ledger.closing = False
     if ctx.manual and not ctx.is_worker:
         ctx.enter_manual()
     log.info("envelope: model %s, max_model_len %s, prompts %r", ctx.model, ctx.max_model_len, ctx.factory)
@@ -230,6 +268,14 @@ def _on_test_start(environment, **_kw) -> None:
 @events.report_to_master.add_listener
 def _report_in_flight(client_id, data, **_kw) -> None:
     for ctx in _contexts():
+        # every record made so far goes first: the master reads this report only after them
+        ctx.ship_records()
+        data["envelope_worker_id"] = ctx.worker_id
+        data["envelope_records_made"] = ctx.writer.count if ctx.writer is not None else 0
+        estimate = ctx.clock.estimate if ctx.clock is not None else None
+        if estimate is not None:
+            data["envelope_clock_offset_s"] = estimate.offset_s
+            data["envelope_clock_uncertainty_s"] = estimate.uncertainty_s
         data["envelope_in_flight"] = ctx.in_flight
         runner = ctx.environment.runner
         data["envelope_users"] = runner.user_count if runner is not None else 0
@@ -245,6 +291,89 @@ def _collect_in_flight(client_id, data, **_kw) -> None:
                 in_flight=int(data["envelope_in_flight"]), users=int(data.get("envelope_users", 0)),
                 open_loop=int(data.get("envelope_open_loop", 0)), received_s=time.monotonic())
             ctx.note_client_health(loop_lag_ms=data.get("envelope_loop_lag_max_ms"))
+            if ctx.ledger is not None:
+                ctx.ledger.on_report(client_id, data, time.time())
+
+
+# -- distributed runs: records to the master, clocks, the ledger of workers ------------------------
+def _ship_loop(ctx: EnvelopeRun) -> None:
+    """Worker: send records at least every SHIP_INTERVAL_S (what a worker that dies takes with it)."""
+    while True:
+        gevent.sleep(SHIP_INTERVAL_S)
+        try:
+            ctx.ship_records()
+        except Exception as exc:  # the master is unreachable for now; the lines are kept for the next try
+            log.warning("envelope: could not ship records to the master (%s); retrying", exc)
+
+
+def _clock_loop(ctx: EnvelopeRun, runner) -> None:
+    """Worker: a burst of pings to learn the offset to the master's wall clock, then one every few seconds."""
+    for i in range(8):
+        runner.send_message(CLOCK_PING_MESSAGE, ClockSync.ping(time.time(), time.perf_counter()))
+        gevent.sleep(0.025)
+    while True:
+        gevent.sleep(CLOCK_RESYNC_S)
+        try:
+            runner.send_message(CLOCK_PING_MESSAGE, ClockSync.ping(time.time(), time.perf_counter()))
+        except Exception as exc:
+            log.warning("envelope: clock ping to the master failed (%s)", exc)
+
+
+def _on_clock_pong(environment, msg, **_kw) -> None:
+    mono_now = time.perf_counter()
+    ctx: EnvelopeRun = environment.envelope
+    estimate = ctx.clock.on_pong(msg.data, mono_now)
+    if estimate is not None:
+        ctx.set_clock(estimate)
+
+
+def _on_clock_ping(environment, msg, **_kw) -> None:
+    environment.runner.send_message(CLOCK_PONG_MESSAGE, ClockSync.pong(msg.data, time.time()), client_id=msg.node_id)
+
+
+def _announce_ready(ctx: EnvelopeRun, runner) -> None:
+    deadline = time.monotonic() + CLOCK_WAIT_S
+    while ctx.clock is not None and ctx.clock.estimate is None and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    if ctx.clock is not None and ctx.clock.estimate is None:
+        log.warning("envelope: no clock offset from the master after %.0f s; record start times use this "
+                    "host's clock", CLOCK_WAIT_S)
+    runner.send_message(READY_MESSAGE, None)
+
+
+def _on_worker_ready(environment, msg, **_kw) -> None:
+    ctx: EnvelopeRun = environment.envelope
+    ctx.ready_workers.add(msg.node_id)
+    ctx.ledger.heard(msg.node_id, time.time())
+
+
+def _on_records(environment, msg, **_kw) -> None:
+    """Master: a worker's batch of records goes to its file in the run directory at once."""
+    ctx: EnvelopeRun = environment.envelope
+    try:
+        received = ctx.sink.receive(msg.data)
+    except BatchError as exc:
+        log.error("envelope: %s (from worker %s)", exc, msg.node_id)
+        return
+    ctx.ledger.on_records(msg.node_id, received, time.time())
+    if received.gap:
+        log.error("envelope: %d records from %s never arrived", received.gap, received.worker_id)
+
+
+def _ledger_loop(ctx: EnvelopeRun, runner) -> None:
+    while True:
+        gevent.sleep(1.0)
+        _sync_ledger(ctx, runner)
+
+
+def _sync_ledger(ctx: EnvelopeRun, runner) -> None:
+    """Master: notice workers lost or gone mid-run (say so now; workers.json keeps it for the report)."""
+    states = {node_id: node.state for node_id, node in runner.clients.items()}
+    stage = ctx.current_index if ctx.stage_log else None
+    for entry in ctx.ledger.sync(states, now_unix_s=time.time(), stage_index=stage):
+        sys.stderr.write(f"envelope: {WorkerLedger.describe_end(entry)}\n")
+    if ctx.ledger.changed:
+        ctx.write_workers_json()
 
 
 def _open_loop_busy(ctx: EnvelopeRun) -> int:
@@ -264,6 +393,8 @@ def _on_test_stop(environment, **_kw) -> None:
         ctx.open_loop.cancel_all()
     if not ctx.is_worker:
         ctx.end_stages()
+    else:
+        ctx.ship_records()
 
 
 def _abort_once(environment, message: str) -> None:
@@ -295,12 +426,30 @@ def _abort_worker(environment, message: str | None) -> None:
         environment.runner.send_message(ABORT_MESSAGE, message)
 
 
+@events.quitting.add_listener
+def _on_quitting(environment, **_kw) -> None:
+    ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
+    if ctx is None:
+        return
+    if ctx.is_worker:  # before Locust tells the master this worker quits
+        ctx.ship_records()
+    elif ctx.ledger is not None:  # the master is stopping: workers that go now go with the run
+        ctx.ledger.closing = True
+
+
 @events.quit.add_listener
 def _on_quit(exit_code, **_kw) -> None:
     # ``quit`` carries no environment; finish every run context this process made.
     for ctx in _contexts():
         if ctx.writer is not None:
-            ctx.writer.close()
+            try:
+                ctx.writer.close()  # a worker's: the last records go to the master
+            except Exception as exc:
+                log.warning("envelope: could not ship the last records to the master (%s)", exc)
+        if ctx.ledger is not None:
+            ctx.ledger.close(time.time())
+            ctx.write_workers_json()
+            ctx.sink.close()
         if not ctx.is_worker:
             _write_final_csvs(ctx)
         if not ctx.is_worker and ctx.run_dir is not None:

@@ -165,7 +165,7 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     cancelled and the kill goes on.
     """
     spec, built, prompt_tokens, output_tokens = build_request(ctx, stage, client, rng)
-    wall_start = time.time()
+    wall_start = time.time() + ctx.clock_offset_s  # on the master's clock (0 unless a worker)
     t_start = perf_counter()
     obs = StreamObserver(t_start, keep_text=ctx.record_text)
     cancelled = False

@@ -59,9 +59,14 @@ DRAIN = """
             self.is_master, self.in_flight, self.worker_reports = is_master, in_flight, {}
             self.open_loop = None
 
+    class Node:
+        def __init__(self, state):
+            self.state = state
+
     class Runner:
-        def __init__(self, clients=(), user_count=0):
-            self.clients = {c: object() for c in clients}
+        def __init__(self, clients=(), user_count=0, missing=()):
+            self.clients = {c: Node("running") for c in clients}
+            self.clients.update({c: Node(locust.runners.STATE_MISSING) for c in missing})
             self.user_count = user_count
 
     def drained(ctx, runner, started=100.0):
@@ -88,12 +93,17 @@ def test_master_drain_needs_a_fresh_idle_report_from_every_worker():
     ctx.worker_reports["w2"] = WorkerReport(in_flight=0, users=0, received_s=102.0)
     results["both idle"] = drained(ctx, runner)
     results["no workers left"] = drained(Ctx(True), Runner([]))
+    # a worker Locust calls missing will never report again: the ledger names it, the drain goes on
+    lost = Ctx(True)
+    lost.worker_reports["w1"] = WorkerReport(in_flight=0, users=0, received_s=101.0)
+    lost.worker_reports["w2"] = WorkerReport(in_flight=2, users=3, received_s=90.0)
+    results["the other worker lost"] = drained(lost, Runner(["w1"], missing=["w2"]))
     print(json.dumps(results))
     """)
     assert out == {"no reports": False, "one of two": False, "stale (sent before the drain)": False,
                    "a request in flight": False, "a user still running (between requests)": False,
                    "open-loop work left (a dispatcher or a request waiting for a slot)": False,
-                   "both idle": True, "no workers left": True}
+                   "both idle": True, "no workers left": True, "the other worker lost": True}
 
 
 def test_local_drain_waits_for_users_and_requests():
