@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--duration-scale", type=float, help="scale every stage duration by this factor")
     r.add_argument("--out", default="runs", help="parent directory of the run directory (default: runs)")
     r.add_argument("--processes", type=int, help="Locust worker processes on this machine")
+    r.add_argument("--expect-workers", type=int,
+                   help="run as the master of N Locust workers started elsewhere "
+                        "(locust -f locustfiles/llm.py --worker --master-host THIS-HOST)")
+    r.add_argument("--master-bind-host", help="with --expect-workers: the interface workers connect to (default: all)")
+    r.add_argument("--master-bind-port", type=int, help="with --expect-workers: the port workers connect to (default 5557)")
     r.add_argument("--api-key-env", help=f"environment variable holding the API key (default {DEFAULT_API_KEY_ENV})")
     r.add_argument("--api-key-file", help="file whose first line is the API key")
     r.add_argument("--model", help="served model name (default: the scenario's, else the first listed)")
@@ -106,6 +111,9 @@ def locust_command(
     quick: bool = False,
     duration_scale: float | None = None,
     processes: int | None = None,
+    expect_workers: int | None = None,
+    master_bind_host: str | None = None,
+    master_bind_port: int | None = None,
     model: str | None = None,
     record_text: bool = False,
     python: str = sys.executable,
@@ -125,6 +133,13 @@ def locust_command(
         argv += ["--duration-scale", repr(float(duration_scale))]
     if processes is not None:
         argv += ["--processes", str(processes)]
+    if expect_workers is not None:
+        # the master of workers on other hosts; it gives up (exit 1) if they have not all come in 10 minutes
+        argv += ["--master", "--expect-workers", str(expect_workers), "--expect-workers-max-wait", "600"]
+        if master_bind_host:
+            argv += ["--master-bind-host", master_bind_host]
+        if master_bind_port is not None:
+            argv += ["--master-bind-port", str(master_bind_port)]
     if model:
         argv += ["--model", model]
     if record_text:
@@ -189,6 +204,16 @@ def _validate(args: argparse.Namespace) -> _Plan:
         raise UsageError(f"--duration-scale must be positive (got {args.duration_scale:g})")
     if args.processes is not None and args.processes < 1:
         raise UsageError(f"--processes must be at least 1 (got {args.processes})")
+    if args.expect_workers is not None:
+        if args.expect_workers < 1:
+            raise UsageError(f"--expect-workers must be at least 1 (got {args.expect_workers})")
+        if args.processes is not None:
+            raise UsageError("give --processes (workers on this machine) or --expect-workers (workers elsewhere), "
+                             "not both")
+    elif args.master_bind_host or args.master_bind_port is not None:
+        raise UsageError("--master-bind-host and --master-bind-port need --expect-workers N")
+    if args.master_bind_port is not None and not 0 < args.master_bind_port < 65536:
+        raise UsageError(f"--master-bind-port must be a TCP port, 1-65535 (got {args.master_bind_port})")
     try:
         stages = scenario.resolve(quick=args.quick, duration_scale=args.duration_scale)
     except (ConfigError, ValueError) as exc:
@@ -368,6 +393,9 @@ class _Runner:
                 "profile": args.profile,
                 "duration_scale": args.duration_scale,
                 "processes": args.processes,
+                "expect_workers": args.expect_workers,
+                "master_bind_host": args.master_bind_host,
+                "master_bind_port": args.master_bind_port,
                 "model": args.model,
                 "out": str(args.out),
                 "api_key": REDACTED if self.plan.api_key else None,
@@ -466,7 +494,9 @@ class _Runner:
         args = self.args
         argv = locust_command(locustfile=locustfile_path(), scenario=self.plan.scenario_path.resolve(),
                               host=base_url, run_dir=run_dir.resolve(), quick=args.quick,
-                              duration_scale=args.duration_scale, processes=args.processes, model=args.model,
+                              duration_scale=args.duration_scale, processes=args.processes,
+                              expect_workers=args.expect_workers, master_bind_host=args.master_bind_host,
+                              master_bind_port=args.master_bind_port, model=args.model,
                               record_text=args.record_text)
         (run_dir / "locust").mkdir(exist_ok=True)
         log_path = run_dir / "locust" / "locust.log"

@@ -103,6 +103,29 @@ def test_argument_syntax_errors_are_one_line(tmp_path):
                        r"--host must be an http:// or https:// URL")
 
 
+def test_distributed_options_are_checked_before_anything_starts(tmp_path):
+    base = ["run", "--scenario", str(SMOKE), "--host", "http://127.0.0.1:9"]
+    assert_usage_error(tmp_path, base + ["--expect-workers", "0"], r"--expect-workers must be at least 1 \(got 0\)")
+    assert_usage_error(tmp_path, base + ["--expect-workers", "2", "--processes", "2"],
+                       r"give --processes .* or --expect-workers .*, not both")
+    assert_usage_error(tmp_path, base + ["--master-bind-host", "0.0.0.0"],
+                       r"--master-bind-host and --master-bind-port need --expect-workers N")
+    assert_usage_error(tmp_path, base + ["--expect-workers", "1", "--master-bind-port", "70000"],
+                       r"--master-bind-port must be a TCP port, 1-65535 \(got 70000\)")
+
+
+def test_locust_command_for_a_master_of_remote_workers(tmp_path):
+    argv = locust_command(locustfile=locustfile_path(), scenario=SMOKE, host="http://h:1", run_dir=tmp_path,
+                          expect_workers=3, master_bind_host="10.0.0.3", master_bind_port=6000)
+    assert argv[argv.index("--expect-workers") + 1] == "3"
+    assert "--master" in argv and "--processes" not in argv
+    assert argv[argv.index("--master-bind-host") + 1] == "10.0.0.3"
+    assert argv[argv.index("--master-bind-port") + 1] == "6000"
+    assert argv[argv.index("--expect-workers-max-wait") + 1] == "600"
+    plain = locust_command(locustfile=locustfile_path(), scenario=SMOKE, host="http://h:1", run_dir=tmp_path)
+    assert "--master" not in plain and "--expect-workers" not in plain
+
+
 def test_stage_too_long_for_the_profile_names_its_line_before_launching(tmp_path):
     scenario = tmp_path / "two.yaml"
     scenario.write_text(
