@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell $(PY) -c "import hashlib,sys;print(hashlib.s
 PYTEST_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup browser test test-unit demo clean
+.PHONY: setup browser testhosts test test-unit demo clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,18 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: $(CHROMIUM) missing and not root: the browser test will be skipped (apt-get install chromium)"; fi
 
-test: $(STAMP) browser
+# The multi-host test makes its hosts with `ip netns` (iproute2) and sets one worker's wall clock
+# ahead with libfaketime; installed like chromium when we can, else that part says what is missing.
+FAKETIME_LIB := $(firstword $(wildcard /usr/lib/*/faketime/libfaketime.so.1))
+testhosts:
+	@if [ -n "$(FAKETIME_LIB)" ] && command -v ip >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing faketime and iproute2 for the multi-host test"; \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime iproute2 >/dev/null 2>&1 || \
+		 (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime iproute2 >/dev/null)); \
+	else echo "note: faketime or iproute2 missing and not root: the multi-host test runs without clock skew or is skipped"; fi
+
+test: $(STAMP) browser testhosts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
