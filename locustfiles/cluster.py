@@ -314,6 +314,15 @@ class WorkerLedger:
             self.changed = True
         return ended
 
+    def reopen(self, present: list[str] | set[str]) -> None:
+        """A new test starts (the web UI's Start after a Stop): workers still here are running again."""
+        self.closing = False
+        for node_id in present:
+            entry = self.entries.get(node_id)
+            if entry is not None and entry.status == "finished":
+                entry.status, entry.ended_unix_s = "running", None
+                self.changed = True
+
     def close(self, now_unix_s: float) -> None:
         """The run is over: every worker still counted as running finished with it."""
         self.closing = True

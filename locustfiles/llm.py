@@ -259,7 +259,7 @@ def _on_test_start(environment, **_kw) -> None:
         # after its clock offset is known (test_start runs in the greenlet that receives the pongs)
         gevent.spawn(_announce_ready, ctx, environment.runner)
     if ctx.ledger is not None:
-        ctx.ledger.closing = False
+        ctx.ledger.reopen(set(_live_workers(environment.runner)))
     if ctx.manual and not ctx.is_worker:
         ctx.enter_manual()
     log.info("envelope: model %s, max_model_len %s, prompts %r", ctx.model, ctx.max_model_len, ctx.factory)

@@ -213,6 +213,7 @@ class LiveConsole:
             "users": users,
             "in_flight": in_flight,
             "workers": workers,
+            "workers_ended": _workers_ended(ctx),
             "record_files": len(list(records_dir.glob("*.jsonl"))) if records_dir.is_dir() else 0,
             "unreadable_lines": self.tailer.skipped_lines,
             "window": {**window.to_dict(), "frozen": frozen, "full_s": self.window_s},
@@ -247,7 +248,7 @@ class LiveConsole:
         clients = getattr(runner, "clients", None)
         if clients is None:  # local runner: this process sends
             return int(ctx.in_flight), None
-        ids = set(clients)
+        ids = {node_id for node_id, node in clients.items() if getattr(node, "state", None) != "missing"}
         reports = [r for cid, r in ctx.worker_reports.items() if cid in ids]
         return sum(r.in_flight for r in reports), len(ids)
 
@@ -377,6 +378,15 @@ class LiveConsole:
 class _NotMetricsScrape(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "/metrics" not in str(record.args)
+
+
+def _workers_ended(ctx) -> list[dict[str, Any]]:
+    """Workers lost or gone mid-run, from the master's ledger (records they shipped are in the tab)."""
+    ledger = getattr(ctx, "ledger", None)
+    if ledger is None:
+        return []
+    return [{"worker": e.worker_id or e.node_id, "status": e.status, "ended_unix_s": e.ended_unix_s}
+            for e in ledger.entries.values() if e.status in ("lost", "left")]
 
 
 def _text(message: str, status: int) -> Response:

@@ -71,9 +71,11 @@
       ", up to " + ends;
 
     let warning = "";
-    if (finite(d.workers) && d.workers > 0 && (d.totals || {}).requests > 0 && d.record_files < d.workers) {
-      warning = "Only " + d.record_files + " record file(s) for " + d.workers + " workers: workers on other " +
-        "machines must share the run directory with the master for this tab to see their requests.";
+    const gone = d.workers_ended || [];
+    if (gone.length) {
+      warning = gone.map((g) => "Load generator " + g.worker + (g.status === "lost"
+        ? " was lost (no heartbeat) at " : " left at ") + fmtClock(g.ended_unix_s) +
+        ": the records it shipped are counted here; the load of the stage it was in fell.").join(" ");
     } else if (d.unreadable_lines > 0) {
       warning = d.unreadable_lines + " unreadable record line(s) skipped.";
     }

@@ -190,3 +190,15 @@ def test_a_worker_declared_missing_that_speaks_again_was_stalled_not_lost():
     entry = ledger.entries["a_1"]
     assert (entry.status, entry.ended_unix_s, entry.outages) == ("running", None, [[100.0, 115.0]])
     assert ledger.sync({"a_1": "running"}, now_unix_s=116.0, stage_index=0) == []
+
+
+def test_a_new_test_in_the_web_ui_reopens_the_workers_still_there():
+    ledger = WorkerLedger(heartbeat_timeout_s=10)
+    ledger.sync({"a_1": "running", "b_2": "running"}, now_unix_s=100.0, stage_index=0)
+    ledger.closing = True  # Stop: workers report stopped and Locust drops them for a moment
+    ledger.sync({}, now_unix_s=101.0, stage_index=None)
+    assert {e.status for e in ledger.entries.values()} == {"finished"}
+    ledger.reopen({"a_1"})  # Start again; only a_1 came back
+    assert (ledger.entries["a_1"].status, ledger.entries["b_2"].status) == ("running", "finished")
+    assert not ledger.closing
+    assert [e.node_id for e in ledger.sync({}, now_unix_s=150.0, stage_index=0)] == ["a_1"]  # then it left
