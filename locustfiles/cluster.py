@@ -34,6 +34,8 @@ __all__ = [
     "RECORDS_MESSAGE",
     "CLOCK_PING_MESSAGE",
     "CLOCK_PONG_MESSAGE",
+    "FINISH_MESSAGE",
+    "FINISHED_MESSAGE",
     "SHIP_INTERVAL_S",
     "WORKERS_FILE",
     "RecordShipper",
@@ -49,6 +51,8 @@ __all__ = [
 RECORDS_MESSAGE = "envelope_records"  # worker -> master: a batch of record lines
 CLOCK_PING_MESSAGE = "envelope_clock_ping"  # worker -> master: what time is it?
 CLOCK_PONG_MESSAGE = "envelope_clock_pong"  # master -> that worker: the master's wall clock
+FINISH_MESSAGE = "envelope_finish"  # master -> workers: the run is interrupted; stop, ship everything, confirm
+FINISHED_MESSAGE = "envelope_finished"  # worker -> master: stopped, every record shipped before this
 SHIP_INTERVAL_S = 0.25  # the most a worker holds records before sending them
 SHIP_MAX_BYTES = 256 * 1024  # a batch this large is sent at once (bounds compression time per batch)
 WORKERS_FILE = "workers.json"

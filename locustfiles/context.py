@@ -137,6 +137,8 @@ class EnvelopeRun:
         self.clock: ClockSync | None = ClockSync() if self.is_worker else None
         self.clock_offset_s = 0.0  # added to time.time() for wall_start_unix_s (master's clock)
         self.sink: RecordSink | None = None
+        self.finishing: set[str] = set()  # master, interrupted: workers yet to confirm their last records
+        self.drained = False  # master/local: the schedule ended and every worker proved it had nothing left
         self.ledger: WorkerLedger | None = None
         if self.is_master:
             from locustfiles.patches import HEARTBEAT_LIVENESS_S

@@ -29,6 +29,8 @@ from locustfiles import patches
 from locustfiles.cluster import (
     CLOCK_PING_MESSAGE,
     CLOCK_PONG_MESSAGE,
+    FINISH_MESSAGE,
+    FINISHED_MESSAGE,
     RECORDS_MESSAGE,
     SHIP_INTERVAL_S,
     BatchError,
@@ -93,13 +95,15 @@ class ScenarioShape(LoadTestShape):
         now = time.monotonic()
         if self._drain_started_s is None:
             self._drain_started_s = now
-        if not self._drained(ctx) and now - self._drain_started_s < self.runner.environment.stop_timeout + 10:
+        proven = self._drained(ctx)
+        if not proven and now - self._drain_started_s < self.runner.environment.stop_timeout + 10:
             return 0, 1000
         # Locust's CSV writer rewrites its files once a second and writes nothing at exit:
         # let it run once more after the last request reached the stats.
         self._idle_ticks += 1
         if self._idle_ticks <= 2:
             return 0, 1000
+        ctx.drained = proven
         return None
 
     def _sample_client_health(self, ctx: EnvelopeRun) -> None:
@@ -204,6 +208,7 @@ def _on_init(environment, **_kw) -> None:
         gevent.spawn(ctx.watch_event_loop)
     if runner is not None and ctx.is_worker:
         runner.register_message(CLOCK_PONG_MESSAGE, _on_clock_pong)
+        runner.register_message(FINISH_MESSAGE, _on_finish, concurrent=True)
         gevent.spawn(_ship_loop, ctx)
         gevent.spawn(_clock_loop, ctx, runner)
         runner.register_message(STAGE_MESSAGE, lambda environment, msg, **kw: environment.envelope.on_stage_message(msg.data))
@@ -216,6 +221,8 @@ def _on_init(environment, **_kw) -> None:
             runner.register_message(READY_MESSAGE, _on_worker_ready)
             runner.register_message(RECORDS_MESSAGE, _on_records)
             runner.register_message(CLOCK_PING_MESSAGE, _on_clock_ping)
+            runner.register_message(FINISHED_MESSAGE,
+                                    lambda environment, msg, **kw: environment.envelope.finishing.discard(msg.node_id))
             environment.events.heartbeat_sent.add_listener(
                 lambda client_id, timestamp, **kw: ctx.ledger.heard(client_id, time.time()))
             gevent.spawn(_ledger_loop, ctx, runner)
@@ -426,6 +433,15 @@ def _abort_worker(environment, message: str | None) -> None:
         environment.runner.send_message(ABORT_MESSAGE, message)
 
 
+@events.test_stopping.add_listener
+def _on_test_stopping(environment, **_kw) -> None:
+    # A headless run interrupted by Ctrl-C goes straight to the runner's quit, which stops the test
+    # (this event) and gives the workers half a second: finish them properly here, first.
+    ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
+    if ctx is not None and ctx.is_master:
+        _finish_workers(environment, ctx)
+
+
 @events.quitting.add_listener
 def _on_quitting(environment, **_kw) -> None:
     ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
@@ -435,6 +451,44 @@ def _on_quitting(environment, **_kw) -> None:
         ctx.ship_records()
     elif ctx.ledger is not None:  # the master is stopping: workers that go now go with the run
         ctx.ledger.closing = True
+        _finish_workers(environment, ctx)
+
+
+def _finish_workers(environment, ctx: EnvelopeRun) -> None:
+    """Master, interrupted mid-run: let every worker stop its users and ship its last records first.
+
+    Locust's own quit gives workers half a second before the master stops listening, while a
+    worker lets its users finish the request in hand (up to ``stop_timeout``): their records
+    would arrive too late. Each worker answers once it has stopped and shipped everything.
+    """
+    runner = environment.runner
+    if runner is None or ctx.drained or runner.state in (runners.STATE_INIT, runners.STATE_STOPPED):
+        return  # nothing running, or the drain already proved every record arrived
+    ctx.finishing = set(_live_workers(runner))
+    if not ctx.finishing:
+        return
+    shape = getattr(runner, "shape_greenlet", None)
+    if shape is not None and shape is not gevent.getcurrent():
+        shape.kill(block=True)  # no new stage or spawn while the workers finish (Locust kills it next anyway)
+    runner.send_message(FINISH_MESSAGE, None)
+    deadline = time.monotonic() + environment.stop_timeout + 10.0
+    while ctx.finishing and time.monotonic() < deadline:
+        ctx.finishing &= set(_live_workers(runner))  # a worker that died will not answer
+        gevent.sleep(0.05)
+    if ctx.finishing:
+        log.warning("envelope: %d worker(s) did not confirm their last records before the master quit",
+                    len(ctx.finishing))
+
+
+def _on_finish(environment, msg, **_kw) -> None:
+    """Worker: the master is quitting; stop the users (each finishes its request), ship, confirm."""
+    ctx: EnvelopeRun = environment.envelope
+    runner = environment.runner
+    if ctx.open_loop is not None:
+        ctx.open_loop.stop_dispatching()
+    runner.stop()  # test_stop ships the records made meanwhile
+    ctx.ship_records()
+    runner.send_message(FINISHED_MESSAGE, {"records": ctx.writer.count if ctx.writer is not None else 0})
 
 
 @events.quit.add_listener

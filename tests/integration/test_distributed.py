@@ -302,3 +302,67 @@ def test_a_worker_killed_mid_run_keeps_its_shipped_records_and_the_report_names_
     after = next(s for s in run.stages if s["stage_name"] == "after")
     named_in_after = f"load generator {lost['worker_id']}" in (rows["after"]["untrustworthy_reasons"] or "")
     assert named_in_after == (lost["ended_unix_s"] >= after["start_unix_s"])
+
+
+# -- the master interrupted mid-run ----------------------------------------------------------------
+SLOW_SCENARIO = """\
+name: slow
+defaults:
+  workload: {prompt_tokens: 32, output_tokens: 200, fixed_output: true}
+  timeouts: {connect_s: 5, first_token_s: 10, total_s: 30}
+passes:
+  - name: p
+    stages:
+      - {name: long, users: 6, spawn_rate: 100, duration_s: 60}
+"""
+
+
+def test_interrupting_the_master_loses_no_record_its_workers_made(tmp_path):
+    """Ctrl-C on the master while every user has a request in hand: the workers finish them and ship
+    the records before the master quits (Locust alone waits half a second for its workers)."""
+    from server.sim import SimConfig, SimServer
+
+    scenario = tmp_path / "slow.yaml"
+    scenario.write_text(SLOW_SCENARIO)
+    run_dir = tmp_path / "run"
+    port = str(_free_port())
+    sim = SimServer(SimConfig(ttft_s=0.05, itl_s=0.01, max_model_len=4096)).start_in_subprocess()  # 2 s each
+    stack = contextlib.ExitStack()
+    try:
+        workers = [subprocess.Popen([PY, "-m", "locust", "-f", str(LOCUSTFILE), "--worker", "--master-port", port],
+                                    cwd=REPO, env=_clean_env(), start_new_session=True,
+                                    stdout=stack.enter_context((tmp_path / f"w{i}.log").open("w")),
+                                    stderr=subprocess.STDOUT)
+                   for i in (1, 2)]
+        master = subprocess.Popen(
+            [PY, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--master", "--expect-workers", "2",
+             "--master-bind-host", "127.0.0.1", "--master-bind-port", port, "--scenario", str(scenario),
+             "--host", sim.base_url, "--run-dir", str(run_dir), "--csv", str(run_dir / "locust" / "locust"),
+             "--only-summary"],
+            cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and master.poll() is None:
+            if sum(p.read_bytes().count(b"\n") for p in (run_dir / "records").glob("*.jsonl")) >= 12:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # mid-request: each takes about 2 s
+        master.send_signal(signal.SIGINT)
+        stdout, stderr = master.communicate(timeout=120)
+        for proc in workers:
+            assert proc.wait(timeout=60) is not None  # the workers quit with the master
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        stack.close()
+        sim.stop()
+    recs = records(run_dir)
+    ledger = json.loads((run_dir / "workers.json").read_text())["workers"]
+    assert len(ledger) == 2 and all(w["status"] == "finished" for w in ledger), ledger
+    assert sum(w["records_received"] for w in ledger) == len(recs)
+    # every request the users had in hand at the interrupt is a record, and Locust counts the same
+    assert len(recs) == locust_request_count(run_dir) > 12, stderr[-2000:]
+    assert sorted({r["worker_id"] for r in recs}) == sorted(w["worker_id"] for w in ledger)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "partial"
+    assert "did not confirm" not in stderr
