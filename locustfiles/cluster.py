@@ -2,7 +2,7 @@
 
 A Locust worker may run on another host, so it writes no record file. It
 hands each record line to a :class:`RecordShipper`, which sends them to the
-master in compressed batches (at least every :data:`SHIP_INTERVAL_S`, and
+master in batches (at least every :data:`SHIP_INTERVAL_S`, and
 before every stats report, so a report that says "nothing in flight" arrives
 after every record it covers). The master's :class:`RecordSink` appends each
 batch to that worker's file in the run directory with one write, so one run
@@ -54,7 +54,7 @@ CLOCK_PONG_MESSAGE = "envelope_clock_pong"  # master -> that worker: the master'
 FINISH_MESSAGE = "envelope_finish"  # master -> workers: the run is interrupted; stop, ship everything, confirm
 FINISHED_MESSAGE = "envelope_finished"  # worker -> master: stopped, every record shipped before this
 SHIP_INTERVAL_S = 0.25  # the most a worker holds records before sending them
-SHIP_MAX_BYTES = 256 * 1024  # a batch this large is sent at once (bounds compression time per batch)
+SHIP_MAX_BYTES = 256 * 1024  # a batch this large is sent at once (bounds one message, and one write)
 WORKERS_FILE = "workers.json"
 MISSING = "missing"  # locust.runners.STATE_MISSING
 
@@ -77,8 +77,12 @@ class RecordShipper:
     first record, so the master can tell if one never arrived.
     """
 
-    def __init__(self, worker_id: str, send: Callable[[dict], None], *, max_bytes: int = SHIP_MAX_BYTES) -> None:
+    def __init__(self, worker_id: str, send: Callable[[dict], None], *, max_bytes: int = SHIP_MAX_BYTES,
+                 compress: bool = False) -> None:
         self.worker_id = worker_id
+        # Off by default: zlib halves the bytes of a long stream's record but costs ~7x its JSON encoding
+        # in worker CPU, the scarcest thing in a load test (benchmarks/shipping.py); a LAN does not mind.
+        self._compress = compress
         self._send = send
         self._max_bytes = max_bytes
         self._lines: list[bytes] = []
@@ -105,8 +109,9 @@ class RecordShipper:
         if not self._lines:
             return
         lines, self._lines, self._bytes = self._lines, [], 0
+        data = b"".join(lines)
         payload = {"worker_id": self.worker_id, "seq": self.shipped, "n": len(lines),
-                   "z": zlib.compress(b"".join(lines), 1)}
+                   "lines": zlib.compress(data, 1) if self._compress else data, "zlib": self._compress}
         try:
             self._send(payload)
         except Exception:
@@ -147,7 +152,11 @@ class RecordSink:
         try:
             worker_id = str(payload["worker_id"])
             seq, n = int(payload["seq"]), int(payload["n"])
-            data = zlib.decompress(payload["z"])
+            data = payload["lines"]
+            if payload.get("zlib"):
+                data = zlib.decompress(data)
+            if not isinstance(data, bytes):
+                raise TypeError(f"lines are {type(data).__name__}, not bytes")
         except (KeyError, TypeError, ValueError, zlib.error) as exc:
             raise BatchError(f"a record batch that cannot be read ({type(exc).__name__}: {exc})") from None
         lines = data.count(b"\n")

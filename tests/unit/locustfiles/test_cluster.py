@@ -27,10 +27,11 @@ def make_record(i: int, worker_id: str = "w1:7") -> RequestRecord:
 
 
 # -- shipping -------------------------------------------------------------------------------------
-def test_shipped_batches_land_in_one_file_per_worker_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("compress", [False, True])
+def test_shipped_batches_land_in_one_file_per_worker_byte_for_byte(tmp_path, compress):
     sink = RecordSink(lambda: tmp_path / "records")
     sent: list[dict] = []
-    shippers = {w: RecordShipper(w, sent.append, max_bytes=2_000) for w in ("w1:7", "w2:9")}
+    shippers = {w: RecordShipper(w, sent.append, max_bytes=2_000, compress=compress) for w in ("w1:7", "w2:9")}
     expected: dict[str, bytes] = {w: b"" for w in shippers}
     for i in range(60):
         w = "w1:7" if i % 3 else "w2:9"
@@ -43,6 +44,7 @@ def test_shipped_batches_land_in_one_file_per_worker_byte_for_byte(tmp_path):
         s.close()
     assert all(s.pending == 0 and s.shipped == s.count for s in shippers.values())
     assert sum(p["n"] for p in sent) == 60 and len(sent) > 4  # several size- and call-triggered batches
+    assert all(p["zlib"] is compress for p in sent)
     for payload in sent:
         received = sink.receive(payload)
         assert received.gap == 0 and received.records == payload["n"]
@@ -72,7 +74,7 @@ def test_a_batch_that_could_not_be_sent_is_kept_for_the_next_try():
     shipper.write(make_record(3))
     shipper.flush()
     assert (shipper.pending, shipper.shipped, shipper.count) == (0, 4, 4)
-    lines = zlib.decompress(attempts[-1]["z"]).splitlines()
+    lines = attempts[-1]["lines"].splitlines()
     assert [orjson.loads(x)["request_id"] for x in lines] == [f"w1:7-{i}" for i in range(4)]
     assert attempts[-1]["seq"] == 0
 
@@ -98,16 +100,17 @@ def test_a_worker_id_never_names_a_path_outside_records(tmp_path, worker_id, nam
     assert record_file_name(worker_id) == name
     sink = RecordSink(lambda: tmp_path / "records")
     line = make_record(0, worker_id).to_json_line()
-    sink.receive({"worker_id": worker_id, "seq": 0, "n": 1, "z": zlib.compress(line)})
+    sink.receive({"worker_id": worker_id, "seq": 0, "n": 1, "lines": line})
     sink.close()
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == [f"records/{name}"]
 
 
 @pytest.mark.parametrize("payload, message", [
-    ({"worker_id": "w:1", "seq": 0, "n": 1, "z": b"not zlib"}, "cannot be read"),
-    ({"worker_id": "w:1", "seq": 0, "n": 2, "z": zlib.compress(b'{"a":1}\n')}, "holds 1 whole lines, not 2"),
-    ({"worker_id": "w:1", "seq": 0, "n": 1, "z": zlib.compress(b'{"a":1}\n{"b"')}, "holds 1 whole lines, not 1"),
-    ({"seq": 0, "n": 1, "z": zlib.compress(b"{}\n")}, "cannot be read"),
+    ({"worker_id": "w:1", "seq": 0, "n": 1, "lines": b"not zlib", "zlib": True}, "cannot be read"),
+    ({"worker_id": "w:1", "seq": 0, "n": 1, "lines": "{}\n"}, "cannot be read"),
+    ({"worker_id": "w:1", "seq": 0, "n": 2, "lines": b'{"a":1}\n'}, "holds 1 whole lines, not 2"),
+    ({"worker_id": "w:1", "seq": 0, "n": 1, "lines": b'{"a":1}\n{"b"'}, "holds 1 whole lines, not 1"),
+    ({"seq": 0, "n": 1, "lines": b"{}\n"}, "cannot be read"),
 ])
 def test_a_batch_that_is_not_whole_record_lines_is_refused_and_nothing_written(tmp_path, payload, message):
     sink = RecordSink(lambda: tmp_path / "records")
