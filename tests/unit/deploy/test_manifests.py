@@ -1,11 +1,15 @@
 """The deployment files in deploy/: they parse, agree with each other and with the repo, and their
-Locust command lines parse with Locust's own argument parser plus our options.
+command lines parse with their own parsers: the plain master's with the ``envelope`` CLI's, and the
+Locust command lines (the workers', the operator's, and the one ``envelope run`` starts for the
+plain master) with Locust's own plus our options.
 
-Locust is only ever imported in a subprocess (it monkey-patches the standard library).
+Locust is only ever imported in a subprocess (it monkey-patches the standard library);
+``envelope.cli`` imports neither Locust nor gevent (checked below), so it is imported here.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from envelope import cli
 from envelope.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[3]
@@ -30,6 +35,9 @@ DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
 DOC = REPO / "docs" / "distributed.md"
 
 API_KEY_ENV = "ENVELOPE_API_KEY"
+# The plain master's container runs `envelope run`; the workers' runs the image's entrypoint (locust).
+MASTER_CONTAINER = "envelope"
+WORKER_CONTAINER = "locust"
 # Manifests applied on their own, not through their folder's kustomization.
 STANDALONE = {OPERATOR / "results-pod.yaml"}
 
@@ -167,14 +175,43 @@ def parse_with_locust(argvs: list[list[str]]) -> list[dict]:
 # -- the commands, parsed once for the module --------------------------------------------------
 
 def plain_commands() -> dict[str, tuple[dict, list[str]]]:
+    """role -> (container, args): the master's args are `envelope`'s, the worker's Locust's."""
     docs = docs_of(PLAIN)
     master_job, workers = one(docs, "Job", "envelope-master"), one(docs, "Deployment", "envelope-worker")
     out = {}
-    for role, obj in (("master", master_job), ("worker", workers)):
-        c = container(obj["spec"]["template"]["spec"], "locust")
-        assert "command" not in c, "the locust container must use the image's entrypoint (locust)"
+    for role, obj, name in (("master", master_job, MASTER_CONTAINER), ("worker", workers, WORKER_CONTAINER)):
+        c = container(obj["spec"]["template"]["spec"], name)
         out[role] = (c, substitute(c["args"], {e["name"] for e in c.get("env", [])}))
+    assert out["master"][0]["command"] == ["envelope"], "the master runs the envelope CLI, not the entrypoint"
+    assert "command" not in out["worker"][0], "a worker uses the image's entrypoint (locust)"
     return out
+
+
+def parse_with_envelope(argv: list[str]) -> argparse.Namespace:
+    """``argv`` as ``envelope`` parses it (its own parser; no validation, which would probe the server)."""
+    try:
+        return cli._parser().parse_args(argv)
+    except cli.UsageError as exc:
+        pytest.fail(f"envelope {' '.join(argv)}: {exc}")
+
+
+def plain_master_locust_argv(ns: argparse.Namespace) -> list[str]:
+    """The Locust command ``envelope run`` starts for these options (less ``python -m locust``).
+
+    The run directory is named as ``envelope run`` names it, after the scenario file the ConfigMap
+    key comes from; the locustfile is the installed package's, found at run time.
+    """
+    files = generated_files(PLAIN, "envelope-scenarios")
+    assert Path(ns.scenario).name in files, f"--scenario={ns.scenario}: not a file of the ConfigMap"
+    scenario = files[Path(ns.scenario).name]
+    run_dir = Path(ns.out) / cli.run_dir_name(load_scenario(scenario).name, 0.0)
+    argv = cli.locust_command(
+        locustfile=Path("locustfiles/llm.py"), scenario=Path(ns.scenario), host=ns.host, run_dir=run_dir,
+        quick=ns.quick, duration_scale=ns.duration_scale, processes=ns.processes,
+        expect_workers=ns.expect_workers, master_bind_host=ns.master_bind_host,
+        master_bind_port=ns.master_bind_port, model=ns.model, record_text=ns.record_text)
+    assert argv[1:3] == ["-m", "locust"], argv
+    return argv[3:]
 
 
 def operator_commands() -> dict[str, list[str]]:
@@ -189,10 +226,17 @@ def operator_commands() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def parsed() -> dict[str, dict]:
+def plain_master() -> argparse.Namespace:
+    """The plain master's `envelope` arguments, parsed by the CLI."""
+    return parse_with_envelope(plain_commands()["master"][1])
+
+
+@pytest.fixture(scope="module")
+def parsed(plain_master) -> dict[str, dict]:
+    """Locust's options for each Locust command line; plain-master: the one `envelope run` starts."""
     plain, op = plain_commands(), operator_commands()
     keys = ["plain-master", "plain-worker", "operator-master", "operator-worker", "bare"]
-    argvs = [plain["master"][1], plain["worker"][1], op["master"], op["worker"], BARE_ARGV]
+    argvs = [plain_master_locust_argv(plain_master), plain["worker"][1], op["master"], op["worker"], BARE_ARGV]
     return dict(zip(keys, parse_with_locust(argvs)))
 
 
@@ -240,12 +284,12 @@ def test_configmap_generator_takes_existing_valid_scenarios(folder):
     assert "locustfiles/" in dockerfile_copies()
 
 
-def test_plain_master_scenario_mount_and_configmap_agree(parsed):
+def test_plain_master_scenario_mount_and_configmap_agree(plain_master):
     files = generated_files(PLAIN, "envelope-scenarios")
     pod = one(docs_of(PLAIN), "Job")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container(pod, "locust")["volumeMounts"]}
-    scenario = Path(parsed["plain-master"]["scenario"])
+    mounts = {m["mountPath"]: m["name"] for m in container(pod, MASTER_CONTAINER)["volumeMounts"]}
+    scenario = Path(plain_master.scenario)
     volume = volumes[mounts[str(scenario.parent)]]
     assert volume["configMap"]["name"] == "envelope-scenarios"
     assert scenario.name in files
@@ -265,30 +309,56 @@ def test_operator_scenario_mount_and_configmap_agree(parsed):
 # -- the command lines, parsed by Locust ---------------------------------------------------------
 
 def test_locustfile_is_the_image_path_of_ours(parsed):
-    for ns in parsed.values():
-        assert ns["locustfile"] == "locustfiles/llm.py"
+    for key, ns in parsed.items():
+        if key != "plain-master":  # `envelope run` finds the installed package's llm.py itself
+            assert ns["locustfile"] == "locustfiles/llm.py", key
     assert (REPO / "locustfiles" / "llm.py").is_file()
     assert dockerfile_instructions("WORKDIR")[-1] == "/envelope"
 
 
-def test_plain_master_runs_the_scenario_headless_for_every_worker(parsed):
+def test_the_envelope_cli_imports_no_locust_or_gevent():
+    # this module imports envelope.cli: it must not monkey-patch the test process
+    code = ("import sys, envelope.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'locust', 'gevent', 'geventhttpclient'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_plain_master_runs_envelope_for_every_worker(plain_master):
+    ns = plain_master
+    workers = one(docs_of(PLAIN), "Deployment", "envelope-worker")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["scripts"]["envelope"] == "envelope.cli:main", "the command the master's container runs"
+    assert ns.command == "run"
+    assert ns.expect_workers == workers["spec"]["replicas"] and ns.processes is None
+    assert ns.host.startswith(("http://", "https://")) and ns.profile is None, "a server, never launched here"
+    assert ns.master_bind_host == "0.0.0.0", "workers come in through the Service, on the pod's interface"
+    assert not ns.no_analysis, "the report is written at the end of the run"
+    assert not ns.quick and ns.duration_scale is None, "the scenario as written"
+    job = one(docs_of(PLAIN), "Job", "envelope-master")
+    pod = job["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in container(pod, MASTER_CONTAINER)["volumeMounts"]}
+    assert mounts.get(ns.out) == "runs", "the run directory goes on the runs volume"
+    assert mounts.get(str(Path(ns.scenario).parent)) == "scenarios"
+    # the results container sees the same run directories
+    assert {m["mountPath"]: m["name"] for m in container(pod, "results")["volumeMounts"]}[ns.out] == "runs"
+    # a Job that never retries: a rerun would start a new test against the server
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+
+
+def test_plain_master_starts_locust_as_the_headless_master(parsed, plain_master):
     ns = parsed["plain-master"]
     workers = one(docs_of(PLAIN), "Deployment", "envelope-worker")
     assert ns["master"] and ns["headless"] and not ns["worker"]
     assert ns["expect_workers"] == workers["spec"]["replicas"] and ns["expect_workers_max_wait"] > 0
-    assert ns["scenario"] and ns["host"].startswith("http")
+    assert ns["master_bind_host"] == "0.0.0.0"
+    assert ns["scenario"] == plain_master.scenario and ns["host"] == plain_master.host
     run_dir = Path(ns["run_dir"])
+    assert run_dir.parent == Path(plain_master.out)
+    # Locust's own CSV and HTML go into the run directory, written by `envelope run`'s Locust
     assert Path(ns["csv_prefix"]).parent == run_dir / "locust"
     assert Path(ns["html_file"]).parent == run_dir / "locust"
-    assert "<ENVELOPE_RUN_ID>" in ns["run_dir"], "every run gets its own directory"
-    job = one(docs_of(PLAIN), "Job", "envelope-master")
-    pod = job["spec"]["template"]["spec"]
-    mounts = {m["mountPath"]: m["name"] for m in container(pod, "locust")["volumeMounts"]}
-    assert mounts.get(str(run_dir.parent)) == "runs"
-    # the results container sees the same run directories
-    assert {m["mountPath"]: m["name"] for m in container(pod, "results")["volumeMounts"]}["/runs"] == "runs"
-    # a Job that never retries: a rerun would start a new test against the server
-    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
 
 
 def test_plain_workers_connect_to_the_master_service(parsed):
@@ -300,7 +370,10 @@ def test_plain_workers_connect_to_the_master_service(parsed):
     assert ns["master_host"] == service["metadata"]["name"]
     port = [p for p in service["spec"]["ports"] if p["port"] == ns["master_port"]]
     assert port and port[0]["targetPort"] == master["master_bind_port"]
-    assert {p["port"] for p in service["spec"]["ports"]} == {5557, 8089}
+    # the master's pod listens there; there is no web UI (`envelope run` is headless)
+    master_pod = job["spec"]["template"]["spec"]
+    assert {p["containerPort"] for p in container(master_pod, MASTER_CONTAINER)["ports"]} == {port[0]["targetPort"]}
+    assert {p["port"] for p in service["spec"]["ports"]} == {5557}
     # the Service selects the master's pod, not the workers'
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
@@ -347,7 +420,7 @@ def test_plain_workers_mount_nothing_and_the_master_mounts_the_scenarios():
     docs = docs_of(PLAIN)
     worker_pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert not worker_pod.get("volumes"), "no scenarios and no run directory on a worker"
-    assert not container(worker_pod, "locust").get("volumeMounts")
+    assert not container(worker_pod, WORKER_CONTAINER).get("volumeMounts")
     master_pod = one(docs, "Job")["spec"]["template"]["spec"]
     configmaps = [v["configMap"]["name"] for v in master_pod["volumes"] if "configMap" in v]
     assert configmaps == ["envelope-scenarios"]
@@ -386,8 +459,8 @@ def test_locusttest_uses_documented_fields_and_passes_the_webhook_rules():
 
 
 def test_resources_request_a_core_and_set_no_cpu_limit():
-    plain = [one(docs_of(PLAIN), kind)["spec"]["template"]["spec"] for kind in ("Job", "Deployment")]
-    resources = [container(pod, "locust")["resources"] for pod in plain]
+    resources = [container(one(docs_of(PLAIN), kind)["spec"]["template"]["spec"], name)["resources"]
+                 for kind, name in (("Job", MASTER_CONTAINER), ("Deployment", WORKER_CONTAINER))]
     spec = one(docs_of(OPERATOR), "LocustTest")["spec"]
     resources += [spec["master"]["resources"], spec["worker"]["resources"]]
     for r in resources:
@@ -398,16 +471,16 @@ def test_resources_request_a_core_and_set_no_cpu_limit():
 # -- the API key ---------------------------------------------------------------------------------
 
 def _api_key_env_entries() -> list[tuple[str, list[dict]]]:
-    """(where, env list) of every container that runs Locust, and of the LocustTest."""
+    """(where, env list) of every container that runs Locust or envelope, and of the LocustTest."""
     out = []
-    for kind in ("Job", "Deployment"):
+    for kind, name in (("Job", MASTER_CONTAINER), ("Deployment", WORKER_CONTAINER)):
         pod = one(docs_of(PLAIN), kind)["spec"]["template"]["spec"]
-        out.append((f"plain {kind}", container(pod, "locust").get("env", [])))
+        out.append((f"plain {kind}", container(pod, name).get("env", [])))
     out.append(("LocustTest", one(docs_of(OPERATOR), "LocustTest")["spec"]["env"]["variables"]))
     return out
 
 
-def test_api_key_comes_from_a_secret_through_envelope_api_key(parsed):
+def test_api_key_comes_from_a_secret_through_envelope_api_key(parsed, plain_master):
     for where, env in _api_key_env_entries():
         entries = [e for e in env if e["name"] == API_KEY_ENV]
         assert len(entries) == 1, f"{where}: the master probes and the workers send, both need the key"
@@ -417,6 +490,8 @@ def test_api_key_comes_from_a_secret_through_envelope_api_key(parsed):
         assert ref["name"] == "envelope-api-key" and ref["key"]
     for ns in parsed.values():
         assert ns["api_key_env"] in ("", API_KEY_ENV) and not ns["api_key_file"]
+    # envelope reads ENVELOPE_API_KEY by default and hands it to Locust in the environment only
+    assert plain_master.api_key_env in (None, API_KEY_ENV) and not plain_master.api_key_file
 
 
 def test_no_secret_in_any_deployment_file():
