@@ -277,8 +277,13 @@ class EnvelopeRun:
     def _broadcast(self, *, ended: bool = False) -> None:
         runner = self.environment.runner
         if self.is_master and runner is not None:
+            # each live worker's rank among the live ones splits an open-loop stage's rate and
+            # concurrency cap (Locust's worker indexes keep gaps where a worker was lost)
+            live = sorted((node_id for node_id, node in runner.clients.items() if node.state != "missing"),
+                          key=runner.get_worker_index)
             runner.send_message(STAGE_MESSAGE, {"run_dir": str(self.run_dir), "stage_index": self.current_index,
-                                                "ended": ended, "processes": max(runner.worker_count, 1)})
+                                                "ended": ended, "processes": max(len(live), 1),
+                                                "ranks": {node_id: i for i, node_id in enumerate(live)}})
 
     def on_stage_message(self, data: dict) -> None:
         """Worker: the master says which run directory and stage are current (or that the stages ended)."""
@@ -293,7 +298,9 @@ class EnvelopeRun:
         if data.get("ended"):
             self.open_loop.stop_dispatching()
         elif changed:
-            worker_index = getattr(self.environment.runner, "worker_index", 0) or 0
+            runner = self.environment.runner
+            rank = (data.get("ranks") or {}).get(getattr(runner, "client_id", None))
+            worker_index = rank if rank is not None else (getattr(runner, "worker_index", 0) or 0)
             self.open_loop.enter(self.stages[index], processes=int(data.get("processes") or 1), index=worker_index)
 
     # -- the load generator's own health, per stage ----------------------------------------------
