@@ -82,7 +82,7 @@ class RecordShipper:
         self.worker_id = worker_id
         # Off by default: zlib halves the bytes of a long stream's record but costs ~7x its JSON encoding
         # in worker CPU, the scarcest thing in a load test (benchmarks/shipping.py); a LAN does not mind.
-        self._compress = compress
+        self.compress = compress
         self._send = send
         self._max_bytes = max_bytes
         self._lines: list[bytes] = []
@@ -111,7 +111,7 @@ class RecordShipper:
         lines, self._lines, self._bytes = self._lines, [], 0
         data = b"".join(lines)
         payload = {"worker_id": self.worker_id, "seq": self.shipped, "n": len(lines),
-                   "lines": zlib.compress(data, 1) if self._compress else data, "zlib": self._compress}
+                   "lines": zlib.compress(data, 1) if self.compress else data, "zlib": self.compress}
         try:
             self._send(payload)
         except Exception:

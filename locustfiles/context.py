@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -38,6 +39,8 @@ from locustfiles.cluster import (
 )
 
 __all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "atomic_write_json"]
+
+log = logging.getLogger("envelope")
 
 STAGE_MESSAGE = "envelope_stage"
 ABORT_MESSAGE = "envelope_abort"  # worker -> master: stop the run, with this one-line reason
@@ -167,9 +170,7 @@ class EnvelopeRun:
             source = path or "<the master's scenario>"
             mine = Path(self.scenario_path).read_text(encoding="utf-8") if self.scenario_path else None
             if mine is not None and mine != text:
-                import logging
-
-                logging.getLogger("envelope").warning(
+                log.warning(
                     "envelope: this worker's --scenario differs from the master's; running the master's (%s)", source)
             self.scenario = load_scenario(source, text=text)
             self.scenario_path = path
@@ -207,7 +208,9 @@ class EnvelopeRun:
             if self.is_worker:
                 runner = self.environment.runner
                 self.writer = RecordShipper(self.worker_id,
-                                            lambda payload: runner.send_message(RECORDS_MESSAGE, payload))
+                                            lambda payload: runner.send_message(RECORDS_MESSAGE, payload),
+                                            compress=bool(getattr(self.options, "compress_records", False)))
+                log.info("envelope: shipping records to the master%s", " (zlib)" if self.writer.compress else "")
             else:
                 self.writer = RecordWriter(self.ensure_run_dir() / "records" / record_file_name(self.worker_id))
         return self.writer

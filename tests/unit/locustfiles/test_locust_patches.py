@@ -142,3 +142,36 @@ def test_the_csv_writer_ends_quietly_on_files_locust_closed_but_not_on_other_err
         print(json.dumps(results))
     """)
     assert out == {"closed": "quiet", "other": "boom"}
+
+
+def test_open_loop_shares_follow_the_rank_among_live_workers():
+    """Locust's worker indexes keep a gap where a worker was lost; the stage message gives ranks instead."""
+    out = _run("""
+    import json, locust
+    from types import SimpleNamespace
+    from locustfiles.context import EnvelopeRun
+
+    class Node:
+        def __init__(self, state):
+            self.state = state
+
+    sent = []
+    indexes = {"a": 0, "b": 1, "c": 2}
+    master_runner = SimpleNamespace(
+        clients={"a": Node("running"), "b": Node(locust.runners.STATE_MISSING), "c": Node("running")},
+        get_worker_index=indexes.__getitem__, send_message=lambda kind, data: sent.append(data))
+    master = SimpleNamespace(is_master=True, environment=SimpleNamespace(runner=master_runner),
+                             run_dir="runs/x", current_index=1)
+    EnvelopeRun._broadcast(master)
+
+    entered = []
+    loop = SimpleNamespace(enter=lambda stage, processes, index: entered.append((processes, index)),
+                           stop_dispatching=lambda: None)
+    worker = SimpleNamespace(run_dir="runs/x", run_id="x", current_index=0, _seen_stage=False, manual=False,
+                             open_loop=loop, stages=[None, None],
+                             environment=SimpleNamespace(runner=SimpleNamespace(client_id="c", worker_index=2)))
+    EnvelopeRun.on_stage_message(worker, sent[0])
+    print(json.dumps({"message": sent[0], "entered": entered}))
+    """)
+    assert out["message"]["processes"] == 2 and out["message"]["ranks"] == {"a": 0, "c": 1}
+    assert out["entered"] == [[2, 1]]  # worker c (Locust index 2) sends the second of two shares
