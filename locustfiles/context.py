@@ -102,6 +102,9 @@ class EnvelopeRun:
             # goes with them as text, so a worker on another host runs exactly the master's stages
             # (see adopt_master_options) and needs no copy of the file.
             options.envelope_scenario_yaml = Path(self.scenario_path).read_text(encoding="utf-8")
+        # a worker's own --scenario, if it was given one: only to warn when the master's differs
+        self._own_scenario_yaml = (Path(self.scenario_path).read_text(encoding="utf-8")
+                                   if self.is_worker and self.scenario_path else None)
         self._resolve_stages(options)
         self.run_dir = self._run_dir_from_options(options)
         self.run_id = self.run_dir.name if self.run_dir else ""
@@ -168,10 +171,10 @@ class EnvelopeRun:
         path = getattr(options, "scenario", None) or None
         if text:
             source = path or "<the master's scenario>"
-            mine = Path(self.scenario_path).read_text(encoding="utf-8") if self.scenario_path else None
-            if mine is not None and mine != text:
+            if self._own_scenario_yaml is not None and self._own_scenario_yaml != text:
                 log.warning(
                     "envelope: this worker's --scenario differs from the master's; running the master's (%s)", source)
+                self._own_scenario_yaml = None  # said once
             self.scenario = load_scenario(source, text=text)
             self.scenario_path = path
         else:  # the master runs without a scenario: the web UI drives the user count

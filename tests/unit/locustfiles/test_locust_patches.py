@@ -175,3 +175,38 @@ def test_open_loop_shares_follow_the_rank_among_live_workers():
     """)
     assert out["message"]["processes"] == 2 and out["message"]["ranks"] == {"a": 0, "c": 1}
     assert out["entered"] == [[2, 1]]  # worker c (Locust index 2) sends the second of two shares
+
+
+def test_a_worker_runs_the_masters_scenario_whatever_it_was_given(tmp_path):
+    """The master's scenario text and options arrive with Locust's spawn message; the worker's own
+    --scenario (a stale copy, say) only earns a warning, and the master's file need not exist here."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((REPO / "scenarios" / "smoke.yaml").read_text())
+    out = _run(f"""
+    import json, logging, locust
+    from types import SimpleNamespace
+    from locustfiles.context import EnvelopeRun
+
+    warnings = []
+    logging.getLogger("envelope").addHandler(type("H", (logging.Handler,), {{"emit": lambda self, r: warnings.append(r.getMessage())}})())
+    options = SimpleNamespace(worker=True, master=False, scenario={str(mine)!r}, quick=False, duration_scale=None,
+                              manual=False, model="", api_key_env="", api_key_file="", record_text=False,
+                              run_dir="", csv_prefix=None)
+    ctx = EnvelopeRun(SimpleNamespace(runner=None), options)
+    before = [s.name for s in ctx.stages]
+    options.envelope_scenario_yaml = open({str(REPO / "scenarios" / "capstone.yaml")!r}).read()
+    options.scenario, options.quick, options.model = "/on/the/master/capstone.yaml", True, "tiny-qwen3"
+    ctx.adopt_master_options(options)
+    after = [(s.name, s.duration_s) for s in ctx.stages]
+    ctx.adopt_master_options(options)  # the next test in the web UI: same again, no second warning
+    print(json.dumps({{"before": before, "after": after, "model": ctx.model, "warnings": warnings,
+                       "again": [(s.name, s.duration_s) for s in ctx.stages] == after}}))
+    """)
+    from envelope.scenario import load_scenario
+
+    expected = [(s.name, s.duration_s) for s in load_scenario(REPO / "scenarios" / "capstone.yaml").resolve(quick=True)]
+    assert out["before"] != [name for name, _ in expected]
+    assert [tuple(x) for x in out["after"]] == expected and out["again"]
+    assert out["model"] == "tiny-qwen3"
+    assert out["warnings"] == ["envelope: this worker's --scenario differs from the master's; running the master's "
+                               "(/on/the/master/capstone.yaml)"]
