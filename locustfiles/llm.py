@@ -20,24 +20,14 @@ import sys
 import time
 
 import gevent
-from locust import LoadTestShape, events, runners
+from locust import LoadTestShape, events
 
 from envelope.config import ConfigError
 from envelope.secrets import SecretError
 from envelope.shape import stage_at
 from locustfiles import patches
-from locustfiles.cluster import (
-    CLOCK_PING_MESSAGE,
-    CLOCK_PONG_MESSAGE,
-    FINISH_MESSAGE,
-    FINISHED_MESSAGE,
-    RECORDS_MESSAGE,
-    SHIP_INTERVAL_S,
-    BatchError,
-    ClockSync,
-    WorkerLedger,
-)
-from locustfiles.context import ABORT_MESSAGE, READY_MESSAGE, STAGE_MESSAGE, EnvelopeRun, WorkerReport
+from locustfiles import distributed
+from locustfiles.context import ABORT_MESSAGE, STAGE_MESSAGE, EnvelopeRun, WorkerReport
 from locustfiles.open_loop import OpenLoop
 from locustfiles.users import LLMUser, send_one
 from locustfiles import webui  # noqa: F401  - the web UI's LLM tab (registers its own listeners)
@@ -49,8 +39,6 @@ patches.apply()
 log = logging.getLogger("envelope")
 _RUNS: list[EnvelopeRun] = []
 READY_TIMEOUT_S = 120.0  # how long the first stage waits for every worker to have probed the server
-CLOCK_WAIT_S = 5.0  # how long a worker waits for its first clock offset before saying it is ready
-CLOCK_RESYNC_S = 5.0  # a worker pings the master's clock this often (the best of the last 16 is used)
 
 
 class ScenarioShape(LoadTestShape):
@@ -119,7 +107,7 @@ class ScenarioShape(LoadTestShape):
         if not ctx.ready:
             return False
         if ctx.is_master:
-            clients = set(_live_workers(self.runner))
+            clients = set(distributed.live_workers(self.runner))
             return bool(clients) and clients <= ctx.ready_workers
         return True
 
@@ -135,7 +123,7 @@ class ScenarioShape(LoadTestShape):
         """
         if not ctx.is_master:
             return ctx.in_flight == 0 and self.runner.user_count == 0 and _open_loop_busy(ctx) == 0
-        clients = _live_workers(self.runner)  # a lost worker will never report again: the ledger has it
+        clients = distributed.live_workers(self.runner)  # a lost worker will never report again: the ledger has it
         if not clients:
             return True
         for client_id in clients:
@@ -144,12 +132,6 @@ class ScenarioShape(LoadTestShape):
                     or seen.open_loop):
                 return False
         return True
-
-
-def _live_workers(runner) -> list[str]:
-    """The workers the master still hears from (Locust keeps a missing one listed for a while)."""
-    clients = getattr(runner, "clients", {})
-    return [node_id for node_id, node in clients.items() if node.state != runners.STATE_MISSING]
 
 
 @events.init_command_line_parser.add_listener
@@ -211,10 +193,7 @@ def _on_init(environment, **_kw) -> None:
         ctx.open_loop = OpenLoop(ctx, environment, send_one)
         gevent.spawn(ctx.watch_event_loop)
     if runner is not None and ctx.is_worker:
-        runner.register_message(CLOCK_PONG_MESSAGE, _on_clock_pong)
-        runner.register_message(FINISH_MESSAGE, _on_finish, concurrent=True)
-        gevent.spawn(_ship_loop, ctx)
-        gevent.spawn(_clock_loop, ctx, runner)
+        distributed.install_worker(environment, ctx)
         runner.register_message(STAGE_MESSAGE, lambda environment, msg, **kw: environment.envelope.on_stage_message(msg.data))
         ctx.on_abort = lambda message: _abort_worker(environment, message)
         runner.register_message(ABORT_MESSAGE, lambda environment, msg, **kw: _abort_worker(environment, None))
@@ -222,14 +201,7 @@ def _on_init(environment, **_kw) -> None:
         ctx.on_abort = lambda message: _abort(environment, message)
         if ctx.is_master:
             runner.register_message(ABORT_MESSAGE, lambda environment, msg, **kw: _abort_once(environment, msg.data))
-            runner.register_message(READY_MESSAGE, _on_worker_ready)
-            runner.register_message(RECORDS_MESSAGE, _on_records)
-            runner.register_message(CLOCK_PING_MESSAGE, _on_clock_ping)
-            runner.register_message(FINISHED_MESSAGE,
-                                    lambda environment, msg, **kw: environment.envelope.finishing.discard(msg.node_id))
-            environment.events.heartbeat_sent.add_listener(
-                lambda client_id, timestamp, **kw: ctx.ledger.heard(client_id, time.time()))
-            gevent.spawn(_ledger_loop, ctx, runner)
+            distributed.install_master(environment, ctx)
     if runner is not None and not ctx.is_worker:
         ctx.ensure_run_dir()
         ctx.write_run_json("running")
@@ -268,9 +240,9 @@ def _on_test_start(environment, **_kw) -> None:
     ctx.mark_ready()
     if ctx.is_worker and environment.runner is not None:
         # after its clock offset is known (test_start runs in the greenlet that receives the pongs)
-        gevent.spawn(_announce_ready, ctx, environment.runner)
+        gevent.spawn(distributed.announce_ready, ctx, environment.runner)
     if ctx.ledger is not None:
-        ctx.ledger.reopen(set(_live_workers(environment.runner)))
+        ctx.ledger.reopen(set(distributed.live_workers(environment.runner)))
     if ctx.manual and not ctx.is_worker:
         ctx.enter_manual()
     log.info("envelope: model %s, max_model_len %s, prompts %r", ctx.model, ctx.max_model_len, ctx.factory)
@@ -279,14 +251,7 @@ def _on_test_start(environment, **_kw) -> None:
 @events.report_to_master.add_listener
 def _report_in_flight(client_id, data, **_kw) -> None:
     for ctx in _contexts():
-        # every record made so far goes first: the master reads this report only after them
-        ctx.ship_records()
-        data["envelope_worker_id"] = ctx.worker_id
-        data["envelope_records_made"] = ctx.writer.count if ctx.writer is not None else 0
-        estimate = ctx.clock.estimate if ctx.clock is not None else None
-        if estimate is not None:
-            data["envelope_clock_offset_s"] = estimate.offset_s
-            data["envelope_clock_uncertainty_s"] = estimate.uncertainty_s
+        distributed.add_to_report(ctx, data)  # first: it ships every record this report covers
         data["envelope_in_flight"] = ctx.in_flight
         runner = ctx.environment.runner
         data["envelope_users"] = runner.user_count if runner is not None else 0
@@ -304,87 +269,6 @@ def _collect_in_flight(client_id, data, **_kw) -> None:
             ctx.note_client_health(loop_lag_ms=data.get("envelope_loop_lag_max_ms"))
             if ctx.ledger is not None:
                 ctx.ledger.on_report(client_id, data, time.time())
-
-
-# -- distributed runs: records to the master, clocks, the ledger of workers ------------------------
-def _ship_loop(ctx: EnvelopeRun) -> None:
-    """Worker: send records at least every SHIP_INTERVAL_S (what a worker that dies takes with it)."""
-    while True:
-        gevent.sleep(SHIP_INTERVAL_S)
-        try:
-            ctx.ship_records()
-        except Exception as exc:  # the master is unreachable for now; the lines are kept for the next try
-            log.warning("envelope: could not ship records to the master (%s); retrying", exc)
-
-
-def _clock_loop(ctx: EnvelopeRun, runner) -> None:
-    """Worker: a burst of pings to learn the offset to the master's wall clock, then one every few seconds."""
-    for i in range(8):
-        runner.send_message(CLOCK_PING_MESSAGE, ClockSync.ping(time.time(), time.perf_counter()))
-        gevent.sleep(0.025)
-    while True:
-        gevent.sleep(CLOCK_RESYNC_S)
-        try:
-            runner.send_message(CLOCK_PING_MESSAGE, ClockSync.ping(time.time(), time.perf_counter()))
-        except Exception as exc:
-            log.warning("envelope: clock ping to the master failed (%s)", exc)
-
-
-def _on_clock_pong(environment, msg, **_kw) -> None:
-    mono_now = time.perf_counter()
-    ctx: EnvelopeRun = environment.envelope
-    estimate = ctx.clock.on_pong(msg.data, mono_now)
-    if estimate is not None:
-        ctx.set_clock(estimate)
-
-
-def _on_clock_ping(environment, msg, **_kw) -> None:
-    environment.runner.send_message(CLOCK_PONG_MESSAGE, ClockSync.pong(msg.data, time.time()), client_id=msg.node_id)
-
-
-def _announce_ready(ctx: EnvelopeRun, runner) -> None:
-    deadline = time.monotonic() + CLOCK_WAIT_S
-    while ctx.clock is not None and ctx.clock.estimate is None and time.monotonic() < deadline:
-        gevent.sleep(0.02)
-    if ctx.clock is not None and ctx.clock.estimate is None:
-        log.warning("envelope: no clock offset from the master after %.0f s; record start times use this "
-                    "host's clock", CLOCK_WAIT_S)
-    runner.send_message(READY_MESSAGE, None)
-
-
-def _on_worker_ready(environment, msg, **_kw) -> None:
-    ctx: EnvelopeRun = environment.envelope
-    ctx.ready_workers.add(msg.node_id)
-    ctx.ledger.heard(msg.node_id, time.time())
-
-
-def _on_records(environment, msg, **_kw) -> None:
-    """Master: a worker's batch of records goes to its file in the run directory at once."""
-    ctx: EnvelopeRun = environment.envelope
-    try:
-        received = ctx.sink.receive(msg.data)
-    except BatchError as exc:
-        log.error("envelope: %s (from worker %s)", exc, msg.node_id)
-        return
-    ctx.ledger.on_records(msg.node_id, received, time.time())
-    if received.gap:
-        log.error("envelope: %d records from %s never arrived", received.gap, received.worker_id)
-
-
-def _ledger_loop(ctx: EnvelopeRun, runner) -> None:
-    while True:
-        gevent.sleep(1.0)
-        _sync_ledger(ctx, runner)
-
-
-def _sync_ledger(ctx: EnvelopeRun, runner) -> None:
-    """Master: notice workers lost or gone mid-run (say so now; workers.json keeps it for the report)."""
-    states = {node_id: node.state for node_id, node in runner.clients.items()}
-    stage = ctx.current_index if ctx.stage_log else None
-    for entry in ctx.ledger.sync(states, now_unix_s=time.time(), stage_index=stage):
-        sys.stderr.write(f"envelope: {WorkerLedger.describe_end(entry)}\n")
-    if ctx.ledger.changed:
-        ctx.write_workers_json()
 
 
 def _open_loop_busy(ctx: EnvelopeRun) -> int:
@@ -443,7 +327,7 @@ def _on_test_stopping(environment, **_kw) -> None:
     # (this event) and gives the workers half a second: finish them properly here, first.
     ctx: EnvelopeRun | None = getattr(environment, "envelope", None)
     if ctx is not None and ctx.is_master:
-        _finish_workers(environment, ctx)
+        distributed.finish_workers(environment, ctx)
 
 
 @events.quitting.add_listener
@@ -455,44 +339,7 @@ def _on_quitting(environment, **_kw) -> None:
         ctx.ship_records()
     elif ctx.ledger is not None:  # the master is stopping: workers that go now go with the run
         ctx.ledger.closing = True
-        _finish_workers(environment, ctx)
-
-
-def _finish_workers(environment, ctx: EnvelopeRun) -> None:
-    """Master, interrupted mid-run: let every worker stop its users and ship its last records first.
-
-    Locust's own quit gives workers half a second before the master stops listening, while a
-    worker lets its users finish the request in hand (up to ``stop_timeout``): their records
-    would arrive too late. Each worker answers once it has stopped and shipped everything.
-    """
-    runner = environment.runner
-    if runner is None or ctx.drained or runner.state in (runners.STATE_INIT, runners.STATE_STOPPED):
-        return  # nothing running, or the drain already proved every record arrived
-    ctx.finishing = set(_live_workers(runner))
-    if not ctx.finishing:
-        return
-    shape = getattr(runner, "shape_greenlet", None)
-    if shape is not None and shape is not gevent.getcurrent():
-        shape.kill(block=True)  # no new stage or spawn while the workers finish (Locust kills it next anyway)
-    runner.send_message(FINISH_MESSAGE, None)
-    deadline = time.monotonic() + environment.stop_timeout + 10.0
-    while ctx.finishing and time.monotonic() < deadline:
-        ctx.finishing &= set(_live_workers(runner))  # a worker that died will not answer
-        gevent.sleep(0.05)
-    if ctx.finishing:
-        log.warning("envelope: %d worker(s) did not confirm their last records before the master quit",
-                    len(ctx.finishing))
-
-
-def _on_finish(environment, msg, **_kw) -> None:
-    """Worker: the master is quitting; stop the users (each finishes its request), ship, confirm."""
-    ctx: EnvelopeRun = environment.envelope
-    runner = environment.runner
-    if ctx.open_loop is not None:
-        ctx.open_loop.stop_dispatching()
-    runner.stop()  # test_stop ships the records made meanwhile
-    ctx.ship_records()
-    runner.send_message(FINISHED_MESSAGE, {"records": ctx.writer.count if ctx.writer is not None else 0})
+        distributed.finish_workers(environment, ctx)
 
 
 @events.quit.add_listener
@@ -505,9 +352,7 @@ def _on_quit(exit_code, **_kw) -> None:
             except Exception as exc:
                 log.warning("envelope: could not ship the last records to the master (%s)", exc)
         if ctx.ledger is not None:
-            ctx.ledger.close(time.time())
-            ctx.write_workers_json()
-            ctx.sink.close()
+            distributed.close_master(ctx)
         if not ctx.is_worker:
             _write_final_csvs(ctx)
         if not ctx.is_worker and ctx.run_dir is not None:

@@ -32,7 +32,7 @@ from analysis.cli import main as analysis_main
 from analysis.load import load_run
 from analysis.table import envelope_table
 from envelope.telemetry import parse_vllm_metrics
-from helpers.locust_runs import LOCUSTFILE, REPO, locust_request_count, records, run_locust
+from helpers.locust_runs import LOCUSTFILE, REPO, locust_request_count, records
 from helpers.netns import Topology, netns_unavailable_reason
 from locustfiles.live import LiveAggregator
 
