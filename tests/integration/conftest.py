@@ -1,4 +1,5 @@
-"""Integration fixtures: one quick capstone run against the session's real vLLM, shared by several tests."""
+"""Integration fixtures: one quick capstone run against the session's real vLLM, shared by several tests;
+simulated servers started per test."""
 
 from __future__ import annotations
 
@@ -18,3 +19,21 @@ def capstone_run(vllm_server, tmp_path_factory):
         pytest.fail(f"capstone run failed (exit {proc.returncode}): {proc.stderr[-3000:]}", pytrace=False)
     after = generation_tokens_total(vllm_server.metrics_url)
     return run_dir, after - before
+
+
+@pytest.fixture
+def start_sim():
+    """``start_sim(**SimConfig fields) -> base URL``: a simulated server in a subprocess, stopped after the test."""
+    from server.sim import SimConfig, SimServer
+
+    started = []
+
+    def start(**config) -> str:
+        config.setdefault("max_model_len", 4096)
+        proc = SimServer(SimConfig(**config)).start_in_subprocess()
+        started.append(proc)
+        return proc.base_url
+
+    yield start
+    for proc in started:
+        proc.stop()

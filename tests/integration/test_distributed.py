@@ -216,18 +216,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def sim_url():
-    from server.sim import SimConfig, SimServer
-
-    proc = SimServer(SimConfig(ttft_s=0.02, itl_s=0.004, max_model_len=4096)).start_in_subprocess()
-    try:
-        yield proc.base_url
-    finally:
-        proc.stop()
-
-
-def test_a_worker_killed_mid_run_keeps_its_shipped_records_and_the_report_names_it(tmp_path, sim_url):
+def test_a_worker_killed_mid_run_keeps_its_shipped_records_and_the_report_names_it(tmp_path, start_sim):
+    sim_url = start_sim(ttft_s=0.02, itl_s=0.004)
     scenario = tmp_path / "loss.yaml"
     scenario.write_text(LOSS_SCENARIO)
     run_dir = tmp_path / "run"
@@ -317,16 +307,14 @@ passes:
 """
 
 
-def test_interrupting_the_master_loses_no_record_its_workers_made(tmp_path):
+def test_interrupting_the_master_loses_no_record_its_workers_made(tmp_path, start_sim):
     """Ctrl-C on the master while every user has a request in hand: the workers finish them and ship
     the records before the master quits (Locust alone waits half a second for its workers)."""
-    from server.sim import SimConfig, SimServer
-
     scenario = tmp_path / "slow.yaml"
     scenario.write_text(SLOW_SCENARIO)
     run_dir = tmp_path / "run"
     port = str(_free_port())
-    sim = SimServer(SimConfig(ttft_s=0.05, itl_s=0.01, max_model_len=4096)).start_in_subprocess()  # 2 s each
+    sim_url = start_sim(ttft_s=0.05, itl_s=0.01)  # 200 tokens: 2 s a request
     stack = contextlib.ExitStack()
     try:
         workers = [subprocess.Popen([PY, "-m", "locust", "-f", str(LOCUSTFILE), "--worker", "--master-port", port],
@@ -337,7 +325,7 @@ def test_interrupting_the_master_loses_no_record_its_workers_made(tmp_path):
         master = subprocess.Popen(
             [PY, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--master", "--expect-workers", "2",
              "--master-bind-host", "127.0.0.1", "--master-bind-port", port, "--scenario", str(scenario),
-             "--host", sim.base_url, "--run-dir", str(run_dir), "--csv", str(run_dir / "locust" / "locust"),
+             "--host", sim_url, "--run-dir", str(run_dir), "--csv", str(run_dir / "locust" / "locust"),
              "--only-summary"],
             cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
@@ -356,7 +344,6 @@ def test_interrupting_the_master_loses_no_record_its_workers_made(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
         stack.close()
-        sim.stop()
     recs = records(run_dir)
     ledger = json.loads((run_dir / "workers.json").read_text())["workers"]
     assert len(ledger) == 2 and all(w["status"] == "finished" for w in ledger), ledger

@@ -36,12 +36,8 @@ def _scenario(tmp_path, stages_yaml: str):
 
 
 @pytest.fixture
-def sim_url():
-    proc = SimServer(SimConfig(ttft_s=0.02, itl_s=0.002, max_model_len=4096)).start_in_subprocess()
-    try:
-        yield proc.base_url
-    finally:
-        proc.stop()
+def sim_url(start_sim):
+    return start_sim(ttft_s=0.02, itl_s=0.002)
 
 
 def _stage_window(run_dir, name):
