@@ -1,0 +1,91 @@
+"""The report of a fixed recorded run directory does not change when the code around it is reshaped.
+
+``tests/fixtures/golden_run`` is a real run against the simulator (``server.sim`` with a fixed
+seed, an injected ``http_500`` every 17th request; two closed-loop stages and one open-loop stage),
+recorded with the code as it stood before the typed-seams rework. ``tests/fixtures/golden_expected``
+holds what the analysis wrote for it then: the table (CSV and Markdown), the Markdown report,
+the failures CSV and the terminal summary. Every cell and every line must come out the same.
+
+Columns renamed since then are mapped in ``RENAMED`` (old name -> new name); a column dropped
+because another one already said the same is mapped to that one, so its values are still checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+RUN = FIXTURES / "golden_run"
+EXPECTED = FIXTURES / "golden_expected"
+
+# old column -> the column that carries the same value now
+RENAMED: dict[str, str] = {
+    "samples": "ok_requests",  # it counted successful requests in the window: ok_requests says so
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from analysis.load import load_run
+    from analysis.report import summary_lines, write_report
+    from analysis.table import envelope_table
+
+    run_dir = tmp_path_factory.mktemp("golden") / "golden_run"
+    shutil.copytree(RUN, run_dir)
+    run = load_run(run_dir)
+    rows = envelope_table(run)
+    out = run_dir / "report"
+    write_report(run, out, rows=rows)
+    return out, summary_lines(run, rows)
+
+
+def _csv_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_table_csv_is_identical_cell_by_cell(report):
+    out, _ = report
+    expected = _csv_rows((EXPECTED / "table.csv").read_text(encoding="utf-8"))
+    got = _csv_rows((out / "table.csv").read_text(encoding="utf-8"))
+    assert len(got) == len(expected) == 3
+    for i, (old, new) in enumerate(zip(expected, got)):
+        for column, value in old.items():
+            now = RENAMED.get(column, column)
+            assert now in new, f"row {i}: column {column!r} (now {now!r}) is gone from table.csv"
+            assert new[now] == value, f"row {i}, column {column!r}: {new[now]!r} != {value!r}"
+
+
+def test_markdown_table_and_report_are_identical(report):
+    out, _ = report
+    assert (out / "table.md").read_text(encoding="utf-8") == (EXPECTED / "table.md").read_text(encoding="utf-8")
+    assert (out / "envelope.md").read_text(encoding="utf-8") == (
+        EXPECTED / "envelope.md").read_text(encoding="utf-8")
+    assert (out / "failures.csv").read_text(encoding="utf-8") == (
+        EXPECTED / "failures.csv").read_text(encoding="utf-8")
+
+
+def test_terminal_summary_is_identical(report):
+    _, lines = report
+    assert lines == (EXPECTED / "summary.txt").read_text(encoding="utf-8").splitlines()
+
+
+def test_html_carries_every_table_cell_and_embeds_its_graphs(report):
+    """The HTML says what the Markdown says (same cells) and works offline (graphs inline, no links out)."""
+    out, _ = report
+    import html as html_mod
+
+    page = html_mod.unescape((out / "envelope.html").read_text(encoding="utf-8"))
+    table_md = (EXPECTED / "table.md").read_text(encoding="utf-8").splitlines()
+    for line in table_md[2:]:
+        for cell in (c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")):
+            assert cell in page, f"table cell {cell!r} missing from envelope.html"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 5
+    assert page.count("data:image/png;base64,") == len(pngs)
+    assert not re.search(r"""(src|href)=["']https?://""", page), "the page must not load anything from the network"
