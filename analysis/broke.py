@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, finite, grouped_number, percent, split_key
 from analysis.load import run_start_unix_s
 from analysis.envelope import worst_failed_slo
 from analysis.failures import ServerStop, run_server_stop
@@ -53,10 +54,8 @@ __all__ = [
     "cross_check_text",
 ]
 
-KV_PRESSURE_RATIO = 0.9
 CLIENT_SATURATED_CORE_RATIO = 0.9
 
-_METRIC_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 _BROKE_LABEL = {
     "queueing": "queueing",
     "kv_cache": "the KV cache",
@@ -166,7 +165,7 @@ def cross_check_text(check: TokenCrossCheck) -> str:
         f"The records carry {check.client_output_tokens:,} output tokens; the server's "
         f"vllm:generation_tokens_total rose by {check.server_generation_tokens:,.0f} between the first and last "
         f"metrics samples: a difference of {check.difference_tokens:+,.0f} tokens "
-        f"({_pct(check.difference_ratio, digits=2)})."
+        f"({percent(check.difference_ratio, digits=2)})."
     )
     if check.counter_resets:
         text += f" The counter reset {check.counter_resets} time(s) (server restart?); counted as Prometheus' increase()."
@@ -190,7 +189,7 @@ def saturated_stage_indices(rows: Sequence[Mapping[str, Any]], host: pd.DataFram
     ratio = busiest_process_core_ratio(host)
     for r in rows:
         ws, we = r.get("window_start_s"), r.get("window_end_s")
-        if not (_finite(ws) and _finite(we)):
+        if not (finite(ws) and finite(we)):
             continue
         lo, hi = run_start_unix_s + ws, run_start_unix_s + we
         hit = np.flatnonzero((t >= lo) & (t < hi) & (ratio > CLIENT_SATURATED_CORE_RATIO))
@@ -239,7 +238,7 @@ def break_events(
         hit = np.flatnonzero(kv >= KV_PRESSURE_RATIO)
         if hit.size:
             i = hit[0]
-            events.append(event("kv_cache", t[i], f"the KV cache reached {_pct(kv[i])} use",
+            events.append(event("kv_cache", t[i], f"the KV cache reached {percent(kv[i])} use",
                                 _BROKE_LABEL["kv_cache"], value=float(kv[i]), limit=KV_PRESSURE_RATIO))
         pre = _col(m, "preemptions_total")
         known = np.flatnonzero(~np.isnan(pre))
@@ -269,7 +268,7 @@ def break_events(
     if saturated:
         idx, (t_sat, ratio) = min(saturated.items(), key=lambda kv: kv[1][0])
         events.append(event("client_saturated", t_sat,
-                            f"a load-generator process used {_pct(ratio)} of a CPU core (numbers not trustworthy)",
+                            f"a load-generator process used {percent(ratio)} of a CPU core (numbers not trustworthy)",
                             _BROKE_LABEL["client_saturated"], value=ratio, limit=CLIENT_SATURATED_CORE_RATIO))
 
     if server_stop is not None:
@@ -325,7 +324,7 @@ def broke_sentence(result: BrokeFirst) -> str:
     if first is None:
         if result.server_metrics:
             return ("Nothing broke: no SLO failed, no request failed, and the server never queued requests, "
-                    f"ran its KV cache at {_pct(KV_PRESSURE_RATIO)} or more, or preempted.")
+                    f"ran its KV cache at {percent(KV_PRESSURE_RATIO)} or more, or preempted.")
         return f"Nothing broke on the client side (no SLO failed, no request failed); {no_server}."
     slo = next((e for e in result.events if e.kind == "slo"), None)
     stop = next((e for e in result.events if e.kind == "server_stopped"), None)
@@ -376,14 +375,15 @@ def _slo_text(slo: Mapping[str, Any]) -> str:
     key = str(slo.get("key", ""))
     measured, limit = slo.get("measured"), slo.get("threshold")
     if key == "error_rate_max":
-        return f"the error rate was {_pct(measured)}, over its {_pct(limit)} SLO"
+        return f"the error rate was {percent(measured)}, over its {percent(limit)} SLO"
     if key == "min_output_tokens_per_s":
-        return f"aggregate output was {_num(measured)} tokens/s, under its {_num(limit)} tokens/s SLO"
-    metric, pct = _split_key(key)
-    name = f"{pct} {_METRIC_NAMES.get(metric, metric.upper())}"
+        return (f"aggregate output was {grouped_number(measured)} tokens/s, "
+                f"under its {grouped_number(limit)} tokens/s SLO")
+    metric, pct = split_key(key)
+    name = f"{pct} {METRIC_NAMES.get(metric, metric.upper())}"
     if measured is None:
-        return f"{name} could not be measured (no successful requests), failing its {_num(limit)} ms SLO"
-    return f"{name} exceeded its {_num(limit)} ms SLO ({_num(measured)} ms)"
+        return f"{name} could not be measured (no successful requests), failing its {grouped_number(limit)} ms SLO"
+    return f"{name} exceeded its {grouped_number(limit)} ms SLO ({grouped_number(measured)} ms)"
 
 
 def _slo_label(slo: Mapping[str, Any]) -> str:
@@ -392,13 +392,8 @@ def _slo_label(slo: Mapping[str, Any]) -> str:
         return "errors"
     if key == "min_output_tokens_per_s":
         return "throughput"
-    metric, _ = _split_key(key)
-    return _METRIC_NAMES.get(metric, metric.upper())
-
-
-def _split_key(key: str) -> tuple[str, str]:
-    parts = key.split("_")  # ttft_p95_ms
-    return (parts[0], parts[1]) if len(parts) >= 3 else (key, "")
+    metric, _ = split_key(key)
+    return METRIC_NAMES.get(metric, metric.upper())
 
 
 def _stage_at(stages: Sequence[Mapping[str, Any]], t: float) -> Mapping[str, Any] | None:
@@ -423,7 +418,7 @@ def busiest_process_core_ratio(host: pd.DataFrame) -> np.ndarray:
     out = np.full(len(host), np.nan)
     for i, procs in enumerate(host["processes"].tolist()):
         ratios = [p.get("cpu_core_ratio") for p in procs or () if isinstance(p, dict)]
-        ratios = [float(r) for r in ratios if _finite(r)]
+        ratios = [float(r) for r in ratios if finite(r)]
         out[i] = max(ratios) if ratios else total[i]
     return out
 
@@ -450,20 +445,3 @@ def _col(frame: pd.DataFrame, column: str) -> np.ndarray:
     if column not in frame.columns:
         return np.full(len(frame), np.nan)
     return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _num(v: Any) -> str:
-    if not _finite(v):
-        return "?"
-    v = float(v)
-    return f"{v:,.0f}" if abs(v) >= 10 or v == int(v) else f"{v:.2g}"
-
-
-def _pct(ratio: Any, *, digits: int = 0) -> str:
-    if not _finite(ratio):
-        return "?"
-    return f"{100 * float(ratio):.{digits}f}%"

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, adaptive_percent, finite, plain_number, split_key
+
 __all__ = [
     "EnvelopeFinding",
     "find_envelope",
@@ -30,11 +32,8 @@ __all__ = [
     "KV_PRESSURE_RATIO",
 ]
 
-KV_PRESSURE_RATIO = 0.9
 QUEUE_GROWTH_FACTOR = 2.0  # TTFT growth / TPOT growth that reads as queueing
 MIN_GROWTH = 1.5
-
-_METRIC_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,11 +67,11 @@ def level_text(row: Mapping[str, Any]) -> str:
     """The load of a stage in words: ``5 users``, ``2 requests/s`` or ``~3.1 in flight``."""
     users = row.get("target_users")
     if users is not None and row.get("kind", "users") == "users":
-        return f"{_num(users)} user" + ("" if users == 1 else "s")
+        return f"{plain_number(users)} user" + ("" if users == 1 else "s")
     rate = row.get("target_rate_per_s")
     if rate is not None:
-        return f"{_num(rate)} requests/s"
-    return f"~{_num(row.get('mean_in_flight') or 0.0)} in flight"
+        return f"{plain_number(rate)} requests/s"
+    return f"~{plain_number(row.get('mean_in_flight') or 0.0)} in flight"
 
 
 def find_envelopes(rows: Sequence[Mapping[str, Any]]) -> list[EnvelopeFinding]:
@@ -200,8 +199,8 @@ def _broke_text(f: EnvelopeFinding) -> str:
         cats = broke.get("errors_by_category") or ""
         detail = f" ({cats})" if cats else ""
         head = (
-            f"the error rate rose to {_pct(slo.get('measured'))}{detail}, over the "
-            f"{_pct(slo.get('threshold'))} SLO"
+            f"the error rate rose to {adaptive_percent(slo.get('measured'))}{detail}, over the "
+            f"{adaptive_percent(slo.get('threshold'))} SLO"
         )
         name = "errors"
     elif key == "min_output_tokens_per_s":
@@ -211,8 +210,8 @@ def _broke_text(f: EnvelopeFinding) -> str:
         )
         name = "throughput"
     else:
-        metric, pct = _split_key(key)
-        label = f"{pct} {_METRIC_NAMES.get(metric, metric.upper())}"
+        metric, pct = split_key(key)
+        label = f"{pct} {METRIC_NAMES.get(metric, metric.upper())}"
         if slo.get("measured") is None:
             head = f"{label} could not be measured (no successful requests), so its SLO failed"
         else:
@@ -220,7 +219,7 @@ def _broke_text(f: EnvelopeFinding) -> str:
                 f"{label} rose to {_seconds(slo.get('measured'))} s, over the "
                 f"{_seconds(slo.get('threshold'))} s SLO"
             )
-        name = _METRIC_NAMES.get(metric, metric.upper())
+        name = METRIC_NAMES.get(metric, metric.upper())
     because = {
         "queueing": ", because requests queued in the server",
         "kv_cache": ", because the server's KV cache ran full",
@@ -261,9 +260,9 @@ def _cause(slo: Mapping[str, Any] | None, broke: Mapping[str, Any], base: Mappin
     waiting = broke.get("server_requests_waiting_max")
     if (kv is not None and kv >= KV_PRESSURE_RATIO) or (pre is not None and pre > 0):
         if kv is not None:
-            evidence.append(f"KV cache up to {_pct(kv)}")
+            evidence.append(f"KV cache up to {adaptive_percent(kv)}")
         if pre:
-            evidence.append(f"{_num(pre)} preemptions")
+            evidence.append(f"{plain_number(pre)} preemptions")
         return "kv_cache", evidence
     ttft_g = _growth(broke, base, "ttft_p50_ms")
     tpot_g = _growth(broke, base, "tpot_p50_ms")
@@ -272,7 +271,7 @@ def _cause(slo: Mapping[str, Any] | None, broke: Mapping[str, Any], base: Mappin
             f"from {level_text(base or {})}, TTFT p50 x{ttft_g:.1f} while TPOT p50 x{tpot_g:.1f}"
         )
     if waiting is not None and waiting > 0:
-        evidence.append(f"up to {_num(waiting)} requests waiting in the server")
+        evidence.append(f"up to {plain_number(waiting)} requests waiting in the server")
         return "queueing", evidence
     if ttft_g is not None and tpot_g is not None:
         if ttft_g >= MIN_GROWTH and ttft_g >= QUEUE_GROWTH_FACTOR * tpot_g:
@@ -291,11 +290,11 @@ def _first_pressure(rows: Sequence[Mapping[str, Any]]) -> str | None:
         waiting = r.get("server_requests_waiting_max")
         parts = []
         if kv is not None and kv >= KV_PRESSURE_RATIO:
-            parts.append(f"KV cache reached {_pct(kv)}")
+            parts.append(f"KV cache reached {adaptive_percent(kv)}")
         if pre:
-            parts.append(f"{_num(pre)} preemptions")
+            parts.append(f"{plain_number(pre)} preemptions")
         if waiting:
-            parts.append(f"up to {_num(waiting)} requests waiting")
+            parts.append(f"up to {plain_number(waiting)} requests waiting")
         if parts:
             return f"{', '.join(parts)} from {level_text(r)} on"
     return None
@@ -348,15 +347,15 @@ def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             )
         elif r.get("client_saturated") is None and cpu is not None and cpu >= 0.9:
             limits.append(
-                f"At {level_text(r)} a load-generator process used {_pct(cpu)} of a core: "
+                f"At {level_text(r)} a load-generator process used {adaptive_percent(cpu)} of a core: "
                 "the client may have limited the load."
             )
     return limits
 
 
 def _workload(rows: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
-    outs = [r.get("output_tokens_p50") for r in rows if _finite(r.get("output_tokens_p50"))]
-    prompts = [r.get("prompt_tokens_p50") for r in rows if _finite(r.get("prompt_tokens_p50"))]
+    outs = [r.get("output_tokens_p50") for r in rows if finite(r.get("output_tokens_p50"))]
+    prompts = [r.get("prompt_tokens_p50") for r in rows if finite(r.get("prompt_tokens_p50"))]
     out = sorted(outs)[len(outs) // 2] if outs else None
     prompt = sorted(prompts)[len(prompts) // 2] if prompts else None
     return out, prompt
@@ -365,7 +364,7 @@ def _workload(rows: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | 
 def _workload_text(f: EnvelopeFinding) -> str:
     parts = []
     if f.output_tokens is not None:
-        parts.append(f"{_num(f.output_tokens)} output tokens")
+        parts.append(f"{plain_number(f.output_tokens)} output tokens")
     if f.prompt_tokens is not None:
         parts.append(f"~{_round_prompt(f.prompt_tokens)}-token prompts")
     return (" at " + " and ".join(parts)) if parts else ""
@@ -375,12 +374,12 @@ def _key_numbers(r: Mapping[str, Any]) -> str:
     pct = "p95"
     for s in r.get("slo_results") or []:
         if s.get("key", "").startswith("ttft_"):
-            pct = _split_key(s["key"])[1]
+            pct = split_key(s["key"])[1]
     parts = []
     for metric in ("ttft", "e2e"):
         v = r.get(f"{metric}_{pct}_ms")
-        if _finite(v):
-            parts.append(f"{pct} {_METRIC_NAMES[metric]} {_seconds(v)} s")
+        if finite(v):
+            parts.append(f"{pct} {METRIC_NAMES[metric]} {_seconds(v)} s")
     parts.append(f"{_tps(r.get('aggregate_output_tokens_per_s'))} output tokens/s")
     return ", ".join(parts)
 
@@ -393,16 +392,11 @@ def _concurrent(r: Mapping[str, Any]) -> str:
     return text
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    parts = key.split("_")  # ttft_p95_ms
-    return (parts[0], parts[1]) if len(parts) >= 3 else (key, "")
-
-
 def _growth(a: Mapping[str, Any], b: Mapping[str, Any] | None, key: str) -> float | None:
     if b is None:
         return None
     x, y = a.get(key), b.get(key)
-    if not _finite(x) or not _finite(y) or y <= 0:
+    if not finite(x) or not finite(y) or y <= 0:
         return None
     return x / y
 
@@ -410,22 +404,13 @@ def _growth(a: Mapping[str, Any], b: Mapping[str, Any] | None, key: str) -> floa
 def _level(r: Mapping[str, Any]) -> tuple[float, int]:
     for key in ("target_users", "target_rate_per_s", "mean_in_flight"):
         v = r.get(key)
-        if _finite(v):
+        if finite(v):
             return float(v), int(r.get("stage_index") or 0)
     return 0.0, int(r.get("stage_index") or 0)
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _f(v: Any) -> float:
-    return float(v) if _finite(v) else -math.inf
-
-
-def _num(v: float) -> str:
-    v = float(v)
-    return str(int(v)) if v == int(v) else f"{v:.2g}" if abs(v) < 10 else f"{v:.0f}"
+    return float(v) if finite(v) else -math.inf
 
 
 def _seconds(ms: float | None) -> str:
@@ -436,14 +421,7 @@ def _seconds(ms: float | None) -> str:
 
 
 def _tps(v: Any) -> str:
-    return f"{v:.0f}" if _finite(v) else "?"
-
-
-def _pct(ratio: Any) -> str:
-    if not _finite(ratio):
-        return "?"
-    p = 100 * ratio
-    return f"{p:.0f}%" if p >= 10 or p == int(p) else f"{p:.1f}%"
+    return f"{v:.0f}" if finite(v) else "?"
 
 
 def _round_prompt(tokens: float) -> str:

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.common import METRIC_NAMES
+
 __all__ = [
     "plot_throughput_vs_concurrency",
     "plot_latency_vs_concurrency",
@@ -22,7 +24,6 @@ __all__ = [
 ]
 
 BUCKET_S = 5.0
-_LABELS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 
 
 def _x(row: Mapping[str, Any]) -> float:
@@ -74,7 +75,7 @@ def plot_latency_vs_concurrency(
     label_prefix: str = "",
 ) -> None:
     """p50/p95/p99 of ``metric`` (ttft, tpot, itl, e2e) in seconds against concurrency."""
-    name = _LABELS.get(metric, metric.upper())
+    name = METRIC_NAMES.get(metric, metric.upper())
     for pname, rows in _by_pass(table).items():
         xs = [_x(r) for r in rows]
         for q, style in ((50, "-"), (95, "--"), (99, ":")):
