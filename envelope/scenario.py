@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal, Self, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from envelope.config import ConfigError, FieldError, StrictModel, load_yaml_model
+from envelope.stages import StageKind, StageRecord, WorkloadSummary
 
 __all__ = [
     "pick_client_name",
@@ -558,32 +559,33 @@ class ResolvedStage:
     def open_loop(self) -> bool:
         return self.rate_per_s is not None
 
-    def describe(self, *, max_model_len: int | None = None) -> dict[str, Any]:
-        """The stages.json entry for this stage, without start and end times.
+    def record(self, *, max_model_len: int | None = None) -> StageRecord:
+        """This stage as a :class:`envelope.stages.StageRecord`, not yet started.
 
         ``workload`` summarises the first client; when client classes differ,
         ``clients`` maps each client name to its own summary. Pass the server's
         ``max_model_len`` to turn long-context prompt lengths into numbers.
         """
-        summaries = [client.workload.summary(max_model_len=max_model_len) for client in self.clients]
-        out: dict[str, Any] = {
-            "pass_index": self.pass_index,
-            "pass_name": self.pass_name,
-            "stage_index": self.index,
-            "stage_name": self.name,
-            "kind": "rate" if self.open_loop else "users",
-            "target_users": None if self.open_loop else self.users,
-            "spawn_rate": None if self.open_loop else self.spawn_rate,
-            "target_rate_per_s": self.rate_per_s,
-            "duration_s": self.duration_s,
-            "slos": dict(self.slos),
-            "workload": summaries[0],
-        }
-        if self.open_loop:
-            out.update(arrival=self.arrival, burstiness=self.burstiness, max_concurrency=self.max_concurrency)
-        if any(s != summaries[0] for s in summaries[1:]):
-            out["clients"] = {client.name: summary for client, summary in zip(self.clients, summaries)}
-        return out
+        summaries = [WorkloadSummary.from_json(client.workload.summary(max_model_len=max_model_len))
+                     for client in self.clients]
+        differ = any(s != summaries[0] for s in summaries[1:])
+        return StageRecord(
+            pass_index=self.pass_index,
+            pass_name=self.pass_name,
+            stage_index=self.index,
+            stage_name=self.name,
+            kind=StageKind.RATE if self.open_loop else StageKind.USERS,
+            target_users=None if self.open_loop else self.users,
+            spawn_rate=None if self.open_loop else self.spawn_rate,
+            target_rate_per_s=self.rate_per_s,
+            duration_s=self.duration_s,
+            slos=dict(self.slos),
+            workload=summaries[0],
+            clients={c.name: s for c, s in zip(self.clients, summaries)} if differ else None,
+            arrival=self.arrival if self.open_loop else None,
+            burstiness=self.burstiness if self.open_loop else None,
+            max_concurrency=self.max_concurrency if self.open_loop else None,
+        )
 
 
 def load_scenario(path: str | os.PathLike[str], *, text: str | None = None) -> Scenario:

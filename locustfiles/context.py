@@ -10,70 +10,43 @@ was running when the request was sent.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import platform
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import gevent
 import gevent.event
 
-from envelope.prompts import PromptFactory, TokenizerProbe, calibrate
+from envelope.prompts import PromptFactory
 from envelope.records import RecordWriter
-from envelope.scenario import ResolvedStage, Scenario, check_against_server, load_scenario
+from envelope.rundir import RunStatus
+from envelope.scenario import ResolvedStage, Scenario, load_scenario
 from envelope.secrets import REDACTED, Secret, resolve_api_key
+from envelope.stages import StageRecord
 from locustfiles.cluster import (
     RECORDS_MESSAGE,
-    WORKERS_FILE,
     ClockSync,
     RecordShipper,
     RecordSink,
     WorkerLedger,
     record_file_name,
 )
+from locustfiles.health import EarlyStop, LoopLagWatcher
+from locustfiles.run_files import RunFiles, run_dir_from_options
+from locustfiles.server_probe import probe_server
+from locustfiles.stage_clock import ManualStage, StageClock
 
-__all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "atomic_write_json"]
+__all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "WorkerReport"]
 
 log = logging.getLogger("envelope")
 
 STAGE_MESSAGE = "envelope_stage"
 ABORT_MESSAGE = "envelope_abort"  # worker -> master: stop the run, with this one-line reason
 READY_MESSAGE = "envelope_ready"  # worker -> master: probed the server, prompts calibrated
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class ManualStage:
-    """The stand-in stage for interactive web-UI ramps: the user count is whatever the operator sets."""
-
-    index: int
-    pass_index: int
-    pass_name: str
-    name: str
-    base: ResolvedStage
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self.base, item)
-
-
-EARLY_STOP_AFTER = 3  # rejections, with no success before them, that stop the run
-REJECTION_HINTS = {
-    "http_401": "check the API key (--api-key-env or --api-key-file)",
-    "http_403": "check the API key's permissions",
-    "http_404": "check the model name (--model) and that the server offers this endpoint",
-}
 
 
 @dataclass(frozen=True)
@@ -87,7 +60,17 @@ class WorkerReport:
 
 
 class EnvelopeRun:
-    """Everything one Locust process needs to send requests and write what they did."""
+    """Everything one Locust process needs to send requests and write what they did.
+
+    It composes parts that each do one job and need no Locust to be tested:
+    :class:`~locustfiles.run_files.RunFiles` (the run directory, run.json, stages.json,
+    workers.json), :class:`~locustfiles.stage_clock.StageClock` (which stage is
+    current, and the stages as they ran), :class:`~locustfiles.health.LoopLagWatcher`
+    and :class:`~locustfiles.health.EarlyStop` (the load generator's health), and
+    :func:`~locustfiles.server_probe.probe_server` (model, max length, prompt
+    calibration). What is left here is the wiring to Locust: options, the record
+    writer or shipper, and the messages between master and workers.
+    """
 
     def __init__(self, environment, options) -> None:
         self.environment = environment
@@ -105,30 +88,25 @@ class EnvelopeRun:
         # a worker's own --scenario, if it was given one: only to warn when the master's differs
         self._own_scenario_yaml = (Path(self.scenario_path).read_text(encoding="utf-8")
                                    if self.is_worker and self.scenario_path else None)
+        self.files = RunFiles(run_dir_from_options(options),
+                              name=self.scenario.name if self.scenario_path else "manual")
         self._resolve_stages(options)
-        self.run_dir = self._run_dir_from_options(options)
-        self.run_id = self.run_dir.name if self.run_dir else ""
         self.api_key: Secret | None = resolve_api_key(
             env_var=getattr(options, "api_key_env", None) or None,
             file=getattr(options, "api_key_file", None) or None,
         )
         self.record_text = bool(getattr(options, "record_text", False) or self.scenario.record_text)
-        self.current_index = 0
-        self.stage_log: list[dict] = []
         self.writer: RecordWriter | RecordShipper | None = None
         self.factory: PromptFactory | None = None
         self.model: str | None = getattr(options, "model", None) or self.scenario.model
         self.max_model_len: int | None = None
-        self._created_run_json = False
         self.started_unix_s = time.time()
         # requests being sent by this process now; on a master, each worker's last report
         self.in_flight = 0
         self.worker_reports: dict[str, WorkerReport] = {}  # client_id -> its last report
         # early stop: requests rejected before any succeeded (a wrong key or model), and who to tell
-        self.succeeded_once = False
-        self.rejected_before_success = 0
+        self.early_stop = EarlyStop()
         self.on_abort = None  # callable(message) set by the locustfile
-        self._aborted = False  # this process asked for the stop
         self.aborted = False  # the run is stopping early (master/local: the shape drains and ends)
         self.open_loop = None  # locustfiles.open_loop.OpenLoop, on processes that send
         self._seen_stage = False
@@ -137,7 +115,7 @@ class EnvelopeRun:
         self.ready = False
         self.ready_event = gevent.event.Event()
         self.ready_workers: set[str] = set()
-        self.loop_lag_max_s = 0.0
+        self.loop_lag = LoopLagWatcher(gevent.sleep)
         # distributed runs: a worker ships its records and aligns its wall clock to the master's;
         # the master writes what workers ship and keeps their ledger (workers.json)
         self.clock: ClockSync | None = ClockSync() if self.is_worker else None
@@ -153,12 +131,13 @@ class EnvelopeRun:
             self.ledger = WorkerLedger(heartbeat_timeout_s=HEARTBEAT_LIVENESS_S)
 
     def _resolve_stages(self, options) -> None:
-        self.stages: list[ResolvedStage] = self.scenario.resolve(
+        stages = self.scenario.resolve(
             quick=bool(getattr(options, "quick", False)),
             duration_scale=getattr(options, "duration_scale", None),
         )
         # Without a scenario, or with --manual, the operator drives the user count from the web UI.
-        self.manual = not self.scenario_path or bool(getattr(options, "manual", False))
+        manual = not self.scenario_path or bool(getattr(options, "manual", False))
+        self.stage_clock = StageClock(stages, manual=manual, on_change=self.files.write_stages)
 
     def adopt_master_options(self, options) -> None:
         """Worker, at test start: run the master's scenario and options, whatever this host was given.
@@ -183,28 +162,39 @@ class EnvelopeRun:
         self.model = getattr(options, "model", None) or self.scenario.model
         self.record_text = bool(getattr(options, "record_text", False) or self.scenario.record_text)
 
-    # -- where things go -------------------------------------------------------------------------
-    @staticmethod
-    def _run_dir_from_options(options) -> Path | None:
-        explicit = getattr(options, "run_dir", None)
-        if explicit:
-            return Path(explicit)
-        csv_prefix = getattr(options, "csv_prefix", None)
-        if csv_prefix:
-            parent = Path(csv_prefix).parent
-            # --csv RUN/locust/stats puts CSVs in RUN/locust/; the run directory is RUN
-            return parent.parent if parent.name == "locust" else parent
-        return None  # chosen at test start by the master (see ensure_run_dir)
+    # -- the parts, as the rest of the locustfiles see them ------------------------------------------
+    @property
+    def run_dir(self) -> Path | None:
+        return self.files.run_dir
+
+    @property
+    def run_id(self) -> str:
+        return self.files.run_id
+
+    @property
+    def stages(self) -> list[ResolvedStage]:
+        return self.stage_clock.stages
+
+    @property
+    def manual(self) -> bool:
+        return self.stage_clock.manual
+
+    @property
+    def current_index(self) -> int:
+        return self.stage_clock.current_index
+
+    @property
+    def stage_log(self) -> list[StageRecord]:
+        return self.stage_clock.log
+
+    @property
+    def stage(self) -> ResolvedStage | ManualStage:
+        return self.stage_clock.stage
 
     def ensure_run_dir(self) -> Path:
-        if self.run_dir is None:
-            name = self.scenario.name if self.scenario_path else "manual"
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            self.run_dir = Path("runs") / f"{stamp}-{name}"
-            self.run_id = self.run_dir.name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        return self.run_dir
+        return self.files.ensure()
 
+    # -- where records go ----------------------------------------------------------------------------
     def record_writer(self) -> RecordWriter | RecordShipper:
         """Where this process's records go: its own file, or, on a worker, to the master."""
         if self.writer is None:
@@ -231,25 +221,13 @@ class EnvelopeRun:
         if self.ledger is None:
             return
         self.ledger.changed = False
-        atomic_write_json(self.ensure_run_dir() / WORKERS_FILE, self.ledger.to_json(time.time()))
+        self.files.write_workers(self.ledger.to_json(time.time()))
 
     # -- stages ----------------------------------------------------------------------------------
-    @property
-    def stage(self) -> ResolvedStage | ManualStage:
-        if self.manual:
-            return ManualStage(index=0, pass_index=0, pass_name="manual", name="manual", base=self.stages[0])
-        return self.stages[min(self.current_index, len(self.stages) - 1)]
-
     def enter_stage(self, index: int, *, now_unix_s: float | None = None) -> None:
         """Master/local: a new stage began (called from the shape's tick)."""
-        now = time.time() if now_unix_s is None else now_unix_s
-        if self.stage_log and self.stage_log[-1]["end_unix_s"] is None:
-            self.stage_log[-1]["end_unix_s"] = now
-        self.current_index = index
-        entry = self.stages[index].describe(max_model_len=self.max_model_len)
-        entry.update(start_unix_s=now, end_unix_s=None, client_loop_lag_max_ms=None, client_cpu_max_percent=None)
-        self.stage_log.append(entry)
-        self.write_stages()
+        self.stage_clock.enter(index, now_unix_s=time.time() if now_unix_s is None else now_unix_s,
+                               max_model_len=self.max_model_len)
         self._broadcast()
         if self.open_loop is not None:  # local runner: this process sends
             self.open_loop.enter(self.stages[index])
@@ -257,28 +235,15 @@ class EnvelopeRun:
     def end_stages(self, *, now_unix_s: float | None = None) -> None:
         if self.ledger is not None:  # workers that go from now on went with the run
             self.ledger.closing = True
-        if self.stage_log and self.stage_log[-1]["end_unix_s"] is None:
-            self.stage_log[-1]["end_unix_s"] = time.time() if now_unix_s is None else now_unix_s
-            self.write_stages()
+        if self.stage_clock.end(now_unix_s=time.time() if now_unix_s is None else now_unix_s):
             self._broadcast(ended=True)
             if self.open_loop is not None:
                 self.open_loop.stop_dispatching()
 
     def enter_manual(self) -> None:
         """Master/local, web-UI ramps: one open-ended stage for the whole run."""
-        if not self.stage_log:
-            stage = self.stage
-            entry = stage.base.describe(max_model_len=self.max_model_len)
-            entry.update(pass_name="manual", stage_name="manual", stage_index=0, pass_index=0,
-                         target_users=None, spawn_rate=None, duration_s=None,
-                         start_unix_s=time.time(), end_unix_s=None)
-            self.stage_log.append(entry)
-            self.write_stages()
+        if self.stage_clock.enter_manual(now_unix_s=time.time(), max_model_len=self.max_model_len):
             self._broadcast()
-
-    def write_stages(self) -> None:
-        run_dir = self.ensure_run_dir()
-        atomic_write_json(run_dir / "stages.json", self.stage_log)
 
     def _broadcast(self, *, ended: bool = False) -> None:
         runner = self.environment.runner
@@ -293,12 +258,10 @@ class EnvelopeRun:
 
     def on_stage_message(self, data: dict) -> None:
         """Worker: the master says which run directory and stage are current (or that the stages ended)."""
-        if self.run_dir is None and data.get("run_dir"):
-            self.run_dir = Path(data["run_dir"])
-            self.run_id = self.run_dir.name
+        self.files.adopt(data.get("run_dir"))
         index = int(data.get("stage_index", 0))
-        changed = index != self.current_index or not self._seen_stage
-        self.current_index, self._seen_stage = index, True
+        changed = self.stage_clock.follow(index) or not self._seen_stage
+        self._seen_stage = True
         if self.open_loop is None or self.manual:
             return
         if data.get("ended"):
@@ -310,93 +273,35 @@ class EnvelopeRun:
             self.open_loop.enter(self.stages[index], processes=int(data.get("processes") or 1), index=worker_index)
 
     # -- the load generator's own health, per stage ----------------------------------------------
-    def watch_event_loop(self, interval_s: float = 0.05) -> None:
-        """Sending processes: how late a timer fires is how late a chunk's arrival can be noticed.
-
-        Runs in its own greenlet; :attr:`loop_lag_max_s` holds the worst lag since it was last taken.
-        """
-        last = time.perf_counter()
-        while True:
-            gevent.sleep(interval_s)
-            now = time.perf_counter()
-            lag = now - last - interval_s
-            if lag > self.loop_lag_max_s:
-                self.loop_lag_max_s = lag
-            last = now
+    def watch_event_loop(self) -> None:
+        """Sending processes, in their own greenlet: see :class:`~locustfiles.health.LoopLagWatcher`."""
+        self.loop_lag.run()
 
     def take_loop_lag_ms(self) -> float:
-        lag, self.loop_lag_max_s = self.loop_lag_max_s, 0.0
-        return lag * 1000.0
+        return self.loop_lag.take_ms()
 
     def note_client_health(self, *, loop_lag_ms: float | None = None, cpu_percent: float | None = None) -> None:
         """Master/local: keep the worst event-loop lag and CPU use of any load generator in this stage."""
-        if not self.stage_log or self.stage_log[-1]["end_unix_s"] is not None:
-            return
-        entry = self.stage_log[-1]
-        for key, value in (("client_loop_lag_max_ms", loop_lag_ms), ("client_cpu_max_percent", cpu_percent)):
-            if value is not None and value > (entry.get(key) or 0.0):
-                entry[key] = round(float(value), 3)
+        self.stage_clock.note_client_health(loop_lag_ms=loop_lag_ms, cpu_percent=cpu_percent)
 
     def mark_ready(self) -> None:
         self.ready = True
         self.ready_event.set()
 
-    # -- early stop -----------------------------------------------------------------------------
     def note_result(self, record) -> None:
-        """Stop the run when the first requests are all rejected (401/403/404) before any succeeded.
-
-        The probe at start already checks the key and the model on ``/v1/models``;
-        this catches what only the generation endpoint rejects, instead of
-        recording thousands of identical failures.
-        """
-        if self.succeeded_once:
-            return
-        category = record.error_category
-        if category is None:
-            self.succeeded_once = True
-            return
-        hint = REJECTION_HINTS.get(category)
-        if hint is None:
-            return
-        self.rejected_before_success += 1
-        if self.rejected_before_success >= EARLY_STOP_AFTER and not self._aborted and self.on_abort is not None:
-            self._aborted = True
-            status = category.removeprefix("http_")
-            detail = f" ({record.error_detail[:160]})" if record.error_detail else ""
-            self.on_abort(f"the server answered HTTP {status} to the first {self.rejected_before_success} requests "
-                          f"and none succeeded{detail}; {hint}. Stopped early.")
+        """Stop the run when the first requests are all rejected (see :class:`~locustfiles.health.EarlyStop`)."""
+        message = self.early_stop.note(record.error_category, record.error_detail)
+        if message is not None and self.on_abort is not None:
+            self.on_abort(message)
 
     # -- run.json --------------------------------------------------------------------------------
-    def write_run_json(self, status: str) -> None:
+    def write_run_json(self, status: RunStatus | str) -> None:
         """Master/local: describe the run, unless an ``envelope run`` orchestrator already owns run.json."""
-        run_dir = self.ensure_run_dir()
-        path = run_dir / "run.json"
-        if path.exists() and not self._created_run_json:
-            return
-        self._created_run_json = True
-        import locust
-
-        info = {
-            "run_id": self.run_id,
-            "status": status,
-            "scenario_path": self.scenario_path,
-            "scenario_sha256": _sha256(self.scenario_path),
-            "quick": bool(getattr(self.options, "quick", False)),
-            "options": {
-                "host": getattr(self.options, "host", None),
-                "api_key": REDACTED if self.api_key else None,
-                "record_text": self.record_text,
-                "manual": self.manual,
-            },
-            "versions": {"locust": locust.__version__, "python": platform.python_version(),
-                         "envelope": _envelope_version()},
-            "started_unix_s": self.started_unix_s,
-            "ended_unix_s": time.time() if status != "running" else None,
-            "argv": [a for a in sys.argv if "key" not in a.lower()],
-        }
-        atomic_write_json(path, info)
-        if self.scenario_path and not (run_dir / "scenario.yaml").exists():
-            (run_dir / "scenario.yaml").write_bytes(Path(self.scenario_path).read_bytes())
+        self.files.write_run_json(
+            status, scenario_path=self.scenario_path, quick=bool(getattr(self.options, "quick", False)),
+            options={"host": getattr(self.options, "host", None), "api_key": REDACTED if self.api_key else None,
+                     "record_text": self.record_text, "manual": self.manual},
+            started_unix_s=self.started_unix_s, argv=sys.argv)
 
     # -- the server ------------------------------------------------------------------------------
     def auth_headers(self) -> dict[str, str]:
@@ -404,43 +309,14 @@ class EnvelopeRun:
 
     def probe_server(self, host: str) -> list[str]:
         """Learn the served model and max length, calibrate prompts; return one-line problems, if any."""
-        import httpx
-
-        base = host.rstrip("/")
-        with httpx.Client(base_url=base, headers=self.auth_headers(), timeout=30.0) as client:
-            try:
-                resp = client.get("/v1/models")
-            except httpx.HTTPError as exc:
-                return [f"--host {base}: cannot reach the server ({type(exc).__name__}: {exc})"]
-            if resp.status_code == 401:
-                return [f"--host {base}: the server rejected the API key (HTTP 401)"]
-            if resp.status_code != 200:
-                return [f"--host {base}: GET /v1/models answered HTTP {resp.status_code}"]
-            models = resp.json().get("data") or []
-            names = [m.get("id") for m in models]
-            if self.model is None:
-                if not names:
-                    return [f"--host {base}: the server lists no models"]
-                self.model = names[0]
-            elif self.model not in names:
-                return [f"model {self.model!r} is not served by {base} (it serves: {', '.join(map(str, names))})"]
-            for m in models:
-                if m.get("id") == self.model and m.get("max_model_len"):
-                    self.max_model_len = int(m["max_model_len"])
-
-            def post(path: str, body: dict) -> dict:
-                r = client.post(path, json=body)
-                r.raise_for_status()
-                return r.json()
-
-            probe: TokenizerProbe | None = TokenizerProbe(post, self.model)
-            try:
-                self.factory = calibrate(probe)
-            except (httpx.HTTPError, KeyError, ValueError):
-                self.factory = calibrate(None)  # not vLLM: prompt lengths are estimates
-        if self.max_model_len is not None:
-            return check_against_server(self.scenario, max_model_len=self.max_model_len)
-        return []
+        facts = probe_server(host, headers=self.auth_headers(), model=self.model, scenario=self.scenario)
+        if facts.model is not None:
+            self.model = facts.model
+        if facts.max_model_len is not None:
+            self.max_model_len = facts.max_model_len
+        if facts.factory is not None:
+            self.factory = facts.factory
+        return list(facts.problems)
 
 
 def _default_scenario() -> Scenario:
@@ -452,18 +328,3 @@ def _default_scenario() -> Scenario:
         "passes": [{"name": "manual", "stages": [{"users": 1, "duration_s": 3600}]}],
     }
     return validate_data(data, Scenario, source="<built-in default scenario>")
-
-
-def _sha256(path: str | None) -> str | None:
-    if not path:
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _envelope_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llm-envelope")
-    except PackageNotFoundError:
-        return "unknown"

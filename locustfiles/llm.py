@@ -25,6 +25,7 @@ from locust import LoadTestShape, events
 from envelope.config import ConfigError
 from envelope.secrets import SecretError
 from envelope.shape import stage_at
+from envelope.stages import schedule_completed
 from locustfiles import patches
 from locustfiles import distributed
 from locustfiles.context import ABORT_MESSAGE, STAGE_MESSAGE, EnvelopeRun, WorkerReport
@@ -390,10 +391,4 @@ def _contexts() -> list[EnvelopeRun]:
 
 
 def _schedule_completed(ctx: EnvelopeRun) -> bool:
-    if ctx.manual:
-        return True
-    if len(ctx.stage_log) < len(ctx.stages):
-        return False
-    last = ctx.stage_log[-1]
-    planned_end = last["start_unix_s"] + ctx.stages[-1].duration_s
-    return last["end_unix_s"] is not None and last["end_unix_s"] >= planned_end - 2.0
+    return ctx.manual or schedule_completed(ctx.stage_log, ctx.stages)

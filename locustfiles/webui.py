@@ -195,7 +195,7 @@ class LiveConsole:
         frozen = state not in _LIVE_STATES and latest is not None
         window = self.aggregator.window(latest if frozen else now)
         stage = ctx.stage_log[-1] if ctx.stage_log else None
-        slos = dict((stage or {}).get("slos") or {})
+        slos = dict(stage.slos) if stage is not None else {}
         results = live.check_slos(window, slos)
         slo_pass = live.overall_slo(results)
         server = dict(self.server)
@@ -219,9 +219,9 @@ class LiveConsole:
             "window": {**window.to_dict(), "frozen": frozen, "full_s": self.window_s},
             "totals": self.aggregator.totals(),
             "stage": None if stage is None else {
-                "index": stage.get("stage_index"), "pass_name": stage.get("pass_name"),
-                "stage_name": stage.get("stage_name"), "target_users": stage.get("target_users"),
-                "target_rate_per_s": stage.get("target_rate_per_s"), "ended": stage.get("end_unix_s") is not None,
+                "index": stage.stage_index, "pass_name": stage.pass_name,
+                "stage_name": stage.stage_name, "target_users": stage.target_users,
+                "target_rate_per_s": stage.target_rate_per_s, "ended": stage.end_unix_s is not None,
             },
             "slos": slos,
             "slo_results": results,
@@ -237,8 +237,8 @@ class LiveConsole:
                 kv_cache_usage_ratio=server.get("kv_cache_usage_ratio") if server.get("ok") else None,
                 requests_waiting=server.get("requests_waiting") if server.get("ok") else None,
                 slo_pass=slo_pass,
-                stage_index=None if stage is None else stage.get("stage_index"),
-                stage_name=None if stage is None else stage.get("stage_name"),
+                stage_index=None if stage is None else stage.stage_index,
+                stage_name=None if stage is None else stage.stage_name,
                 ttft_p95_slo_ms=slos.get("ttft_p95_ms"),
             ))
 

@@ -321,12 +321,21 @@ def test_quick_block_is_validated(tmp_path):
     )
 
 
-# --- describe ----------------------------------------------------------------
+# --- record -------------------------------------------------------------------
 
 
-def test_describe_is_the_stages_json_entry():
+def _planned(stage, **kw):
+    """The stages.json entry of a stage that has not started: its record less the run-time fields."""
+    entry = stage.record(**kw).to_json()
+    runtime = {"start_unix_s", "end_unix_s", "client_loop_lag_max_ms", "client_cpu_max_percent"}
+    assert all(entry[k] is None for k in runtime)
+    return {k: v for k, v in entry.items() if k not in runtime}
+
+
+def test_record_is_the_stages_json_entry():
     stage = load_scenario("b.yaml", text=BASE).resolve()[1]
-    assert stage.describe() == {
+    assert stage.record().stage_index == 1 and not stage.record().open_loop
+    assert _planned(stage) == {
         "pass_index": 0,
         "pass_name": "p1",
         "stage_index": 1,
@@ -341,7 +350,7 @@ def test_describe_is_the_stages_json_entry():
     }
 
 
-def test_describe_lists_clients_when_they_differ_and_resolves_long_context():
+def test_record_lists_clients_when_they_differ_and_resolves_long_context():
     text = _replace(
         "passes:\n",
         "clients:\n"
@@ -350,15 +359,15 @@ def test_describe_lists_clients_when_they_differ_and_resolves_long_context():
         "passes:\n",
     )
     stage = load_scenario("c.yaml", text=text).resolve()[0]
-    described = stage.describe()
+    described = _planned(stage)
     assert described["workload"] == {"prompt_tokens": "uniform(100..500)", "output_tokens": 128, "long_context": False}
     assert described["clients"] == {
         "a": {"prompt_tokens": "uniform(100..500)", "output_tokens": 128, "long_context": False},
         "b": {"prompt_tokens": "fill 0.5 of max_model_len", "output_tokens": 128, "long_context": True},
     }
     # floor(0.5 * 4096) - 128 = 1920
-    assert stage.describe(max_model_len=4096)["clients"]["b"]["prompt_tokens"] == 1920
-    assert "clients" not in load_scenario("b.yaml", text=BASE).resolve()[0].describe()
+    assert _planned(stage, max_model_len=4096)["clients"]["b"]["prompt_tokens"] == 1920
+    assert "clients" not in _planned(load_scenario("b.yaml", text=BASE).resolve()[0])
 
 
 def test_resolved_stage_is_frozen():
@@ -536,7 +545,7 @@ def test_open_loop_stages_resolve_and_describe(tmp_path):
     assert stage.open_loop and stage.users == 0
     assert (stage.name, stage.rate_per_s, stage.arrival, stage.burstiness, stage.max_concurrency) == (
         "p2-2.5rps", 2.5, "gamma", 0.5, 8)
-    desc = stage.describe()
+    desc = _planned(stage)
     assert desc["kind"] == "rate" and desc["target_rate_per_s"] == 2.5 and desc["target_users"] is None
     assert (desc["arrival"], desc["burstiness"], desc["max_concurrency"]) == ("gamma", 0.5, 8)
     # the defaults: Poisson, uncapped

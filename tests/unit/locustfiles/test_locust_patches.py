@@ -167,8 +167,11 @@ def test_open_loop_shares_follow_the_rank_among_live_workers():
     entered = []
     loop = SimpleNamespace(enter=lambda stage, processes, index: entered.append((processes, index)),
                            stop_dispatching=lambda: None)
-    worker = SimpleNamespace(run_dir="runs/x", run_id="x", current_index=0, _seen_stage=False, manual=False,
-                             open_loop=loop, stages=[None, None],
+    from pathlib import Path
+    from locustfiles.run_files import RunFiles
+    from locustfiles.stage_clock import StageClock
+    worker = SimpleNamespace(files=RunFiles(Path("runs/x"), name="x"), stage_clock=StageClock([None, None], manual=False),
+                             _seen_stage=False, manual=False, open_loop=loop, stages=[None, None],
                              environment=SimpleNamespace(runner=SimpleNamespace(client_id="c", worker_index=2)))
     EnvelopeRun.on_stage_message(worker, sent[0])
     print(json.dumps({"message": sent[0], "entered": entered}))

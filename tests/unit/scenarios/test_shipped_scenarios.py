@@ -30,9 +30,9 @@ def test_scenario_loads_and_resolves(path):
         stages = scenario.resolve(quick=quick)
         assert stages
         for stage in stages:
-            entry = stage.describe()
-            assert entry["stage_name"] == stage.name
-            assert entry["slos"], f"{stage.name} has no SLOs"
+            record = stage.record()
+            assert record.stage_name == stage.name
+            assert record.slos, f"{stage.name} has no SLOs"
 
 
 def test_capstone_passes_and_sizes():
