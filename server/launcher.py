@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import importlib.metadata
-import json
 import os
 import re
 import socket
@@ -25,6 +24,7 @@ from typing import Any, Sequence
 from envelope.secrets import REDACTED, Secret, redact, redact_argv
 from server.process import stop_process_group
 from server.profiles import BuiltinModel, ServerProfile
+from server.server_json import server_json_path, write_server_json
 
 __all__ = ["LaunchError", "VllmServer", "build_command", "build_env", "log_tail"]
 
@@ -234,7 +234,7 @@ class VllmServer:
 
     @property
     def server_json_path(self) -> Path:
-        return self.run_dir / "server.json"
+        return server_json_path(self.run_dir)
 
     def start(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Launch, wait until ready, write ``server.json`` and return its content. Raises :class:`LaunchError`."""
@@ -275,8 +275,8 @@ class VllmServer:
             self._kill_quietly()
             raise
         time_to_healthy_s = time.monotonic() - t0
-        self.info = self._describe(argv, env, model, models, started_unix_s, time_to_healthy_s)
-        self.server_json_path.write_text(json.dumps(self.info, indent=2) + "\n", encoding="utf-8")
+        self.info = write_server_json(self.run_dir,
+                                      self._describe(argv, env, model, models, started_unix_s, time_to_healthy_s))
         return self.info
 
     def stop(self, grace_s: float = 15.0) -> None:
