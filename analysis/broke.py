@@ -37,6 +37,7 @@ from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, finite, grouped_num
 from analysis.load import run_start_unix_s
 from analysis.envelope import worst_failed_slo
 from analysis.failures import ServerStop, run_server_stop
+from envelope.stages import StageRecord
 
 __all__ = [
     "KV_PRESSURE_RATIO",
@@ -200,7 +201,7 @@ def saturated_stage_indices(rows: Sequence[Mapping[str, Any]], host: pd.DataFram
 
 def break_events(
     *,
-    stages: Sequence[Mapping[str, Any]],
+    stages: Sequence[StageRecord],
     rows: Sequence[Mapping[str, Any]],
     frame: pd.DataFrame | None,
     metrics: pd.DataFrame | None,
@@ -215,13 +216,13 @@ def break_events(
     (default: the same) is the zero of the rows' window columns.
     """
     table_start = run_start_unix_s if table_start_unix_s is None else table_start_unix_s
-    stages = sorted(stages, key=lambda s: float(s["start_unix_s"]))
+    stages = sorted(stages, key=lambda s: float(s.start_unix_s))
 
     def event(kind: str, t: float, detail: str, label: str, **kw: Any) -> BreakEvent:
         stage = _stage_at(stages, t)
         return BreakEvent(kind=kind, t_unix_s=t, t_s=t - run_start_unix_s,
-                          stage_index=None if stage is None else int(stage["stage_index"]),
-                          stage_name=None if stage is None else stage.get("stage_name"),
+                          stage_index=None if stage is None else stage.stage_index,
+                          stage_name=None if stage is None else stage.stage_name,
                           detail=detail, label=label, **kw)
 
     events: list[BreakEvent] = []
@@ -276,26 +277,26 @@ def break_events(
                             "the server stopped answering (every later request got no answer)",
                             _BROKE_LABEL["server_stopped"], value=float(server_stop.requests)))
 
-    by_index = {int(s["stage_index"]): s for s in stages}
+    by_index = {s.stage_index: s for s in stages}
     failing = [r for r in rows if r.get("slo_pass") is False and not r.get("server_stopped")
                and int(r["stage_index"]) in by_index]
     if failing:
-        r = min(failing, key=lambda r: float(by_index[int(r["stage_index"])]["start_unix_s"]))
+        r = min(failing, key=lambda r: float(by_index[int(r["stage_index"])].start_unix_s))
         stage = by_index[int(r["stage_index"])]
         slo = worst_failed_slo([s for s in r.get("slo_results") or [] if s.get("passed") is False])
         if slo is not None:
-            t0 = float(stage["start_unix_s"])
+            t0 = float(stage.start_unix_s)
             events.append(BreakEvent(
-                kind="slo", t_unix_s=t0, t_s=t0 - run_start_unix_s, stage_index=int(stage["stage_index"]),
-                stage_name=stage.get("stage_name"), detail=_slo_text(slo), label=_slo_label(slo),
+                kind="slo", t_unix_s=t0, t_s=t0 - run_start_unix_s, stage_index=stage.stage_index,
+                stage_name=stage.stage_name, detail=_slo_text(slo), label=_slo_label(slo),
                 key=slo.get("key"), value=slo.get("measured"), limit=slo.get("threshold"),
             ))
 
-    position = {int(s["stage_index"]): i for i, s in enumerate(stages)}
+    position = {s.stage_index: i for i, s in enumerate(stages)}
 
     def order(e: BreakEvent) -> tuple[float, int, float]:
         if e.stage_index is None:  # outside every stage: before the first or after the last
-            before = not stages or e.t_unix_s < float(stages[0]["start_unix_s"])
+            before = not stages or e.t_unix_s < float(stages[0].start_unix_s)
             return (-1.0 if before else float(len(stages)), 0, e.t_unix_s)
         return (float(position[e.stage_index]), 1 if e.kind == "slo" else 0, e.t_unix_s)
 
@@ -306,7 +307,7 @@ def what_broke_first(run: Any, rows: Sequence[Mapping[str, Any]]) -> BrokeFirst:
     """Events and sentence for a loaded :class:`analysis.load.Run` and its envelope table ``rows``."""
     telemetry = getattr(run, "telemetry", {}) or {}
     table_start = run_start_unix_s(run)  # the zero of the table's window columns
-    load_start = min((float(s["start_unix_s"]) for s in run.stages), default=table_start)
+    load_start = min((float(s.start_unix_s) for s in run.stages), default=table_start)
     metrics = telemetry.get("metrics")
     events = break_events(stages=run.stages, rows=rows, frame=run.frame, metrics=metrics,
                           host=telemetry.get("host"), run_start_unix_s=load_start,
@@ -396,10 +397,10 @@ def _slo_label(slo: Mapping[str, Any]) -> str:
     return METRIC_NAMES.get(metric, metric.upper())
 
 
-def _stage_at(stages: Sequence[Mapping[str, Any]], t: float) -> Mapping[str, Any] | None:
+def _stage_at(stages: Sequence[StageRecord], t: float) -> StageRecord | None:
     for s in stages:
-        end = s.get("end_unix_s")
-        if float(s["start_unix_s"]) <= t and (end is None or t < float(end)):
+        end = s.end_unix_s
+        if float(s.start_unix_s) <= t and (end is None or t < float(end)):
             return s
     return None
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from envelope.records import ErrorCategory
+from envelope.stages import StageRecord
 
 __all__ = [
     "NO_ANSWER_CATEGORIES",
@@ -83,7 +84,7 @@ class ServerStop:
     metrics_error: str | None = None  # the error of the first of them
 
 
-def failure_counts(frame: pd.DataFrame, stages: Sequence[Mapping[str, Any]]) -> list[FailureCount]:
+def failure_counts(frame: pd.DataFrame, stages: Sequence[StageRecord]) -> list[FailureCount]:
     """Records of every error category (``cancelled`` included), most first, with a per-stage split."""
     if frame.empty or "error_category" not in frame.columns:
         return []
@@ -92,8 +93,8 @@ def failure_counts(frame: pd.DataFrame, stages: Sequence[Mapping[str, Any]]) -> 
     if not failed.any():
         return []
     idx = frame["stage_index"].to_numpy(dtype=float, na_value=np.nan)
-    names = {int(s["stage_index"]): str(s.get("stage_name", "")) for s in stages}
-    order = {int(s["stage_index"]): i for i, s in enumerate(sorted(stages, key=lambda s: float(s["start_unix_s"])))}
+    names = {s.stage_index: s.stage_name for s in stages}
+    order = {s.stage_index: i for i, s in enumerate(sorted(stages, key=lambda s: float(s.start_unix_s)))}
     per: dict[str, Counter] = {}
     for cat, si in zip(cats[failed].tolist(), idx[failed].tolist()):
         key = None if math.isnan(si) else int(si)
@@ -144,7 +145,7 @@ def write_failures_csv(counts: Sequence[FailureCount], sink: IO[str]) -> None:
 
 def server_stop(
     frame: pd.DataFrame,
-    stages: Sequence[Mapping[str, Any]],
+    stages: Sequence[StageRecord],
     *,
     metrics: pd.DataFrame | None = None,
     metrics_failed: pd.DataFrame | None = None,
@@ -183,21 +184,20 @@ def server_stop(
         if seen.size:
             last_answer = max(float(seen.max()), last_answer if last_answer is not None else -math.inf)
     by_cat = Counter(str(c) for c in cats[after].tolist())
-    ordered = sorted(stages, key=lambda s: float(s["start_unix_s"]))
+    ordered = sorted(stages, key=lambda s: float(s.start_unix_s))
     running = None
     for s in ordered:
-        s_end = s.get("end_unix_s")
-        if float(s["start_unix_s"]) <= t_stop and (s_end is None or t_stop < float(s_end)):
+        s_end = s.end_unix_s
+        if float(s.start_unix_s) <= t_stop and (s_end is None or t_stop < float(s_end)):
             running = s
-    affected = tuple(int(s["stage_index"]) for s in ordered
-                     if s.get("end_unix_s") is None or float(s["end_unix_s"]) > t_stop)
+    affected = tuple(s.stage_index for s in ordered if s.end_unix_s is None or float(s.end_unix_s) > t_stop)
     m_ok, m_from, m_n, m_err = _metrics_gap(metrics, metrics_failed)
     return ServerStop(
         t_unix_s=t_stop,
         last_answer_unix_s=last_answer,
-        stage_index=None if running is None else int(running["stage_index"]),
-        stage_name=None if running is None else running.get("stage_name"),
-        pass_name=None if running is None else running.get("pass_name"),
+        stage_index=None if running is None else running.stage_index,
+        stage_name=None if running is None else running.stage_name,
+        pass_name=None if running is None else running.pass_name,
         requests=int(after.sum()),
         categories=tuple(sorted(by_cat.items(), key=lambda kv: (-kv[1], kv[0]))),
         affected_stage_indices=affected,
@@ -237,7 +237,7 @@ def _metrics_gap(metrics: pd.DataFrame | None,
 
 
 def server_stop_sentence(stop: ServerStop, *, zero_unix_s: float,
-                         stages: Sequence[Mapping[str, Any]] = ()) -> str:
+                         stages: Sequence[StageRecord] = ()) -> str:
     """The stop in plain words; times count from ``zero_unix_s`` (the load's start)."""
     where = f" (stage {stop.stage_name})" if stop.stage_name else " (after the last stage)"
     cats = ", ".join(f"{c} {n:,}" for c, n in stop.categories)
@@ -251,7 +251,7 @@ def server_stop_sentence(stop: ServerStop, *, zero_unix_s: float,
                  f"({stop.metrics_failed_samples:,} failed samples; first: {stop.metrics_error}).")
     elif stop.metrics_last_ok_unix_s is not None and stop.metrics_last_ok_unix_s < stop.t_unix_s:
         text += f" The last good /metrics sample was at {stop.metrics_last_ok_unix_s - zero_unix_s:,.1f} s."
-    names = {int(s["stage_index"]): s.get("stage_name") for s in stages}
+    names = {s.stage_index: s.stage_name for s in stages}
     affected = [str(names.get(i, i)) for i in stop.affected_stage_indices]
     if affected:
         text += (f" The envelope above that point is unknown: {', '.join(affected)} "

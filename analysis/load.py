@@ -26,6 +26,7 @@ from analysis.tokens import TokenAudit, TokenAuditBuilder
 from analysis.workers import PLACEMENT_SLACK_S, placement_tolerance_s, read_workers
 from envelope import metrics
 from envelope.records import iter_record_files, read_records
+from envelope.stages import StageKind, StageRecord, StagesFileError, read_stages
 
 __all__ = [
     "Run",
@@ -66,7 +67,7 @@ class Run:
     run_dir: Path
     info: dict
     server: dict
-    stages: list[dict]
+    stages: list[StageRecord]
     frame: pd.DataFrame
     itl_ms: np.ndarray  # float32, ms
     itl_counts: np.ndarray
@@ -109,7 +110,7 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
 
     info = _read_json_object(root / "run.json", missing, "run.json")
     server = _read_json_object(root / "server.json", missing, "server.json")
-    stages = _read_stages(root / "stages.json", missing)
+    stages = _read_stages(root, missing)
     workers, workers_info = read_workers(root, missing)
 
     files = iter_record_files(root)
@@ -312,84 +313,49 @@ def _read_json_object(path: Path, missing: list[str], label: str) -> dict:
     return data
 
 
-def _read_stages(path: Path, missing: list[str]) -> list[dict] | None:
-    if not path.is_file():
-        missing.append("stages.json: absent")
-        return None
+def _read_stages(root: Path, missing: list[str]) -> list[StageRecord] | None:
     try:
-        data = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        missing.append(f"stages.json: unreadable ({_one_line(exc)})")
-        return None
-    if not isinstance(data, list) or not all(isinstance(s, dict) for s in data):
-        missing.append("stages.json: not a list of stage objects")
-        return None
-    stages = []
-    for i, s in enumerate(data):
-        if "start_unix_s" not in s or s.get("start_unix_s") is None:
-            missing.append(f"stages.json: stage {i} has no start_unix_s; skipped")
-            continue
-        stage = dict(s)
-        stage.setdefault("stage_index", i)
-        stage.setdefault("stage_name", f"stage-{stage['stage_index']}")
-        stage.setdefault("pass_name", "")
-        stage.setdefault("pass_index", 0)
-        stage.setdefault("kind", "users")
-        stage["slos"] = dict(stage.get("slos") or {})
-        stage["workload"] = dict(stage.get("workload") or {})
-        stages.append(stage)
-    return stages
+        return read_stages(root, problems=missing)
+    except FileNotFoundError:
+        missing.append("stages.json: absent")
+    except StagesFileError as exc:
+        missing.append(str(exc))
+    return None
 
 
-def _stages_from_records(frame: pd.DataFrame) -> list[dict]:
+def _stages_from_records(frame: pd.DataFrame) -> list[StageRecord]:
     if frame.empty:
         return []
     stages = []
     grouped = frame.groupby(["stage_index", "pass_name", "stage_name"], sort=True, dropna=True)
     for (idx, pass_name, stage_name), g in grouped:
-        stages.append(
-            {
-                "pass_index": None,
-                "pass_name": pass_name,
-                "stage_index": int(idx),
-                "stage_name": stage_name,
-                "kind": "users",
-                "target_users": None,
-                "spawn_rate": None,
-                "target_rate_per_s": None,
-                "duration_s": None,
-                "start_unix_s": float(g["wall_start_unix_s"].min()),
-                "end_unix_s": float(g["in_flight_end_unix_s"].max()),
-                "slos": {},
-                "workload": {},
-                "derived": True,
-            }
-        )
+        stages.append(StageRecord(pass_index=None, pass_name=pass_name, stage_index=int(idx), stage_name=stage_name,
+                                  kind=StageKind.USERS, start_unix_s=float(g["wall_start_unix_s"].min()),
+                                  end_unix_s=float(g["in_flight_end_unix_s"].max()), derived=True))
     return stages
 
 
-def _complete_stages(stages: list[dict], frame: pd.DataFrame, info: dict, missing: list[str]) -> None:
+def _complete_stages(stages: list[StageRecord], frame: pd.DataFrame, info: dict, missing: list[str]) -> None:
     """Give every stage an end time: the next stage's start, the run's end, or its last record."""
-    stages.sort(key=lambda s: (s["start_unix_s"], s.get("stage_index", 0)))
+    stages.sort(key=lambda s: (s.start_unix_s, s.stage_index))
     for i, stage in enumerate(stages):
-        if stage.get("end_unix_s") is not None:
+        if stage.end_unix_s is not None:
             continue
         if i + 1 < len(stages):
-            end = stages[i + 1]["start_unix_s"]
+            end = stages[i + 1].start_unix_s
             how = "the next stage's start"
         elif info.get("ended_unix_s") is not None:
             end = float(info["ended_unix_s"])
             how = "the run's end"
         else:
-            mine = frame.loc[frame["stage_index"] == stage["stage_index"], "in_flight_end_unix_s"]
-            end = float(mine.max()) if len(mine) else stage["start_unix_s"]
+            mine = frame.loc[frame["stage_index"] == stage.stage_index, "in_flight_end_unix_s"]
+            end = float(mine.max()) if len(mine) else stage.start_unix_s
             how = "its last record's end"
-        stage["end_unix_s"] = max(end, stage["start_unix_s"])
-        stage["end_inferred"] = True
-        missing.append(f"stages.json: stage {stage['stage_name']!s} has no end time; used {how}")
+        stages[i] = stage.replace(end_unix_s=max(end, stage.start_unix_s), end_inferred=True)
+        missing.append(f"stages.json: stage {stage.stage_name!s} has no end time; used {how}")
 
 
-def _check_stage_placement(stages: list[dict], frame: pd.DataFrame, missing: list[str], *,
+def _check_stage_placement(stages: list[StageRecord], frame: pd.DataFrame, missing: list[str], *,
                            tolerance_s: float = PLACEMENT_SLACK_S) -> int:
     """Note records whose stage_index is unknown or whose start lies outside their stage.
 
@@ -400,18 +366,18 @@ def _check_stage_placement(stages: list[dict], frame: pd.DataFrame, missing: lis
     if frame.empty or not stages:
         return 0
     idx = frame["stage_index"].to_numpy(dtype=float, na_value=np.nan)
-    known = np.array([s["stage_index"] for s in stages])
+    known = np.array([s.stage_index for s in stages])
     unknown = ~np.isin(idx, known)
     if unknown.any():
         missing.append(f"{int(unknown.sum())} record(s) name a stage_index absent from stages.json")
-    if any(s.get("derived") for s in stages):
+    if any(s.derived for s in stages):
         return 0
     start = frame["wall_start_unix_s"].to_numpy(dtype=float)
     outside = np.zeros(len(frame), dtype=bool)
     for s in stages:
-        mine = idx == s["stage_index"]
+        mine = idx == s.stage_index
         # slack: stage boundaries and record starts come from different processes (and clocks)
-        outside |= mine & ((start < s["start_unix_s"] - tolerance_s) | (start > s["end_unix_s"] + tolerance_s))
+        outside |= mine & ((start < s.start_unix_s - tolerance_s) | (start > s.end_unix_s + tolerance_s))
     n = int(outside.sum())
     if n:
         missing.append(
@@ -502,7 +468,7 @@ def run_start_unix_s(run: Any) -> float:
     if started is not None:
         return float(started)
     if run.stages:
-        return float(min(s["start_unix_s"] for s in run.stages))
+        return float(min(s.start_unix_s for s in run.stages))
     if len(run.frame):
         return float(run.frame["wall_start_unix_s"].min())
     return 0.0
@@ -555,7 +521,7 @@ def completeness(run: Any) -> Completeness:
     short = isinstance(planned, int) and not isinstance(planned, bool) and ran < planned
     if short:
         reasons.append(f"{ran} of {planned} planned stages ran.")
-    inferred = [s.get("stage_name") for s in getattr(run, "stages", []) or [] if s.get("end_inferred")]
+    inferred = [s.stage_name for s in getattr(run, "stages", []) or [] if s.end_inferred]
     if inferred:
         reasons.append(f"Stage {inferred[-1]} has no recorded end: it was cut short, and its end is inferred.")
     if status is None:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import METRIC_NAMES
+from envelope.stages import StageRecord
 
 __all__ = [
     "plot_throughput_vs_concurrency",
@@ -101,7 +102,7 @@ def plot_latency_vs_concurrency(
 def plot_timeline(
     axes: Sequence[Any],
     frame: pd.DataFrame,
-    stages: Sequence[Mapping[str, Any]],
+    stages: Sequence[StageRecord],
     telemetry: Mapping[str, pd.DataFrame] | None = None,
     *,
     chunks: tuple[np.ndarray, np.ndarray] | None = None,
@@ -120,8 +121,8 @@ def plot_timeline(
     if stages:
         xs, ys = [], []
         for s in stages:
-            users = s.get("target_users") or 0
-            xs += [s["start_unix_s"] - t0, s["end_unix_s"] - t0]
+            users = s.target_users or 0
+            xs += [s.start_unix_s - t0, s.end_unix_s - t0]
             ys += [users, users]
         ax_users.plot(xs, ys, color="0.4", drawstyle="steps-post", label="target users")
     ax_users.set_ylabel("users (target)")
@@ -223,9 +224,9 @@ def _nan(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and v is not None else float("nan")
 
 
-def _t0(frame: pd.DataFrame, stages: Sequence[Mapping[str, Any]]) -> float:
+def _t0(frame: pd.DataFrame, stages: Sequence[StageRecord]) -> float:
     if stages:
-        return float(min(s["start_unix_s"] for s in stages))
+        return float(min(s.start_unix_s for s in stages))
     if len(frame):
         return float(frame["wall_start_unix_s"].min())
     return 0.0

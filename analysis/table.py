@@ -49,6 +49,7 @@ from analysis.failures import run_server_stop
 from analysis.workers import ending_reason, stage_endings, worker_endings
 from envelope import metrics
 from envelope.records import ErrorCategory
+from envelope.stages import StageRecord
 
 __all__ = [
     "WindowRule",
@@ -103,15 +104,15 @@ CLIENT_CPU_LIMIT_PERCENT = 90.0  # a load-generator process this busy limits the
 CLIENT_LOOP_LAG_LIMIT_MS = 50.0  # a stall this long delays every chunk read meanwhile
 
 
-def steady_window(stage: Mapping[str, Any], *, rule: WindowRule = WindowRule()) -> tuple[float, float, str]:
+def steady_window(stage: StageRecord, *, rule: WindowRule = WindowRule()) -> tuple[float, float, str]:
     """The steady-state window ``(start_unix_s, end_unix_s, note)`` of one stage."""
-    start = float(stage["start_unix_s"])
-    end = float(stage["end_unix_s"])
-    if stage.get("derived"):
+    start = float(stage.start_unix_s)
+    end = float(stage.end_unix_s)
+    if stage.derived:
         return start, end, "whole stage (no stages.json)"
     ramp_s = 0.0
-    users, spawn = stage.get("target_users"), stage.get("spawn_rate")
-    if stage.get("kind", "users") == "users" and users and spawn:
+    users, spawn = stage.target_users, stage.spawn_rate
+    if not stage.open_loop and users and spawn:
         ramp_s = float(users) / float(spawn)
     ws = start + ramp_s + rule.settle_s
     if end - ws < rule.min_window_s:
@@ -148,17 +149,17 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
     for stage in run.stages:
         ws, we, note = steady_window(stage, rule=rule)
         window_s = max(we - ws, 0.0)
-        mine = stage_idx == stage["stage_index"]
+        mine = stage_idx == stage.stage_index
         in_win = mine & (start >= ws) & (start < we)
         sel = in_win & ok
         row: dict[str, Any] = {c: None for c in TABLE_COLUMNS}
         row.update(
-            pass_name=stage.get("pass_name", ""),
-            stage_name=stage.get("stage_name", ""),
-            stage_index=int(stage["stage_index"]),
-            kind=stage.get("kind", "users"),
-            target_users=stage.get("target_users"),
-            target_rate_per_s=stage.get("target_rate_per_s"),
+            pass_name=stage.pass_name,
+            stage_name=stage.stage_name,
+            stage_index=stage.stage_index,
+            kind=str(stage.kind),
+            target_users=stage.target_users,
+            target_rate_per_s=stage.target_rate_per_s,
             window_start_s=ws - run_start,
             window_end_s=we - run_start,
             window_s=window_s,
@@ -205,12 +206,12 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
         )
         row.update(_telemetry_cells(telemetry, ws, we))
         row.update(_open_loop_cells(stage, frame, mine, sel, start))
-        row.update(client_loop_lag_max_ms=stage.get("client_loop_lag_max_ms"),
-                   client_cpu_max_percent=stage.get("client_cpu_max_percent"),
+        row.update(client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
+                   client_cpu_max_percent=stage.client_cpu_max_percent,
                    load_generators_ended=stage_endings(endings, stage))
         reasons = trust_reasons(row)
         row.update(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
-        results = evaluate_slos(row, stage.get("slos") or {})
+        results = evaluate_slos(row, stage.slos)
         row["slo_results"] = results
         row["slo_pass"] = _overall(results)
         rows.append(row)
@@ -222,7 +223,7 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[st
     return rows
 
 
-def _open_loop_cells(stage: Mapping[str, Any], frame: pd.DataFrame, mine: np.ndarray, sel: np.ndarray,
+def _open_loop_cells(stage: StageRecord, frame: pd.DataFrame, mine: np.ndarray, sel: np.ndarray,
                      start: np.ndarray) -> dict[str, Any]:
     """Open-loop (rate) stages: what was sent against what was asked, and how late.
 
@@ -231,10 +232,10 @@ def _open_loop_cells(stage: Mapping[str, Any], frame: pd.DataFrame, mine: np.nda
     every request of the stage; latencies from the intended send time are over
     the steady-state window's successes, like the other latencies.
     """
-    if stage.get("kind") != "rate" or not len(frame):
+    if not stage.open_loop or not len(frame):
         return {}
     cells: dict[str, Any] = {}
-    t0, t1 = float(stage["start_unix_s"]), float(stage["end_unix_s"])
+    t0, t1 = float(stage.start_unix_s), float(stage.end_unix_s)
     if t1 > t0:
         cells["achieved_rate_per_s"] = metrics.achieved_send_rate_per_s(start[mine], t0, t1)
     lag = _num(frame, "send_lag_ms")[mine]

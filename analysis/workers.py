@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import orjson
+from envelope.stages import StageRecord
 
 __all__ = [
     "WORKERS_FILE",
@@ -209,9 +210,9 @@ def _utc(t_unix_s: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_unix_s))
 
 
-def _stage_at(stages: Sequence[Mapping[str, Any]], t_unix_s: float) -> Mapping[str, Any] | None:
+def _stage_at(stages: Sequence[StageRecord], t_unix_s: float) -> StageRecord | None:
     for s in stages:
-        if float(s["start_unix_s"]) <= t_unix_s < float(s["end_unix_s"]):
+        if float(s.start_unix_s) <= t_unix_s < float(s.end_unix_s):
             return s
     return None
 
@@ -241,13 +242,13 @@ def worker_endings(run: Any, *, zero_unix_s: float) -> list[WorkerEnding]:
             worker=worker_label(w, i), host=w.get("host"), status=w["status"], ended_unix_s=ended,
             t_s=ended - zero_unix_s, last_heard_unix_s=heard,
             last_heard_t_s=None if heard is None else heard - zero_unix_s,
-            stage_index=None if stage is None else int(stage["stage_index"]),
-            stage_name=None if stage is None else stage.get("stage_name"),
+            stage_index=None if stage is None else stage.stage_index,
+            stage_name=None if stage is None else stage.stage_name,
             records_in_run=counts.get(w.get("worker_id") or "", 0),
             in_flight=report.get("in_flight") if lost else None,
             ship_interval_s=info.get("ship_interval_s"),
             recent_records_per_s=_recent_rate(frame, w.get("worker_id"), heard) if lost else None,
-            affected_stages=tuple(str(s.get("stage_name")) for s in stages if _cut(s, ended, fell) is not None),
+            affected_stages=tuple(s.stage_name for s in stages if _cut(s, ended, fell) is not None),
         ))
     out.sort(key=lambda e: e.ended_unix_s)
     return out
@@ -269,7 +270,7 @@ def _recent_rate(frame: Any, worker_id: str | None, until_unix_s: float | None) 
     return n / (until_unix_s - since)
 
 
-def stage_endings(endings: Sequence[WorkerEnding], stage: Mapping[str, Any]) -> list[dict[str, Any]]:
+def stage_endings(endings: Sequence[WorkerEnding], stage: StageRecord) -> list[dict[str, Any]]:
     """The endings that cut ``stage``'s offered load, as the table's ``load_generators_ended`` cell.
 
     A stage is hit when a worker ended in it (``ended_unix_s`` in [start, end)),
@@ -289,10 +290,10 @@ def stage_endings(endings: Sequence[WorkerEnding], stage: Mapping[str, Any]) -> 
     return out
 
 
-def _cut(stage: Mapping[str, Any], ended_unix_s: float, fell_unix_s: float) -> str | None:
+def _cut(stage: StageRecord, ended_unix_s: float, fell_unix_s: float) -> str | None:
     """``"ended"`` when the worker ended in ``stage``, ``"silent"`` when it was silent (not yet declared
     lost) during part of it, else None."""
-    start, end = float(stage["start_unix_s"]), float(stage["end_unix_s"])
+    start, end = float(stage.start_unix_s), float(stage.end_unix_s)
     if start <= ended_unix_s < end:
         return "ended"
     if fell_unix_s < end and ended_unix_s >= start:

@@ -17,19 +17,20 @@ from analysis.broke import (
     token_cross_check,
     what_broke_first,
 )
+from envelope.stages import StageRecord
 
 T0 = 1000.0
 # three 60 s stages: 1 user [1000, 1060), 5 users [1060, 1120), 20 users [1120, 1180)
 STAGES = [
-    {"stage_index": i, "stage_name": name, "pass_name": name.split("-")[0], "start_unix_s": T0 + 60 * i,
-     "end_unix_s": T0 + 60 * (i + 1), "target_users": users}
+    StageRecord(stage_index=i, stage_name=name, pass_name=name.split("-")[0], start_unix_s=T0 + 60 * i,
+                end_unix_s=T0 + 60 * (i + 1), target_users=users)
     for i, (name, users) in enumerate((("alive-1u", 1), ("batching-5u", 5), ("queueing-20u", 20)))
 ]
 
 
 def row(i: int, *, slo_pass: bool | None = True, slo_results: list | None = None) -> dict:
     """A table row whose steady-state window is [start + 10, end) of stage i, relative to T0."""
-    return {"stage_index": i, "stage_name": STAGES[i]["stage_name"], "pass_name": STAGES[i]["pass_name"],
+    return {"stage_index": i, "stage_name": STAGES[i].stage_name, "pass_name": STAGES[i].pass_name,
             "window_start_s": 60.0 * i + 10.0, "window_end_s": 60.0 * (i + 1),
             "slo_pass": slo_pass, "slo_results": slo_results or []}
 

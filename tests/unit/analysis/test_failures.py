@@ -21,6 +21,7 @@ from analysis.failures import (
 )
 from analysis.load import load_run
 from analysis.table import envelope_table
+from envelope.stages import StageRecord
 
 
 def _stages(builders):
@@ -195,6 +196,6 @@ def test_a_stop_before_any_request_succeeded(builders, tmp_path):
 def test_server_stop_on_a_bare_frame():
     frame = pd.DataFrame({"error_category": [None, "connect_error", "connect_error", "connect_error"],
                           "in_flight_end_unix_s": [10.0, 11.0, 12.0, 13.0], "wall_start_unix_s": [9.0, 11, 12, 13]})
-    stop = server_stop(frame, [{"stage_index": 0, "stage_name": "s", "start_unix_s": 0.0, "end_unix_s": 12.5}])
+    stop = server_stop(frame, [StageRecord(stage_index=0, stage_name="s", start_unix_s=0.0, end_unix_s=12.5)])
     assert stop is not None and (stop.t_unix_s, stop.stage_name, stop.requests) == (11.0, "s", 3)
     assert server_stop(frame.iloc[:0], []) is None

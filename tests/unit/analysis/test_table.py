@@ -14,14 +14,16 @@ from analysis.table import (
     write_table_csv,
     write_table_markdown,
 )
+from envelope.stages import StageKind, StageRecord
 
 
 def test_steady_window_rule():
-    stage = {"start_unix_s": 100.0, "end_unix_s": 160.0, "target_users": 10, "spawn_rate": 2.0, "kind": "users"}
+    stage = StageRecord(stage_index=0, stage_name="s", start_unix_s=100.0, end_unix_s=160.0, target_users=10,
+                        spawn_rate=2.0, kind=StageKind.USERS)
     assert steady_window(stage, rule=WindowRule(settle_s=5)) == (110.0, 160.0, "")
-    rate = dict(stage, kind="rate")
+    rate = stage.replace(kind=StageKind.RATE)
     assert steady_window(rate, rule=WindowRule(settle_s=5))[:2] == (105.0, 160.0)
-    short = dict(stage, end_unix_s=112.0)  # ramp+settle leaves 2 s < 5 s: second half
+    short = stage.replace(end_unix_s=112.0)  # ramp+settle leaves 2 s < 5 s: second half
     assert steady_window(short, rule=WindowRule(settle_s=5)) == (106.0, 112.0, "short stage: second half used")
 
 
