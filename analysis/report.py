@@ -1,15 +1,18 @@
 """Write a run's report directory: table.csv/.md, PNG graphs, envelope.md and envelope.html.
 
+The report is written once, as Markdown (:func:`_markdown`); envelope.html is that same document
+rendered by :func:`analysis.render.markdown_page`, with the graphs embedded and a few blocks marked
+for the page's CSS (:func:`_marks`: the partial-run banner, the envelope sentences, failing SLO
+cells). Rendering the Markdown, rather than filling HTML templates, is what keeps the two from
+drifting: there is no second description of a section to forget.
+
 Figures are made with :class:`matplotlib.figure.Figure` and saved through the
 Agg canvas, so no pyplot state or global backend is touched.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from analysis import broke
 from analysis import envelope as env
 from analysis import failures as fail
 from analysis import plots
+from analysis import render
 from analysis import tokens
 from analysis import workers as wk
 from analysis.load import Completeness, completeness, run_start_unix_s
@@ -28,7 +32,6 @@ from analysis.table import (
     envelope_table,
     format_cell,
     MARKDOWN_COLUMNS,
-    row_cell,
     slo_summary,
     table_totals,
     write_table_csv,
@@ -95,12 +98,12 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     with open(out / "failures.csv", "w", encoding="utf-8", newline="") as fh:
         fail.write_failures_csv(extra.failures, fh)
     written["failures.csv"] = out / "failures.csv"
-    (out / "envelope.md").write_text(
-        _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check, extra), encoding="utf-8"
-    )
+    document = _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check, extra)
+    (out / "envelope.md").write_text(document, encoding="utf-8")
     written["envelope.md"] = out / "envelope.md"
-    (out / "envelope.html").write_text(_html(run, rows, graphs, sentences, notes, first, check, extra),
-                                       encoding="utf-8")
+    page = render.markdown_page(document, title=_title(run, extra), marks=_marks(),
+                                images={name: png for name, (_, png) in graphs.items()})
+    (out / "envelope.html").write_text(page, encoding="utf-8")
     written["envelope.html"] = out / "envelope.html"
     return written
 
@@ -133,7 +136,7 @@ class _Extra:
 
 def _load_start(run: Any) -> float:
     """The zero of the report's event times: the first stage's start (as in :mod:`analysis.broke`)."""
-    return min((float(s["start_unix_s"]) for s in run.stages), default=run_start_unix_s(run))
+    return min((float(s.start_unix_s) for s in run.stages), default=run_start_unix_s(run))
 
 
 def _extra(run: Any) -> _Extra:
@@ -249,14 +252,15 @@ def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Ma
         "listed under few-sample tails.",
         f"Cross-check: {totals['records']} records ({totals['ok_records']} successful) carry "
         f"{totals['output_tokens']} output tokens in total; the table's stage_output_tokens column "
-        f"sums to {sum(int(r.get('stage_output_tokens') or 0) for r in rows)}.",
+        f"sums to {sum(int(_field(r, 'stage_output_tokens') or 0) for r in rows)}.",
     ]
-    server = [(r, r.get("server_output_tokens_per_s")) for r in rows if r.get("server_output_tokens_per_s") is not None]
+    server = [(r, _field(r, "server_output_tokens_per_s")) for r in rows]
+    server = [(r, v) for r, v in server if v is not None]
     if server:
         notes.append(
             "Server-side generation rate (vllm:generation_tokens_total) per window, for comparison: "
             + ", ".join(
-                f"{env.level_text(r)}: {v:.0f} tokens/s (ours {format_cell('x', r.get('aggregate_output_tokens_per_s'))})"
+                f"{env.level_text(r)}: {v:.0f} tokens/s (ours {format_cell('x', _field(r, 'aggregate_output_tokens_per_s'))})"
                 for r, v in server
             )
             + "."
@@ -282,6 +286,21 @@ def _title(run: Any, extra: _Extra | None) -> str:
     return f"Service envelope: {run.name}{suffix}"
 
 
+# Sections the page styles (see _marks).
+_ENVELOPE = "Envelope"
+_STOPPED = "Server stopped answering"
+_TABLE = "Table"
+
+
+def _marks() -> render.Marks:
+    """What envelope.html styles beyond the Markdown: paragraphs of the envelope and server-stopped
+    sections are sentences; a FAIL in the main table's SLO column is a failing cell (a stage after
+    the server stopped says "not judged" there, and is not marked). The partial-run banner is the
+    document's block quote."""
+    return render.Marks(sentence_sections=(_ENVELOPE, _STOPPED),
+                        fail_cell=(_TABLE, dict(MARKDOWN_COLUMNS)["slo_pass"], format_cell("slo_pass", False)))
+
+
 def _md_table(rows: Sequence[Sequence[str]]) -> str:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(_md_escape(c).replace("|", "\\|") for c in cells) + " |"
@@ -297,7 +316,7 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
     if extra is not None and extra.banner:
         parts.append(f"> **{_md_escape(extra.banner)}**\n")
     parts += ["\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
-    parts.append("## Envelope\n")
+    parts.append(f"## {_ENVELOPE}\n")
     if not sentences:
         parts.append("No stages to analyse.\n")
     for name, sentence, _ in sentences:
@@ -305,7 +324,7 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
     if first is not None:
         parts.append(f"**What broke first**: {_md_escape(first.sentence)}\n")
     if extra is not None and extra.stop_sentence:
-        parts.append("## Server stopped answering\n")
+        parts.append(f"## {_STOPPED}\n")
         parts.append(_md_escape(extra.stop_sentence) + "\n")
     if first is not None:
         parts.append("## What broke first\n")
@@ -320,9 +339,10 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append(_md_escape(extra.worker_lines[0]) + "\n")
         parts.append(_md_table(extra.worker_table) + "\n")
         parts.append("\n".join(f"- {_md_escape(line)}" for line in extra.worker_lines[1:]) + "\n")
-    parts.append("## Table\n")
+    parts.append(f"## {_TABLE}\n")
     parts.append(table_md)
-    slo_lines = [f"- {r['pass_name']} / {r['stage_name']}: {_slo_line(r)}" for r in rows if r.get("slo_results")]
+    slo_lines = [f"- {_field(r, 'pass_name')} / {_field(r, 'stage_name')}: {_slo_line(r)}"
+                 for r in rows if _field(r, "slo_results")]
     if slo_lines:
         parts.append("\nSLO checks (measured value in parentheses):\n")
         parts.append("\n".join(_md_escape(line) for line in slo_lines) + "\n")
@@ -367,8 +387,14 @@ def _cross_check(check: broke.TokenCrossCheck, extra: _Extra | None) -> str:
 
 
 def _slo_line(row: Mapping[str, Any]) -> str:
-    text = slo_summary(row["slo_results"])
-    return f"{SERVER_STOPPED_CELL} ({text})" if row.get("server_stopped") else text
+    text = slo_summary(_field(row, "slo_results"))
+    return f"{SERVER_STOPPED_CELL} ({text})" if _field(row, "server_stopped") else text
+
+
+def _field(row: Mapping[str, Any], name: str) -> Any:
+    """A table row's value (None when absent): the one place this module reads a row, beyond the
+    functions of :mod:`analysis.table` (``row_cell``, ``format_cell``, ``slo_summary``)."""
+    return row.get(name)
 
 
 def _md_escape(text: str) -> str:
@@ -383,90 +409,3 @@ def _event_lines(first: broke.BrokeFirst) -> list[str]:
         when = f"from {e.t_s:,.0f} s (stage verdict)" if e.kind == "slo" else f"at {e.t_s:,.0f} s"
         lines.append(f"{when}, {where}: {e.detail} [{e.kind}]")
     return lines
-
-
-def _html_table(rows: Sequence[Sequence[str]]) -> str:
-    e = html.escape
-    head = "<tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table>{head}{body}</table>"
-
-
-def _html(run: Any, rows: Sequence[Mapping[str, Any]], graphs: Mapping[str, tuple[str, bytes]],
-          sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
-          first: broke.BrokeFirst | None = None, check: broke.TokenCrossCheck | None = None,
-          extra: _Extra | None = None) -> str:
-    e = html.escape
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(_title(run, extra))}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px;"
-        "text-align:right}th{background:#eee}td.fail{color:#b00;font-weight:bold}img{max-width:100%}"
-        ".sentence{font-size:1.1em;background:#f4f8ff;padding:0.6em;border-left:4px solid #36c}"
-        ".banner{font-size:1.1em;background:#fff0f0;padding:0.6em;border-left:6px solid #b00;font-weight:bold}"
-        "</style>",
-        "</head><body>",
-        f"<h1>{e(_title(run, extra))}</h1>",
-    ]
-    if extra is not None and extra.banner:
-        out.append(f'<p class="banner">{e(extra.banner)}</p>')
-    out += [
-        "<ul>" + "".join(f"<li>{e(line)}</li>" for line in _header_lines(run)) + "</ul>",
-        "<h2>Envelope</h2>",
-    ]
-    for name, sentence, _ in sentences:
-        out.append(f'<p class="sentence"><b>{e(name or "run")}</b>: {e(sentence)}</p>')
-    if first is not None:
-        out.append(f'<p class="sentence"><b>What broke first</b>: {e(first.sentence)}</p>')
-    if extra is not None and extra.stop_sentence:
-        out.append(f'<h2>Server stopped answering</h2><p class="sentence">{e(extra.stop_sentence)}</p>')
-    if first is not None:
-        out.append("<h2>What broke first</h2>" + f"<p>{e(first.sentence)}</p>")
-        if first.events:
-            out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in _event_lines(first)) + "</ul>")
-    if check is not None:
-        out.append(f"<h2>Client/server token cross-check</h2><p>{e(_cross_check(check, extra))}</p>")
-    if extra is not None and extra.worker_lines:
-        out.append(f"<h2>Load generators</h2><p>{e(extra.worker_lines[0])}</p>")
-        out.append(_html_table(extra.worker_table))
-        out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in extra.worker_lines[1:]) + "</ul>")
-    out.append("<h2>Table</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for _, h in MARKDOWN_COLUMNS) + "</tr>")
-    for r in rows:
-        cells = []
-        for c, _ in MARKDOWN_COLUMNS:
-            text = row_cell(r, c)
-            cls = ' class="fail"' if c == "slo_pass" and r.get(c) is False and not r.get("server_stopped") else ""
-            cells.append(f"<td{cls}>{e(text)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    slo_lines = [f"{r['pass_name']} / {r['stage_name']}: {_slo_line(r)}" for r in rows if r.get("slo_results")]
-    if slo_lines:
-        out.append("<p>SLO checks (measured value in parentheses):</p><ul>"
-                   + "".join(f"<li>{e(s)}</li>" for s in slo_lines) + "</ul>")
-    if extra is not None:
-        out.append(f"<h2>Failed requests by category</h2><p>{e(extra.failure_intro)}</p>")
-        if extra.failure_table:
-            out.append(_html_table(extra.failure_table))
-        out.append("".join(f"<p>{e(n)}</p>" for n in extra.failure_notes))
-        out.append(f"<h2>Token counts: server usage vs client estimate</h2><p>{e(TOKEN_AUDIT_NOTE)}</p>")
-        out.append(_html_table(extra.audit_table))
-        out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in extra.audit_lines) + "</ul>")
-    out.append("<h2>Graphs</h2>")
-    for title, png in graphs.values():
-        data = base64.b64encode(png).decode("ascii")
-        out.append(f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
-                   f"<figcaption>{e(title)}</figcaption></figure>")
-    out.append("<h2>How the numbers were computed</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
-    limits = [lim for _, _, f in sentences for lim in f.limits]
-    if limits:
-        out.append("<h2>Limits</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in limits) + "</ul>")
-    if run.missing:
-        out.append("<h2>Missing</h2><ul>" + "".join(f"<li>{e(m)}</li>" for m in run.missing) + "</ul>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
