@@ -15,7 +15,8 @@ import orjson
 from geventhttpclient import URL
 
 from envelope.records import ErrorCategory
-from envelope.stream import StreamObserver, category_for_exception
+from envelope.stream import StreamObserver
+from locustfiles.errors import category_for_exception
 
 __all__ = ["Outcome", "RequestSpec", "stream_fasthttp", "stream_openai"]
 

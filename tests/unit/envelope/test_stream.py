@@ -1,11 +1,8 @@
-import http.client
-import socket
-
 import orjson
 import pytest
 
 from envelope.records import RequestRecord
-from envelope.stream import StreamObserver, category_for_exception
+from envelope.stream import StreamObserver
 
 
 def chat_chunk(content=None, *, role=False, completion_tokens=None, prompt_tokens=12, finish=None, choices=True):
@@ -283,63 +280,6 @@ def test_nothing_received():
     assert f["error_category"] == "http_503" and f["http_status"] == 503
 
 
-class Timeout(BaseException):
-    """Stands in for gevent.timeout.Timeout, matched by class name."""
-
-
-class APIConnectionError(Exception):
-    pass
-
-
-class RemoteProtocolError(Exception):
-    pass
-
-
-def _wrapped(outer, inner):
-    try:
-        try:
-            raise inner
-        except BaseException as e:
-            raise outer from e
-    except BaseException as e:
-        return e
-
-
-@pytest.mark.parametrize(
-    ("exc", "category"),
-    [
-        (ConnectionRefusedError(), "connect_error"),
-        (socket.gaierror(), "connect_error"),
-        (ConnectionResetError(), "connection_reset"),
-        (BrokenPipeError(), "connection_reset"),
-        (http.client.IncompleteRead(b"x"), "connection_reset"),
-        (socket.timeout(), "timeout_total"),
-        (TimeoutError(), "timeout_total"),
-        (Timeout(), "timeout_total"),
-        (ValueError("bug"), "client_error"),
-        (KeyError("bug"), "client_error"),
-        (APIConnectionError(), "connect_error"),
-        (_wrapped(APIConnectionError(), RemoteProtocolError()), "connection_reset"),
-        (_wrapped(RuntimeError(), ConnectionRefusedError()), "connect_error"),
-    ],
-)
-def test_category_for_exception(exc, category):
-    assert category_for_exception(exc) == category
-
-
-def test_category_for_real_client_exceptions():
-    httpx = pytest.importorskip("httpx")
-    openai = pytest.importorskip("openai")
-    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    assert category_for_exception(httpx.ConnectTimeout("t")) == "timeout_connect"
-    assert category_for_exception(httpx.ReadTimeout("t")) == "timeout_total"
-    assert category_for_exception(httpx.ConnectError("c")) == "connect_error"
-    assert category_for_exception(httpx.RemoteProtocolError("peer closed")) == "connection_reset"
-    # APITimeoutError subclasses APIConnectionError: it must still be a timeout
-    assert category_for_exception(openai.APITimeoutError(request=request)) == "timeout_total"
-    assert category_for_exception(openai.APIConnectionError(request=request)) == "connect_error"
-
-
 def test_openai_sdk_chunk_dumps_agree_with_bytes():
     # the openai client feeds ChatCompletionChunk.model_dump(): every field present, unset ones None
     chunk_type = pytest.importorskip("openai.types.chat").ChatCompletionChunk
@@ -356,8 +296,10 @@ def test_openai_sdk_chunk_dumps_agree_with_bytes():
 
 import random  # noqa: E402
 
+import envelope.chunk_layout as layout_module  # noqa: E402
 import envelope.stream as stream_module  # noqa: E402
-from envelope.stream import ChunkLayout, summarize_chunk  # noqa: E402
+from envelope.chunk_layout import ChunkLayout  # noqa: E402
+from envelope.stream import summarize_chunk  # noqa: E402
 from server.sim.chunks import ChunkFormat  # noqa: E402
 
 
@@ -401,7 +343,7 @@ def assert_same(pieces, *, keep_text=False):
 
 
 class CountingParser:
-    """Stands in for orjson in envelope.stream: counts full parses."""
+    """Stands in for orjson in envelope.stream and envelope.chunk_layout: counts full parses."""
 
     JSONDecodeError = orjson.JSONDecodeError
 
@@ -417,6 +359,7 @@ def test_fast_path_skips_the_full_parse_and_gives_the_same_record(monkeypatch):
     events = sim_events(200)
     parser = CountingParser()
     monkeypatch.setattr(stream_module, "orjson", parser)
+    monkeypatch.setattr(layout_module, "orjson", parser)
     obs, fast = observe(events, fast=True, keep_text=True)
     fast_parses = parser.calls
     _, full = observe(events, fast=False, keep_text=True)
@@ -537,7 +480,7 @@ def test_random_streams_fast_equals_full():
 def test_layout_refuses_what_it_cannot_prove():
     def learn(payload):
         obj = orjson.loads(payload)
-        return ChunkLayout.learn(payload, obj, summarize_chunk(obj))
+        return ChunkLayout.learn(payload, obj, summarize_chunk)
 
     assert learn(chunk(b" a", b"1")) is not None
     assert learn(chunk(b"\\\"", b"1")) is None  # escaped text cannot be cut out of the raw bytes
@@ -561,7 +504,7 @@ def test_summarize_chunk():
 def test_layout_proof_rejects_a_wrong_reading():
     payload = chunk(b" a", b"3")
     obj = orjson.loads(payload)
-    good = ChunkLayout.learn(payload, obj, summarize_chunk(obj))
+    good = ChunkLayout.learn(payload, obj, summarize_chunk)
     assert good is not None and good.completion_group == 4
     # the same cut, but reading total_tokens as completion_tokens: the substitution proof must refuse it
     head = payload[:payload.index(b'" a"') + 1]
@@ -569,8 +512,8 @@ def test_layout_proof_rejects_a_wrong_reading():
     p_at, t_at, c_at = (rest.index(k) + len(k) for k in (b'"prompt_tokens":', b'"total_tokens":',
                                                           b'"completion_tokens":'))
     literals = [rest[:p_at], rest[p_at + 2:t_at], rest[t_at + 2:c_at], rest[c_at + 1:]]
-    slots = [stream_module._ANY_TEXT_SLOT] + [stream_module._NUMBER_SLOT] * 3
+    slots = [layout_module._ANY_TEXT_SLOT] + [layout_module._NUMBER_SLOT] * 3
     wrong = ChunkLayout(head, literals, slots, ["text", "prompt", "completion", "ignored"], True)
-    assert wrong._proven(head, literals, slots, payload, summarize_chunk(obj)) is False
+    assert wrong._proven(head, literals, slots, payload, summarize_chunk(obj), summarize_chunk) is False
     right = ChunkLayout(head, literals, slots, ["text", "prompt", "ignored", "completion"], True)
-    assert right._proven(head, literals, slots, payload, summarize_chunk(obj)) is True
+    assert right._proven(head, literals, slots, payload, summarize_chunk(obj), summarize_chunk) is True
