@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -33,8 +34,15 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 
-class ErrorCategory:
-    """Names of the failure categories a record can carry (``None`` = success)."""
+class ErrorCategory(StrEnum):
+    """The failure categories a record can carry (``None`` = success).
+
+    A ``StrEnum``: each member is its string (``ErrorCategory.CANCELLED ==
+    "cancelled"``), and JSON, CSV and f-strings write the plain string, so
+    records on disk hold the same values as before it was an enum. The set is
+    closed: an HTTP error status maps to one of the ``HTTP_*`` members through
+    :meth:`for_status` (a specific status, else ``http_4xx`` / ``http_5xx``).
+    """
 
     HTTP_400 = "http_400"
     HTTP_401 = "http_401"
@@ -59,14 +67,17 @@ class ErrorCategory:
     CANCELLED = "cancelled"  # stopped by the load generator itself (run ended or interrupted)
 
     @staticmethod
-    def for_status(status: int) -> str:
-        """The category for an HTTP error status."""
-        specific = {400, 401, 403, 404, 429, 500, 503}
-        if status in specific:
-            return f"http_{status}"
+    def for_status(status: int) -> "ErrorCategory":
+        """The category for an HTTP error status: ``http_<status>`` for a specific one, else the class."""
+        if status in _SPECIFIC_STATUSES:
+            return ErrorCategory(f"http_{status}")
         if 400 <= status < 500:
             return ErrorCategory.HTTP_4XX
         return ErrorCategory.HTTP_5XX
+
+
+# statuses with a category of their own (the rest are http_4xx / http_5xx)
+_SPECIFIC_STATUSES = frozenset({400, 401, 403, 404, 429, 500, 503})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +115,7 @@ class RequestRecord:
     requested_output_tokens: int | None = None
     # outcome
     http_status: int | None = None
-    error_category: str | None = None
+    error_category: str | None = None  # an ErrorCategory (read back: its plain string)
     error_detail: str | None = None  # short, never contains a secret
     # opt-in only
     prompt_text: str | None = None
