@@ -430,8 +430,8 @@ def errors_ms(pairs: Sequence[tuple[dict, dict]]) -> dict[str, np.ndarray]:
         ttft.append((r["t_first_token_s"] - cs) - (t["t_first_token_s"] - ta))
         send.append(ta - cs)
         lag.append(r["t_first_token_s"] - t["t_first_token_s"])
-        if r.get("t_end_s") is not None and t.get("t_last_token_s") is not None:
-            e2e.append((r["t_end_s"] - cs) - (t["t_last_token_s"] - ta))
+        if r.get("t_last_token_s") is not None and t.get("t_last_token_s") is not None:
+            e2e.append((r["t_last_token_s"] - cs) - (t["t_last_token_s"] - ta))
         co, to = r.get("chunk_offsets_s") or (), t.get("chunk_offsets_s") or ()
         if len(co) == len(to) and len(co) > 1:
             itl.append(np.diff(np.asarray(co)) - np.diff(np.asarray(to)))

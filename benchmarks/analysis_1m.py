@@ -82,7 +82,7 @@ def generate(root: Path, n: int, *, seed: int = 1) -> None:
                         off = offsets[j].tolist()
                         rec.update(
                             t_first_byte_s=t_start + 0.01, t_first_event_s=t_start + 0.01,
-                            t_first_token_s=t_start + off[0], t_end_s=t_start + off[-1],
+                            t_first_token_s=t_start + off[0], t_last_token_s=t_start + off[-1],
                             t_done_s=t_start + off[-1] + 0.001, chunk_offsets_s=off,
                             chunk_tokens=[TOKENS_PER_CHUNK] * CHUNKS,
                             output_tokens=CHUNKS * TOKENS_PER_CHUNK, http_status=200,

@@ -50,7 +50,7 @@ def make_records(n: int, tokens: int) -> list[RequestRecord]:
             client="default", endpoint="chat", pass_name="queueing", stage_index=2, stage_name="queueing-20u",
             wall_start_unix_s=1795342385.3 + i * 0.01, t_start_s=13479.876 + i * 0.01,
             t_first_byte_s=13479.9, t_first_event_s=13479.91, t_first_token_s=13479.93,
-            t_end_s=13479.93 + 0.0123 * tokens, t_done_s=13479.94 + 0.0123 * tokens,
+            t_last_token_s=13479.93 + 0.0123 * tokens, t_done_s=13479.94 + 0.0123 * tokens,
             chunk_offsets_s=offsets, chunk_tokens=None, prompt_tokens=312, output_tokens=tokens,
             output_tokens_client_estimate=tokens, requested_prompt_tokens=312, requested_output_tokens=tokens,
             http_status=200))

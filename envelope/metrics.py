@@ -13,7 +13,7 @@ Definitions follow vLLM's benchmark (``vllm bench serve``) except where noted:
   clock at the first chunk that has ``choices``, which for chat is the role-only
   chunk with empty content; ours is the first chunk with non-empty content. vLLM
   sends both in the same engine step, so the two rarely differ by much.
-- E2E = ``t_end_s - t_start_s``: it ends at the last content chunk, not at
+- E2E = ``t_last_token_s - t_start_s``: it ends at the last content chunk, not at
   ``[DONE]`` or the usage-only chunk. Differs slightly: vLLM's ends at the last
   chunk with ``choices``, which may be a finish chunk with empty content.
 - TPOT = ``(E2E - TTFT) / (output_tokens - 1)`` with ``output_tokens`` from
@@ -111,10 +111,10 @@ def ttft_s(rec: Mapping[str, Any]) -> float | None:
 
 def e2e_s(rec: Mapping[str, Any]) -> float | None:
     """End-to-end latency: last content chunk minus request start."""
-    t_end = rec.get("t_end_s")
-    if t_end is None or not _ok(rec):
+    t_last = rec.get("t_last_token_s")
+    if t_last is None or not _ok(rec):
         return None
-    return t_end - rec["t_start_s"]
+    return t_last - rec["t_start_s"]
 
 
 def tpot_s(rec: Mapping[str, Any]) -> float | None:
@@ -172,10 +172,10 @@ def ttft_from_intended_s(rec: Mapping[str, Any]) -> float | None:
 
 def e2e_from_intended_s(rec: Mapping[str, Any]) -> float | None:
     """Open loop only: E2E measured from the intended send time (E2E + send lag)."""
-    intended, t_end = rec.get("t_intended_s"), rec.get("t_end_s")
-    if intended is None or t_end is None or not _ok(rec):
+    intended, t_last = rec.get("t_intended_s"), rec.get("t_last_token_s")
+    if intended is None or t_last is None or not _ok(rec):
         return None
-    return t_end - intended
+    return t_last - intended
 
 
 def achieved_send_rate_per_s(wall_starts_unix_s: Iterable[float], start_unix_s: float, end_unix_s: float) -> float:
@@ -247,7 +247,7 @@ def per_request_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
     t_start = _float_column([r.get("t_start_s") for r in recs])
     ttft = _float_column([r.get("t_first_token_s") for r in recs]) - t_start
-    e2e = _float_column([r.get("t_end_s") for r in recs]) - t_start
+    e2e = _float_column([r.get("t_last_token_s") for r in recs]) - t_start
     nan = np.nan
     ttft = np.where(ok, ttft, nan)
     e2e = np.where(ok, e2e, nan)

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping, TextIO
 import numpy as np
 import orjson
 
+from envelope.records import upgrade_record
+
 __all__ = [
     "LiveSnapshot",
     "LiveWindow",
@@ -74,8 +76,8 @@ class LiveWindow:
             wall = rec.get("wall_start_unix_s")
             if t_start is None or wall is None:
                 continue
-            t_done = next((rec[k] for k in ("t_done_s", "t_end_s", "t_first_token_s") if rec.get(k) is not None),
-                          t_start)
+            t_done = next((rec[k] for k in ("t_done_s", "t_last_token_s", "t_first_token_s")
+                           if rec.get(k) is not None), t_start)
             end_unix_s = float(wall) + float(t_done) - float(t_start)
             ttft_ms = math.nan
             if ok and rec.get("t_first_token_s") is not None:
@@ -115,7 +117,11 @@ class RecordTailer:
         return f"RecordTailer(records_dir={str(self.records_dir)!r}, files={len(self._offsets)})"
 
     def poll(self) -> list[dict]:
-        """New complete records from every file (a line still being written waits for the next poll)."""
+        """New complete records from every file (a line still being written waits for the next poll).
+
+        Fields renamed since older runs come back under their current names
+        (:func:`envelope.records.upgrade_record`).
+        """
         out: list[dict] = []
         try:
             paths = sorted(self.records_dir.glob("*.jsonl"))
@@ -142,7 +148,7 @@ class RecordTailer:
                     self.skipped_lines += 1
                     continue
                 if isinstance(obj, dict):
-                    out.append(obj)
+                    out.append(upgrade_record(obj))
         return out
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "iter_record_files",
     "RECORD_FIELDS",
     "record_from_dict",
+    "upgrade_record",
 ]
 
 SCHEMA_VERSION = 1
@@ -100,7 +101,7 @@ class RequestRecord:
     t_first_byte_s: float | None = None  # response headers received
     t_first_event_s: float | None = None  # first SSE event (often role-only)
     t_first_token_s: float | None = None  # first chunk with non-empty content
-    t_end_s: float | None = None  # last chunk with non-empty content
+    t_last_token_s: float | None = None  # last chunk with non-empty content (not the stream's end)
     t_done_s: float | None = None  # stream finished or failed
     # arrival of every content-carrying chunk, seconds after t_start_s
     chunk_offsets_s: tuple[float, ...] = ()
@@ -180,7 +181,8 @@ def read_records(
 ) -> Iterator[dict]:
     """Yield record dicts from JSON-lines files (or one open binary file).
 
-    A line that does not parse (a torn last line after a crash) is skipped and
+    Fields renamed since older runs were written come back under their current
+    names (see :func:`upgrade_record`). A line that does not parse (a torn last line after a crash) is skipped and
     described in ``skipped`` when a list is given, so callers can report it.
     """
     if hasattr(sources, "read"):
@@ -198,14 +200,36 @@ def _read_lines(fh: IO[bytes], name: str, skipped: list[str] | None) -> Iterator
         if not line.strip():
             continue
         try:
-            yield orjson.loads(line)
+            obj = orjson.loads(line)
         except orjson.JSONDecodeError:
             if skipped is not None:
                 skipped.append(f"{name}:{lineno}: unreadable record line skipped")
+            continue
+        yield upgrade_record(obj) if isinstance(obj, dict) else obj
+
+
+# The name t_last_token_s had in runs written before it was renamed (it never meant the stream's end).
+_OLD_T_LAST_TOKEN = "t_end_s"
+
+
+def upgrade_record(data: dict) -> dict:
+    """Give a parsed record line's fields their current names, in place; returns ``data``.
+
+    Records written before the rename carry ``t_end_s``; it becomes
+    ``t_last_token_s`` (a line that already has the new key keeps it). Readers
+    of record files call this once per line, so nothing downstream looks for the
+    old name.
+    """
+    if _OLD_T_LAST_TOKEN in data:
+        old = data.pop(_OLD_T_LAST_TOKEN)
+        data.setdefault("t_last_token_s", old)
+    return data
 
 
 def record_from_dict(data: dict) -> RequestRecord:
-    """Rebuild a :class:`RequestRecord` from a parsed JSON line (unknown keys ignored)."""
+    """Rebuild a :class:`RequestRecord` from a parsed JSON line (unknown keys ignored, old names read)."""
+    if _OLD_T_LAST_TOKEN in data:
+        data = upgrade_record(dict(data))
     kwargs = {k: data[k] for k in RECORD_FIELDS if k in data}
     for key in ("chunk_offsets_s", "chunk_tokens"):
         if isinstance(kwargs.get(key), list):

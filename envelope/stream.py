@@ -57,7 +57,7 @@ class StreamObserver:
         "_last_bytes_s",
         "_t_first_event_s",
         "_t_first_token_s",
-        "_t_end_s",
+        "_t_last_token_s",
         "_offsets",
         "_tokens",
         "_tokens_known",
@@ -80,7 +80,7 @@ class StreamObserver:
         self._last_bytes_s: float | None = None
         self._t_first_event_s: float | None = None
         self._t_first_token_s: float | None = None
-        self._t_end_s: float | None = None
+        self._t_last_token_s: float | None = None
         self._offsets: list[float] = []
         self._tokens: list[int] = []  # tokens each content chunk carried (from usage)
         self._tokens_known = True  # every content chunk so far carried usage
@@ -111,7 +111,7 @@ class StreamObserver:
                 if m is not None:
                     # Exactly what _on_payload would do with this chunk (ChunkLayout.learn proved the
                     # meaning); the first event and first token came with the chunk it was learned from.
-                    self._t_end_s = now_s
+                    self._t_last_token_s = now_s
                     self._offsets.append(now_s - self.t_start_s)
                     if layout.prompt_group:
                         self._prompt_tokens = int(m[layout.prompt_group])
@@ -187,7 +187,7 @@ class StreamObserver:
             self._text.extend(summary.pieces)
         if self._t_first_token_s is None:
             self._t_first_token_s = now_s
-        self._t_end_s = now_s
+        self._t_last_token_s = now_s
         self._offsets.append(now_s - self.t_start_s)
         if completion_tokens is None:
             self._tokens_known = False
@@ -259,7 +259,7 @@ class StreamObserver:
         fields: dict[str, Any] = {
             "t_first_event_s": self._t_first_event_s,
             "t_first_token_s": self._t_first_token_s,
-            "t_end_s": self._t_end_s,
+            "t_last_token_s": self._t_last_token_s,
             "t_done_s": now_s,
             "chunk_offsets_s": tuple(self._offsets),
             "chunk_tokens": chunk_tokens,

@@ -91,7 +91,8 @@ def completion_unix_s(rec: Mapping[str, Any]) -> float | None:
     t_start, wall = rec.get("t_start_s"), rec.get("wall_start_unix_s")
     if t_start is None or wall is None:
         return None
-    t_done = next((rec[k] for k in ("t_done_s", "t_end_s", "t_first_token_s") if rec.get(k) is not None), t_start)
+    t_done = next((rec[k] for k in ("t_done_s", "t_last_token_s", "t_first_token_s")
+                   if rec.get(k) is not None), t_start)
     return float(wall) + float(t_done) - float(t_start)
 
 

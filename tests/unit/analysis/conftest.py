@@ -23,7 +23,7 @@ def make_record(stage: dict, start_unix_s: float, ttft_s: float, *, tokens: int 
     }
     if error is None:
         offsets = [round(ttft_s + i * gap_s, 9) for i in range(tokens)]
-        rec.update(t_first_token_s=t0 + offsets[0], t_end_s=t0 + offsets[-1], t_done_s=t0 + offsets[-1] + 0.001,
+        rec.update(t_first_token_s=t0 + offsets[0], t_last_token_s=t0 + offsets[-1], t_done_s=t0 + offsets[-1] + 0.001,
                    chunk_offsets_s=offsets, chunk_tokens=[1] * tokens, output_tokens=tokens, http_status=200)
     else:
         rec.update(t_done_s=t0 + done_after_s, error_category=error, http_status=500, output_tokens=None)

@@ -81,7 +81,7 @@ def test_continuous_usage_stream():
     assert obs.usage_seen
     assert f["t_first_event_s"] == 100.50  # the role-only chunk
     assert f["t_first_token_s"] == 100.52  # first non-empty content
-    assert f["t_end_s"] == 100.65  # last content chunk, not the finish chunk or [DONE]
+    assert f["t_last_token_s"] == 100.65  # last content chunk, not the finish chunk or [DONE]
     assert f["t_done_s"] == 101.0
     assert f["chunk_offsets_s"] == pytest.approx((0.52, 0.60, 0.65))
     assert f["chunk_tokens"] == (1, 2, 1)  # 1-0, 3-1, 4-3
@@ -118,7 +118,7 @@ def test_all_events_in_one_read_with_crlf():
     obs.on_bytes(raw[7:], 100.8)
     f = obs.finish(101.0)
     # every event finished by the second read gets its time
-    assert f["t_first_event_s"] == 100.8 and f["t_first_token_s"] == 100.8 and f["t_end_s"] == 100.8
+    assert f["t_first_event_s"] == 100.8 and f["t_first_token_s"] == 100.8 and f["t_last_token_s"] == 100.8
     assert f["chunk_tokens"] == (1, 2, 1)
     assert f["error_category"] is None
 
@@ -135,7 +135,7 @@ def test_final_usage_only_chunk_without_continuous_usage():
         assert f["chunk_tokens"] is None  # content chunks carried no usage
         assert f["output_tokens"] == 2 and f["output_tokens_estimated"] is False
         assert f["prompt_tokens"] == 30
-        assert f["t_end_s"] == 100.7
+        assert f["t_last_token_s"] == 100.7
         assert f["error_category"] is None
 
 
@@ -219,14 +219,14 @@ def test_final_done_without_blank_line_is_flushed_at_last_read_time():
     f = obs.finish(101.0)
     assert obs.done
     assert f["error_category"] is None
-    assert f["t_end_s"] == 100.6
+    assert f["t_last_token_s"] == 100.6
 
 
 def test_last_event_without_blank_line_keeps_its_read_time():
     obs = StreamObserver(T0)
     obs.on_bytes(b"data: " + chat_chunk("a", completion_tokens=1), 100.5)
     f = obs.finish(101.0)
-    assert f["t_end_s"] == 100.5  # the bytes arrived at 100.5, not at finish
+    assert f["t_last_token_s"] == 100.5  # the bytes arrived at 100.5, not at finish
     assert f["error_category"] == "incomplete_stream"
 
 
@@ -240,7 +240,7 @@ def test_error_event_nested():
     assert f["error_category"] == "stream_error_event"
     assert len(f["error_detail"]) == 200
     assert f["error_detail"].startswith("boom boom")
-    assert f["t_end_s"] == 100.60
+    assert f["t_last_token_s"] == 100.60
 
 
 def test_error_event_flat_and_first_error_wins():
@@ -274,7 +274,7 @@ def test_explicit_error_wins():
 
 def test_nothing_received():
     f = StreamObserver(T0).finish(101.0, error_category="http_503", http_status=503)
-    assert f["t_first_event_s"] is None and f["t_first_token_s"] is None and f["t_end_s"] is None
+    assert f["t_first_event_s"] is None and f["t_first_token_s"] is None and f["t_last_token_s"] is None
     assert f["chunk_offsets_s"] == () and f["chunk_tokens"] is None
     assert f["output_tokens"] == 0 and f["output_tokens_estimated"] is True
     assert f["error_category"] == "http_503" and f["http_status"] == 503

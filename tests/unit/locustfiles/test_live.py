@@ -25,7 +25,7 @@ def record(wall: float, *, ttft_s: float | None = 0.1, e2e_s: float = 1.0, token
     rec = RequestRecord(
         run_id="r", request_id=f"{wall}-{ttft_s}-{error}", worker_id="w:1", client="default", endpoint="chat",
         pass_name="p", stage_index=0, stage_name="s", wall_start_unix_s=wall, t_start_s=T0,
-        t_first_token_s=first, t_end_s=end, t_done_s=T0 + e2e_s, chunk_offsets_s=offsets,
+        t_first_token_s=first, t_last_token_s=end, t_done_s=T0 + e2e_s, chunk_offsets_s=offsets,
         chunk_tokens=None if chunks is None else tuple([tokens // chunks] * chunks),
         output_tokens=tokens, error_category=error,
     )
