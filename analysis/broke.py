@@ -37,6 +37,7 @@ from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, finite, grouped_num
 from analysis.load import run_start_unix_s
 from analysis.envelope import worst_failed_slo
 from analysis.failures import ServerStop, run_server_stop
+from analysis.rows import SloResult, TableRow
 from envelope.stages import StageRecord
 
 __all__ = [
@@ -176,7 +177,7 @@ def cross_check_text(check: TokenCrossCheck) -> str:
 # --------------------------------------------------------------------------- events
 
 
-def saturated_stage_indices(rows: Sequence[Mapping[str, Any]], host: pd.DataFrame | None,
+def saturated_stage_indices(rows: Sequence[TableRow], host: pd.DataFrame | None,
                             *, run_start_unix_s: float) -> dict[int, tuple[float, float]]:
     """Stages whose steady-state window saw a load-generator process above 0.9 of a core.
 
@@ -189,20 +190,20 @@ def saturated_stage_indices(rows: Sequence[Mapping[str, Any]], host: pd.DataFram
     t = host["t_unix_s"].to_numpy(dtype=float)
     ratio = busiest_process_core_ratio(host)
     for r in rows:
-        ws, we = r.get("window_start_s"), r.get("window_end_s")
+        ws, we = r.window.window_start_s, r.window.window_end_s
         if not (finite(ws) and finite(we)):
             continue
         lo, hi = run_start_unix_s + ws, run_start_unix_s + we
         hit = np.flatnonzero((t >= lo) & (t < hi) & (ratio > CLIENT_SATURATED_CORE_RATIO))
         if hit.size:
-            out[int(r["stage_index"])] = (float(t[hit[0]]), float(ratio[hit[0]]))
+            out[r.stage_index] = (float(t[hit[0]]), float(ratio[hit[0]]))
     return out
 
 
 def break_events(
     *,
     stages: Sequence[StageRecord],
-    rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[TableRow],
     frame: pd.DataFrame | None,
     metrics: pd.DataFrame | None,
     host: pd.DataFrame | None,
@@ -278,18 +279,18 @@ def break_events(
                             _BROKE_LABEL["server_stopped"], value=float(server_stop.requests)))
 
     by_index = {s.stage_index: s for s in stages}
-    failing = [r for r in rows if r.get("slo_pass") is False and not r.get("server_stopped")
-               and int(r["stage_index"]) in by_index]
+    failing = [r for r in rows if r.slo.slo_pass is False and not r.trust.server_stopped
+               and r.stage_index in by_index]
     if failing:
-        r = min(failing, key=lambda r: float(by_index[int(r["stage_index"])].start_unix_s))
-        stage = by_index[int(r["stage_index"])]
-        slo = worst_failed_slo([s for s in r.get("slo_results") or [] if s.get("passed") is False])
+        r = min(failing, key=lambda r: float(by_index[r.stage_index].start_unix_s))
+        stage = by_index[r.stage_index]
+        slo = worst_failed_slo([s for s in r.slo.slo_results if s.passed is False])
         if slo is not None:
             t0 = float(stage.start_unix_s)
             events.append(BreakEvent(
                 kind="slo", t_unix_s=t0, t_s=t0 - run_start_unix_s, stage_index=stage.stage_index,
                 stage_name=stage.stage_name, detail=_slo_text(slo), label=_slo_label(slo),
-                key=slo.get("key"), value=slo.get("measured"), limit=slo.get("threshold"),
+                key=slo.key, value=slo.measured, limit=slo.threshold,
             ))
 
     position = {s.stage_index: i for i, s in enumerate(stages)}
@@ -303,7 +304,7 @@ def break_events(
     return sorted(events, key=order)
 
 
-def what_broke_first(run: Any, rows: Sequence[Mapping[str, Any]]) -> BrokeFirst:
+def what_broke_first(run: Any, rows: Sequence[TableRow]) -> BrokeFirst:
     """Events and sentence for a loaded :class:`analysis.load.Run` and its envelope table ``rows``."""
     telemetry = getattr(run, "telemetry", {}) or {}
     table_start = run_start_unix_s(run)  # the zero of the table's window columns
@@ -372,9 +373,9 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _slo_text(slo: Mapping[str, Any]) -> str:
-    key = str(slo.get("key", ""))
-    measured, limit = slo.get("measured"), slo.get("threshold")
+def _slo_text(slo: SloResult) -> str:
+    key = slo.key
+    measured, limit = slo.measured, slo.threshold
     if key == "error_rate_max":
         return f"the error rate was {percent(measured)}, over its {percent(limit)} SLO"
     if key == "min_output_tokens_per_s":
@@ -387,8 +388,8 @@ def _slo_text(slo: Mapping[str, Any]) -> str:
     return f"{name} exceeded its {grouped_number(limit)} ms SLO ({grouped_number(measured)} ms)"
 
 
-def _slo_label(slo: Mapping[str, Any]) -> str:
-    key = str(slo.get("key", ""))
+def _slo_label(slo: SloResult) -> str:
+    key = slo.key
     if key == "error_rate_max":
         return "errors"
     if key == "min_output_tokens_per_s":

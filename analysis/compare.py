@@ -7,12 +7,14 @@ else stage name); unpaired stages appear with one side empty.
 from __future__ import annotations
 
 import math
-from typing import IO, Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Sequence
 
 from analysis.envelope import level_text
+from analysis.rows import TableRow
 from analysis.table import format_cell
 
-__all__ = ["compare_rows", "write_compare_markdown", "plot_compare", "COMPARE_METRICS"]
+__all__ = ["ComparedStage", "compare_rows", "write_compare_markdown", "plot_compare", "COMPARE_METRICS"]
 
 COMPARE_METRICS: tuple[tuple[str, str], ...] = (
     ("aggregate_output_tokens_per_s", "out tok/s"),
@@ -24,15 +26,33 @@ COMPARE_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _key(row: Mapping[str, Any]) -> tuple[str, str]:
-    for k in ("target_users", "target_rate_per_s"):
-        if row.get(k) is not None:
-            return str(row.get("pass_name")), f"{k}={float(row[k]):g}"
-    return str(row.get("pass_name")), f"stage={row.get('stage_name')}"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ComparedStage:
+    """One stage of run A paired with the same load in run B (either side None when unpaired).
+
+    ``changes``: per column of :data:`COMPARE_METRICS`, (B - A) / A, or None when either side is missing.
+    """
+
+    pass_name: str
+    level: str
+    a: TableRow | None
+    b: TableRow | None
+    changes: dict[str, float | None] = field(default_factory=dict)
 
 
-def compare_rows(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Pair the rows of two tables: ``{"pass_name", "level", "a", "b", "<metric>_change"}``."""
+def _key(row: TableRow) -> tuple[str, str]:
+    for k, v in (("target_users", row.window.target_users), ("target_rate_per_s", row.window.target_rate_per_s)):
+        if v is not None:
+            return row.pass_name, f"{k}={float(v):g}"
+    return row.pass_name, f"stage={row.stage_name}"
+
+
+def _cell(row: TableRow | None, column: str) -> Any:
+    return None if row is None else row.value(column)
+
+
+def compare_rows(a: Sequence[TableRow], b: Sequence[TableRow]) -> list[ComparedStage]:
+    """Pair the rows of two tables by pass and load level, in order of first appearance."""
     keys: list[tuple[str, str]] = []
     by_a, by_b = {}, {}
     for rows, into in ((a, by_a), (b, by_b)):
@@ -44,16 +64,16 @@ def compare_rows(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]])
     out = []
     for k in keys:
         ra, rb = by_a.get(k), by_b.get(k)
-        pair: dict[str, Any] = {"pass_name": k[0], "level": level_text(ra or rb), "a": ra, "b": rb}
+        changes: dict[str, float | None] = {}
         for col, _ in COMPARE_METRICS:
-            va, vb = (ra or {}).get(col), (rb or {}).get(col)
+            va, vb = _cell(ra, col), _cell(rb, col)
             ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (va, vb))
-            pair[f"{col}_change"] = (vb - va) / va if ok and va else None
-        out.append(pair)
+            changes[col] = (vb - va) / va if ok and va else None
+        out.append(ComparedStage(pass_name=k[0], level=level_text(ra or rb), a=ra, b=rb, changes=changes))
     return out
 
 
-def write_compare_markdown(pairs: Sequence[Mapping[str, Any]], sink: IO[str], *, name_a: str, name_b: str,
+def write_compare_markdown(pairs: Sequence[ComparedStage], sink: IO[str], *, name_a: str, name_b: str,
                            sentences: tuple[str, str] | None = None) -> None:
     """Write the comparison as Markdown (A value, B value, relative change per metric)."""
     sink.write(f"# Comparison: A = {name_a}, B = {name_b}\n\n")
@@ -64,16 +84,16 @@ def write_compare_markdown(pairs: Sequence[Mapping[str, Any]], sink: IO[str], *,
         head += [f"{label} A", f"{label} B", "change"]
     sink.write("| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|\n")
     for p in pairs:
-        cells = [str(p["pass_name"]), p["level"]]
+        cells = [p.pass_name, p.level]
         for col, _ in COMPARE_METRICS:
-            ch = p.get(f"{col}_change")
-            cells += [format_cell(col, (p["a"] or {}).get(col)), format_cell(col, (p["b"] or {}).get(col)),
+            ch = p.changes.get(col)
+            cells += [format_cell(col, _cell(p.a, col)), format_cell(col, _cell(p.b, col)),
                       "-" if ch is None else f"{100 * ch:+.1f}%"]
         sink.write("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
     sink.write("\nPercentiles are exact, from each run's per-request records.\n")
 
 
-def plot_compare(axes: Sequence[Any], a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], *,
+def plot_compare(axes: Sequence[Any], a: Sequence[TableRow], b: Sequence[TableRow], *,
                  name_a: str, name_b: str) -> None:
     """Throughput (``axes[0]``) and p95 TTFT (``axes[1]``) vs concurrency for both runs."""
     from analysis import plots

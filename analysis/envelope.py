@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, adaptive_percent, finite, plain_number, split_key
+from analysis.rows import SloResult, TableRow
 
 __all__ = [
     "EnvelopeFinding",
@@ -50,76 +51,75 @@ class EnvelopeFinding:
 
     pass_name: str
     status: str
-    safe_row: Mapping[str, Any] | None = None
-    broke_row: Mapping[str, Any] | None = None
-    broke_slo: Mapping[str, Any] | None = None
-    failed_slos: tuple[Mapping[str, Any], ...] = ()
+    safe_row: TableRow | None = None
+    broke_row: TableRow | None = None
+    broke_slo: SloResult | None = None
+    failed_slos: tuple[SloResult, ...] = ()
     cause: str | None = None
     evidence: tuple[str, ...] = ()
     first_pressure: str | None = None  # e.g. "requests waited in the server from 10 users"
     output_tokens: float | None = None
     prompt_tokens: float | None = None
     limits: tuple[str, ...] = field(default_factory=tuple)
-    server_stopped_row: Mapping[str, Any] | None = None
+    server_stopped_row: TableRow | None = None
 
 
-def level_text(row: Mapping[str, Any]) -> str:
+def level_text(row: TableRow) -> str:
     """The load of a stage in words: ``5 users``, ``2 requests/s`` or ``~3.1 in flight``."""
-    users = row.get("target_users")
-    if users is not None and row.get("kind", "users") == "users":
-        return f"{plain_number(users)} user" + ("" if users == 1 else "s")
-    rate = row.get("target_rate_per_s")
-    if rate is not None:
-        return f"{plain_number(rate)} requests/s"
-    return f"~{plain_number(row.get('mean_in_flight') or 0.0)} in flight"
+    w = row.window
+    if w.target_users is not None and w.kind == "users":
+        return f"{plain_number(w.target_users)} user" + ("" if w.target_users == 1 else "s")
+    if w.target_rate_per_s is not None:
+        return f"{plain_number(w.target_rate_per_s)} requests/s"
+    return f"~{plain_number(w.mean_in_flight or 0.0)} in flight"
 
 
-def find_envelopes(rows: Sequence[Mapping[str, Any]]) -> list[EnvelopeFinding]:
+def find_envelopes(rows: Sequence[TableRow]) -> list[EnvelopeFinding]:
     """One finding per pass, in the order passes first appear in ``rows``."""
     names: list[str] = []
     for r in rows:
-        if r.get("pass_name") not in names:
-            names.append(r.get("pass_name"))
+        if r.pass_name not in names:
+            names.append(r.pass_name)
     return [find_envelope(rows, pass_name=n) for n in names]
 
 
-def find_envelope(rows: Sequence[Mapping[str, Any]], *, pass_name: str | None = None) -> EnvelopeFinding:
+def find_envelope(rows: Sequence[TableRow], *, pass_name: str | None = None) -> EnvelopeFinding:
     """The finding for one pass (default: the pass with the most stages, first on ties)."""
     if pass_name is None:
         counts: dict[str, int] = {}
         for r in rows:
-            counts[r.get("pass_name")] = counts.get(r.get("pass_name"), 0) + 1
+            counts[r.pass_name] = counts.get(r.pass_name, 0) + 1
         pass_name = max(counts, key=counts.get) if counts else ""
-    everything = sorted((r for r in rows if r.get("pass_name") == pass_name), key=_level)
+    everything = sorted((r for r in rows if r.pass_name == pass_name), key=_level)
     limits = _limits(everything)
-    stopped = [r for r in everything if r.get("server_stopped")]
-    mine = [r for r in everything if not r.get("server_stopped")]
-    with_data = [r for r in mine if (r.get("samples") or 0) > 0]
+    stopped = [r for r in everything if r.trust.server_stopped]
+    mine = [r for r in everything if not r.trust.server_stopped]
+    with_data = [r for r in mine if r.counts.ok_requests > 0]
     common: dict[str, Any] = dict(pass_name=pass_name, limits=tuple(limits))
     if stopped:
-        common["server_stopped_row"] = min(stopped, key=lambda r: (_f(r.get("window_start_s")), r["stage_index"]))
+        common["server_stopped_row"] = min(stopped, key=lambda r: (_f(r.window.window_start_s), r.stage_index))
         if not mine:
             return EnvelopeFinding(status="server_stopped", **common)
     if not with_data:
         return EnvelopeFinding(status="no_data", **common)
     out_tokens, prompt_tokens = _workload(with_data)
     common.update(output_tokens=out_tokens, prompt_tokens=prompt_tokens)
-    if all(r.get("slo_pass") is None for r in mine):
-        best = max(with_data, key=lambda r: _f(r.get("aggregate_output_tokens_per_s")))
+    if all(r.slo.slo_pass is None for r in mine):
+        best = max(with_data, key=lambda r: _f(r.throughput.aggregate_output_tokens_per_s))
         return EnvelopeFinding(status="no_slos", safe_row=best, **common)
 
     safe = None
     broke = None
     for r in mine:
-        if r.get("slo_pass") is False:
+        if r.slo.slo_pass is False:
             broke = r
             break
-        if r.get("slo_pass") is True:
+        if r.slo.slo_pass is True:
             safe = r
     pressure = _first_pressure(mine)
     if broke is None:
         return EnvelopeFinding(status="all_pass", safe_row=safe, first_pressure=pressure, **common)
-    failed = tuple(s for s in broke.get("slo_results") or [] if s.get("passed") is False)
+    failed = tuple(s for s in broke.slo.slo_results if s.passed is False)
     first = worst_failed_slo(failed)
     baseline = safe if safe is not None else None
     cause, evidence = _cause(first, broke, baseline)
@@ -140,7 +140,7 @@ def envelope_sentence(finding: EnvelopeFinding) -> str:
     """The envelope in one or two plain sentences."""
     f = finding
     stop = f.server_stopped_row
-    stop_at = f"during {stop.get('stage_name')} ({level_text(stop)})" if stop else ""
+    stop_at = f"during {stop.stage_name} ({level_text(stop)})" if stop else ""
     if f.status == "server_stopped":
         return (f"The server stopped answering {stop_at}, before any stage of this pass finished, "
                 "so its envelope is unknown.")
@@ -149,15 +149,17 @@ def envelope_sentence(finding: EnvelopeFinding) -> str:
         return text + (f" The server stopped answering {stop_at}." if stop else "")
     workload = _workload_text(f)
     if f.status == "no_slos":
-        r = f.safe_row or {}
+        r = f.safe_row
+        assert r is not None  # no_slos names the best row
         text = (
             f"No SLOs were set, so no envelope is stated; the highest throughput was "
-            f"{_tps(r.get('aggregate_output_tokens_per_s'))} output tokens/s at {level_text(r)}"
+            f"{_tps(r.throughput.aggregate_output_tokens_per_s)} output tokens/s at {level_text(r)}"
             f"{workload} ({_key_numbers(r)})."
         )
         return text + (f" The server stopped answering {stop_at}; later stages are not counted." if stop else "")
     if f.status == "all_pass":
-        r = f.safe_row or {}
+        r = f.safe_row
+        assert r is not None  # all_pass: some stage passed
         if stop:
             text = (
                 f"Met every SLO up to {level_text(r)}{workload} ({_key_numbers(r)}); then the server stopped "
@@ -171,12 +173,14 @@ def envelope_sentence(finding: EnvelopeFinding) -> str:
         if f.first_pressure:
             text += f" Note: {f.first_pressure}."
         return text
-    broke = f.broke_row or {}
+    broke = f.broke_row
+    assert broke is not None  # broke / none_pass
     what = _broke_text(f)
     if f.status == "none_pass":
         text = f"No tested concurrency met every SLO{workload}: at the lowest, {level_text(broke)}, {what}"
     else:
-        safe = f.safe_row or {}
+        safe = f.safe_row
+        assert safe is not None  # broke: the last stage that passed
         text = (
             f"Safe up to {_concurrent(safe)}{workload} ({_key_numbers(safe)}). "
             f"At {level_text(broke)} {what}"
@@ -192,32 +196,33 @@ def envelope_sentence(finding: EnvelopeFinding) -> str:
 
 
 def _broke_text(f: EnvelopeFinding) -> str:
-    slo = f.broke_slo or {}
-    key = slo.get("key", "")
-    broke = f.broke_row or {}
+    slo = f.broke_slo
+    key = slo.key if slo is not None else ""
+    measured = slo.measured if slo is not None else None
+    threshold = slo.threshold if slo is not None else None
     if key == "error_rate_max":
-        cats = broke.get("errors_by_category") or ""
+        cats = f.broke_row.counts.errors_by_category if f.broke_row is not None else ""
         detail = f" ({cats})" if cats else ""
         head = (
-            f"the error rate rose to {adaptive_percent(slo.get('measured'))}{detail}, over the "
-            f"{adaptive_percent(slo.get('threshold'))} SLO"
+            f"the error rate rose to {adaptive_percent(measured)}{detail}, over the "
+            f"{adaptive_percent(threshold)} SLO"
         )
         name = "errors"
     elif key == "min_output_tokens_per_s":
         head = (
-            f"aggregate output was {_tps(slo.get('measured'))} tokens/s, under the "
-            f"{_tps(slo.get('threshold'))} tokens/s SLO"
+            f"aggregate output was {_tps(measured)} tokens/s, under the "
+            f"{_tps(threshold)} tokens/s SLO"
         )
         name = "throughput"
     else:
         metric, pct = split_key(key)
         label = f"{pct} {METRIC_NAMES.get(metric, metric.upper())}"
-        if slo.get("measured") is None:
+        if measured is None:
             head = f"{label} could not be measured (no successful requests), so its SLO failed"
         else:
             head = (
-                f"{label} rose to {_seconds(slo.get('measured'))} s, over the "
-                f"{_seconds(slo.get('threshold'))} s SLO"
+                f"{label} rose to {_seconds(measured)} s, over the "
+                f"{_seconds(threshold)} s SLO"
             )
         name = METRIC_NAMES.get(metric, metric.upper())
     because = {
@@ -231,33 +236,33 @@ def _broke_text(f: EnvelopeFinding) -> str:
     return f"{head}{because}{evidence}: {name} broke first."
 
 
-def worst_failed_slo(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def worst_failed_slo(failed: Sequence[SloResult]) -> SloResult | None:
     """The failed SLO to name: the error rate if it failed, else the one furthest past its limit."""
     if not failed:
         return None
     for s in failed:
-        if s.get("key") == "error_rate_max":
+        if s.key == "error_rate_max":
             return s
 
-    def over(s: Mapping[str, Any]) -> float:
-        m, t = s.get("measured"), s.get("threshold") or 0.0
+    def over(s: SloResult) -> float:
+        m, t = s.measured, s.threshold or 0.0
         if m is None:
             return math.inf
-        if s.get("key") == "min_output_tokens_per_s":
+        if s.key == "min_output_tokens_per_s":
             return t / m if m > 0 else math.inf
         return m / t if t > 0 else math.inf
 
     return max(failed, key=over)
 
 
-def _cause(slo: Mapping[str, Any] | None, broke: Mapping[str, Any], base: Mapping[str, Any] | None) -> tuple[str, list[str]]:
-    key = (slo or {}).get("key", "")
+def _cause(slo: SloResult | None, broke: TableRow, base: TableRow | None) -> tuple[str, list[str]]:
+    key = slo.key if slo is not None else ""
     evidence: list[str] = []
     if key == "error_rate_max":
         return "errors", evidence
-    kv = broke.get("server_kv_cache_usage_max_ratio")
-    pre = broke.get("server_preemptions")
-    waiting = broke.get("server_requests_waiting_max")
+    kv = broke.server.server_kv_cache_usage_max_ratio
+    pre = broke.server.server_preemptions
+    waiting = broke.server.server_requests_waiting_max
     if (kv is not None and kv >= KV_PRESSURE_RATIO) or (pre is not None and pre > 0):
         if kv is not None:
             evidence.append(f"KV cache up to {adaptive_percent(kv)}")
@@ -266,9 +271,9 @@ def _cause(slo: Mapping[str, Any] | None, broke: Mapping[str, Any], base: Mappin
         return "kv_cache", evidence
     ttft_g = _growth(broke, base, "ttft_p50_ms")
     tpot_g = _growth(broke, base, "tpot_p50_ms")
-    if ttft_g is not None and tpot_g is not None:
+    if ttft_g is not None and tpot_g is not None and base is not None:
         evidence.append(
-            f"from {level_text(base or {})}, TTFT p50 x{ttft_g:.1f} while TPOT p50 x{tpot_g:.1f}"
+            f"from {level_text(base)}, TTFT p50 x{ttft_g:.1f} while TPOT p50 x{tpot_g:.1f}"
         )
     if waiting is not None and waiting > 0:
         evidence.append(f"up to {plain_number(waiting)} requests waiting in the server")
@@ -283,11 +288,11 @@ def _cause(slo: Mapping[str, Any] | None, broke: Mapping[str, Any], base: Mappin
     return "unknown", evidence
 
 
-def _first_pressure(rows: Sequence[Mapping[str, Any]]) -> str | None:
+def _first_pressure(rows: Sequence[TableRow]) -> str | None:
     for r in rows:
-        kv = r.get("server_kv_cache_usage_max_ratio")
-        pre = r.get("server_preemptions")
-        waiting = r.get("server_requests_waiting_max")
+        kv = r.server.server_kv_cache_usage_max_ratio
+        pre = r.server.server_preemptions
+        waiting = r.server.server_requests_waiting_max
         parts = []
         if kv is not None and kv >= KV_PRESSURE_RATIO:
             parts.append(f"KV cache reached {adaptive_percent(kv)}")
@@ -300,17 +305,17 @@ def _first_pressure(rows: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _limits(rows: Sequence[TableRow]) -> list[str]:
     if not rows:
         return []
     limits = [
         "Samples per stage (successful requests started in the steady-state window): "
-        + ", ".join(f"{level_text(r)}: {r.get('samples') or 0}" for r in rows)
+        + ", ".join(f"{level_text(r)}: {r.counts.ok_requests}" for r in rows)
         + "."
     ]
     flagged: dict[str, list[str]] = {}
     for r in rows:
-        for p in (r.get("few_samples") or "").split(","):
+        for p in r.counts.few_samples.split(","):
             if p:
                 flagged.setdefault(p, []).append(level_text(r))
     for p, levels in sorted(flagged.items(), key=lambda kv: int(kv[0][1:])):
@@ -318,34 +323,34 @@ def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         limits.append(f"{p} rests on fewer than {need} samples at {', '.join(levels)}: treat it as rough.")
     seen_fail = None
     for r in rows:
-        if r.get("server_stopped"):
+        if r.trust.server_stopped:
             continue
-        if r.get("slo_pass") is False and seen_fail is None:
+        if r.slo.slo_pass is False and seen_fail is None:
             seen_fail = r
-        elif r.get("slo_pass") is True and seen_fail is not None:
+        elif r.slo.slo_pass is True and seen_fail is not None:
             limits.append(
                 f"{level_text(r)} met every SLO again after {level_text(seen_fail)} failed: "
                 "results near the limit are noisy; repeat the run or lengthen the stages."
             )
             break
     for r in rows:
-        if r.get("server_stopped"):
-            limits.append(f"At {level_text(r)} ({r.get('stage_name')}) the server had stopped answering: "
+        if r.trust.server_stopped:
+            limits.append(f"At {level_text(r)} ({r.stage_name}) the server had stopped answering: "
                           "the stage is not judged.")
-        if r.get("window_note"):
-            limits.append(f"{level_text(r)}: {r['window_note']}.")
-        cpu = r.get("host_cpu_max_core_ratio")
-        if r.get("trustworthy") is False:
+        if r.window.window_note:
+            limits.append(f"{level_text(r)}: {r.window.window_note}.")
+        cpu = r.trust.host_cpu_max_core_ratio
+        if r.trust.trustworthy is False:
             limits.append(
-                f"At {level_text(r)} ({r.get('stage_name')}) the numbers are not trustworthy: "
-                f"{r.get('untrustworthy_reasons')}; the load generator, not the server, may have set them."
+                f"At {level_text(r)} ({r.stage_name}) the numbers are not trustworthy: "
+                f"{r.trust.untrustworthy_reasons}; the load generator, not the server, may have set them."
             )
-        elif r.get("client_saturated"):
+        elif r.trust.client_saturated:
             limits.append(
                 f"At {level_text(r)} a load-generator process saturated a CPU core: not trustworthy, "
                 "the client may have limited the load."
             )
-        elif r.get("client_saturated") is None and cpu is not None and cpu >= 0.9:
+        elif r.trust.client_saturated is None and cpu is not None and cpu >= 0.9:
             limits.append(
                 f"At {level_text(r)} a load-generator process used {adaptive_percent(cpu)} of a core: "
                 "the client may have limited the load."
@@ -353,9 +358,9 @@ def _limits(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return limits
 
 
-def _workload(rows: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
-    outs = [r.get("output_tokens_p50") for r in rows if finite(r.get("output_tokens_p50"))]
-    prompts = [r.get("prompt_tokens_p50") for r in rows if finite(r.get("prompt_tokens_p50"))]
+def _workload(rows: Sequence[TableRow]) -> tuple[float | None, float | None]:
+    outs = [r.counts.output_tokens_p50 for r in rows if finite(r.counts.output_tokens_p50)]
+    prompts = [r.counts.prompt_tokens_p50 for r in rows if finite(r.counts.prompt_tokens_p50)]
     out = sorted(outs)[len(outs) // 2] if outs else None
     prompt = sorted(prompts)[len(prompts) // 2] if prompts else None
     return out, prompt
@@ -370,21 +375,22 @@ def _workload_text(f: EnvelopeFinding) -> str:
     return (" at " + " and ".join(parts)) if parts else ""
 
 
-def _key_numbers(r: Mapping[str, Any]) -> str:
+def _key_numbers(r: TableRow) -> str:
     pct = "p95"
-    for s in r.get("slo_results") or []:
-        if s.get("key", "").startswith("ttft_"):
-            pct = split_key(s["key"])[1]
+    for s in r.slo.slo_results:
+        if s.key.startswith("ttft_"):
+            pct = split_key(s.key)[1]
     parts = []
     for metric in ("ttft", "e2e"):
-        v = r.get(f"{metric}_{pct}_ms")
+        column = f"{metric}_{pct}_ms"
+        v = r.value(column) if r.has(column) else None
         if finite(v):
             parts.append(f"{pct} {METRIC_NAMES[metric]} {_seconds(v)} s")
-    parts.append(f"{_tps(r.get('aggregate_output_tokens_per_s'))} output tokens/s")
+    parts.append(f"{_tps(r.throughput.aggregate_output_tokens_per_s)} output tokens/s")
     return ", ".join(parts)
 
 
-def _concurrent(r: Mapping[str, Any]) -> str:
+def _concurrent(r: TableRow) -> str:
     text = level_text(r)
     if text.endswith(("user", "users")):
         count, word = text.split(" ", 1)
@@ -392,21 +398,20 @@ def _concurrent(r: Mapping[str, Any]) -> str:
     return text
 
 
-def _growth(a: Mapping[str, Any], b: Mapping[str, Any] | None, key: str) -> float | None:
+def _growth(a: TableRow, b: TableRow | None, column: str) -> float | None:
     if b is None:
         return None
-    x, y = a.get(key), b.get(key)
+    x, y = a.value(column), b.value(column)
     if not finite(x) or not finite(y) or y <= 0:
         return None
     return x / y
 
 
-def _level(r: Mapping[str, Any]) -> tuple[float, int]:
-    for key in ("target_users", "target_rate_per_s", "mean_in_flight"):
-        v = r.get(key)
+def _level(r: TableRow) -> tuple[float, int]:
+    for v in (r.window.target_users, r.window.target_rate_per_s, r.window.mean_in_flight):
         if finite(v):
-            return float(v), int(r.get("stage_index") or 0)
-    return 0.0, int(r.get("stage_index") or 0)
+            return float(v), r.stage_index
+    return 0.0, r.stage_index
 
 
 def _f(v: Any) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import METRIC_NAMES
+from analysis.rows import TableRow
 from envelope.stages import StageRecord
 
 __all__ = [
@@ -27,37 +28,36 @@ __all__ = [
 BUCKET_S = 5.0
 
 
-def _x(row: Mapping[str, Any]) -> float:
-    for key in ("target_users", "target_rate_per_s", "mean_in_flight"):
-        v = row.get(key)
+def _x(row: TableRow) -> float:
+    w = row.window
+    for v in (w.target_users, w.target_rate_per_s, w.mean_in_flight):
         if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
             return float(v)
     return float("nan")
 
 
-def _x_label(table: Sequence[Mapping[str, Any]]) -> str:
-    if any(r.get("target_users") is not None and r.get("kind", "users") == "users" for r in table):
+def _x_label(table: Sequence[TableRow]) -> str:
+    if any(r.window.target_users is not None and r.window.kind == "users" for r in table):
         return "concurrent users (target)"
-    if any(r.get("target_rate_per_s") is not None for r in table):
+    if any(r.window.target_rate_per_s is not None for r in table):
         return "request rate (requests/s, target)"
     return "mean requests in flight"
 
 
-def _by_pass(table: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    out: dict[str, list[Mapping[str, Any]]] = {}
+def _by_pass(table: Sequence[TableRow]) -> dict[str, list[TableRow]]:
+    out: dict[str, list[TableRow]] = {}
     for r in table:
-        out.setdefault(str(r.get("pass_name", "")), []).append(r)
+        out.setdefault(r.pass_name, []).append(r)
     return {k: sorted(v, key=_x) for k, v in out.items()}
 
 
-def plot_throughput_vs_concurrency(ax: Any, table: Sequence[Mapping[str, Any]], *, label_prefix: str = "") -> None:
+def plot_throughput_vs_concurrency(ax: Any, table: Sequence[TableRow], *, label_prefix: str = "") -> None:
     """Aggregate output tokens/s against concurrency, one line per pass."""
     for name, rows in _by_pass(table).items():
         xs = [_x(r) for r in rows]
-        ys = [_nan(r.get("aggregate_output_tokens_per_s")) for r in rows]
+        ys = [_nan(r.throughput.aggregate_output_tokens_per_s) for r in rows]
         ax.plot(xs, ys, marker="o", label=f"{label_prefix}{name}" if (label_prefix or name) else None)
-    floors = {float(s["threshold"]) for r in table for s in r.get("slo_results") or []
-              if s.get("key") == "min_output_tokens_per_s"}
+    floors = {float(s.threshold) for r in table for s in r.slo.slo_results if s.key == "min_output_tokens_per_s"}
     for t in sorted(floors):
         _slo_line(ax, t, f"SLO min {t:g} tokens/s")
     ax.set_title("Aggregate output throughput vs concurrency (steady-state windows)")
@@ -69,7 +69,7 @@ def plot_throughput_vs_concurrency(ax: Any, table: Sequence[Mapping[str, Any]], 
 
 def plot_latency_vs_concurrency(
     ax: Any,
-    table: Sequence[Mapping[str, Any]],
+    table: Sequence[TableRow],
     metric: str = "ttft",
     slos: Mapping[str, Any] | None = None,
     *,
@@ -80,14 +80,14 @@ def plot_latency_vs_concurrency(
     for pname, rows in _by_pass(table).items():
         xs = [_x(r) for r in rows]
         for q, style in ((50, "-"), (95, "--"), (99, ":")):
-            ys = [_nan(r.get(f"{metric}_p{q}_ms")) / 1000.0 for r in rows]
+            ys = [_nan(r.value(f"{metric}_p{q}_ms")) / 1000.0 for r in rows]
             tag = f"{label_prefix}{pname} " if (label_prefix or pname) else ""
             ax.plot(xs, ys, linestyle=style, marker="o", label=f"{tag}p{q}")
     if slos is None:
         slos = {}
         for r in table:
-            for s in r.get("slo_results") or []:
-                slos.setdefault(s["key"], s["threshold"])
+            for s in r.slo.slo_results:
+                slos.setdefault(s.key, s.threshold)
     for key, t in sorted(slos.items()):
         if key.startswith(f"{metric}_") and key.endswith("_ms") and t is not None:
             pct = key.split("_")[1]

@@ -26,6 +26,7 @@ from analysis import render
 from analysis import tokens
 from analysis import workers as wk
 from analysis.load import Completeness, completeness, run_start_unix_s
+from analysis.rows import TableRow
 from analysis.table import (
     SERVER_STOPPED_CELL,
     WindowRule,
@@ -62,7 +63,7 @@ def render_figure_png(draw: Callable[[Any], None], *, ncols: int = 1, nrows: int
 
 
 def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule(),
-                 rows: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Path]:
+                 rows: Sequence[TableRow] | None = None) -> dict[str, Path]:
     """Write the report files of ``run`` (an :class:`analysis.load.Run`) into ``out_dir``.
 
     ``rows``: the envelope table already computed with the same ``rule`` (computed here when omitted).
@@ -185,7 +186,7 @@ def _extra(run: Any) -> _Extra:
                   worker_summary=tuple(worker_summary))
 
 
-def summary_lines(run: Any, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def summary_lines(run: Any, rows: Sequence[TableRow]) -> list[str]:
     """The report's headline as lines for a terminal: completeness, lost load generators, envelope per pass,
     what broke, failures."""
     extra = _extra(run)
@@ -204,7 +205,7 @@ def summary_lines(run: Any, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _graphs(run: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, bytes]]:
+def _graphs(run: Any, rows: Sequence[TableRow]) -> dict[str, tuple[str, bytes]]:
     graphs: dict[str, tuple[str, bytes]] = {}
     if rows:
         graphs["throughput_vs_concurrency.png"] = (
@@ -235,7 +236,7 @@ def _graphs(run: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str,
     return graphs
 
 
-def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[TableRow]) -> list[str]:
     notes = [
         DATA_NOTE,
         f"Steady-state window of a stage: from stage start + ramp (target users / spawn rate; 0 for "
@@ -310,7 +311,7 @@ def _md_table(rows: Sequence[Sequence[str]]) -> str:
 
 def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
               sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
-              rows: Sequence[Mapping[str, Any]], first: broke.BrokeFirst | None = None,
+              rows: Sequence[TableRow], first: broke.BrokeFirst | None = None,
               check: broke.TokenCrossCheck | None = None, extra: _Extra | None = None) -> str:
     parts = [f"# {_md_escape(_title(run, extra))}\n"]
     if extra is not None and extra.banner:
@@ -386,15 +387,15 @@ def _cross_check(check: broke.TokenCrossCheck, extra: _Extra | None) -> str:
     return text
 
 
-def _slo_line(row: Mapping[str, Any]) -> str:
+def _slo_line(row: TableRow) -> str:
     text = slo_summary(_field(row, "slo_results"))
     return f"{SERVER_STOPPED_CELL} ({text})" if _field(row, "server_stopped") else text
 
 
-def _field(row: Mapping[str, Any], name: str) -> Any:
-    """A table row's value (None when absent): the one place this module reads a row, beyond the
+def _field(row: TableRow, name: str) -> Any:
+    """A table row's cell by column name: the one place this module reads a row, beyond the
     functions of :mod:`analysis.table` (``row_cell``, ``format_cell``, ``slo_summary``)."""
-    return row.get(name)
+    return row.value(name)
 
 
 def _md_escape(text: str) -> str:

@@ -43,9 +43,24 @@ from typing import IO, Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.load import run_start_unix_s
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
 from analysis.failures import run_server_stop
+from analysis.load import run_start_unix_s
+from analysis.rows import (
+    LATENCY_METRICS,
+    PERCENTILES,
+    TABLE_COLUMNS,
+    LatencyPercentiles,
+    OpenLoopCells,
+    RequestCounts,
+    ServerTelemetry,
+    SloResult,
+    SloVerdict,
+    StageWindow,
+    TableRow,
+    Throughput,
+    Trust,
+)
 from analysis.workers import ending_reason, stage_endings, worker_endings
 from envelope import metrics
 from envelope.records import ErrorCategory
@@ -56,9 +71,12 @@ __all__ = [
     "TABLE_COLUMNS",
     "LATENCY_METRICS",
     "PERCENTILES",
+    "TableRow",
+    "SloResult",
     "steady_window",
     "envelope_table",
     "evaluate_slos",
+    "trust_reasons",
     "few_sample_percentiles",
     "table_totals",
     "write_table_csv",
@@ -66,9 +84,6 @@ __all__ = [
     "row_cell",
     "SERVER_STOPPED_CELL",
 ]
-
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
-PERCENTILES = (50, 90, 95, 99)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,25 +93,6 @@ class WindowRule:
     settle_s: float = 5.0
     min_window_s: float = 5.0
 
-
-TABLE_COLUMNS: tuple[str, ...] = (
-    "pass_name", "stage_name", "stage_index", "kind", "target_users", "target_rate_per_s",
-    "mean_in_flight", "window_start_s", "window_end_s", "window_s", "window_note",
-    "requests", "ok_requests", "errors", "error_rate", "errors_by_category", "cancelled",
-    "aggregate_output_tokens_per_s", "per_user_output_tokens_per_s",
-    *(f"{m}_p{q}_ms" for m in LATENCY_METRICS for q in PERCENTILES),
-    "samples", "itl_samples", "few_samples",
-    "prompt_tokens_p50", "output_tokens_p50",
-    "stage_records", "stage_output_tokens",
-    "server_requests_running_mean", "server_requests_waiting_max",
-    "server_kv_cache_usage_max_ratio", "server_preemptions", "server_output_tokens_per_s",
-    "host_cpu_max_core_ratio", "client_saturated", "server_stopped",
-    "achieved_rate_per_s", "send_lag_p50_ms", "send_lag_p99_ms",
-    "ttft_from_intended_p50_ms", "ttft_from_intended_p95_ms", "e2e_from_intended_p95_ms",
-    "client_loop_lag_max_ms", "client_cpu_max_percent", "load_generators_ended",
-    "trustworthy", "untrustworthy_reasons",
-    "slo_pass", "slo_results",
-)
 
 # When a stage's numbers stop describing the server (see trust_reasons)
 RATE_SHORTFALL_LIMIT = 0.02  # an open-loop stage that sent more than 2% fewer requests than asked
@@ -125,106 +121,166 @@ def few_sample_percentiles(n: int) -> list[str]:
     return [f"p{q}" for q in PERCENTILES if n < math.ceil(100 / (100 - q))]
 
 
-def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[dict[str, Any]]:
-    """One row (a dict keyed by :data:`TABLE_COLUMNS`) per stage of ``run``, in stage order.
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """The per-record and per-token arrays every stage's row is cut from, extracted once per run."""
+
+    stage_index: np.ndarray
+    start_unix_s: np.ndarray
+    end_unix_s: np.ndarray  # in flight until then
+    ok: np.ndarray
+    category: np.ndarray
+    output_tokens: np.ndarray
+    prompt_tokens: np.ndarray
+    latency_ms: Mapping[str, np.ndarray]  # ttft, tpot, e2e
+    send_lag_ms: np.ndarray
+    from_intended_ms: Mapping[str, np.ndarray]  # ttft_from_intended, e2e_from_intended
+    itl_ms: np.ndarray
+    itl_counts: np.ndarray
+    chunk_unix_s: np.ndarray
+    chunk_output_tokens: np.ndarray
+    chunk_ok: np.ndarray
+
+    @classmethod
+    def of(cls, run: Any) -> "_Columns":
+        frame: pd.DataFrame = run.frame
+        n = len(frame)
+        ok = frame["ok"].to_numpy(dtype=bool) if n else np.empty(0, dtype=bool)
+        return cls(
+            stage_index=frame["stage_index"].to_numpy(dtype=float, na_value=np.nan) if n else np.empty(0),
+            start_unix_s=frame["wall_start_unix_s"].to_numpy(dtype=float) if n else np.empty(0),
+            end_unix_s=frame["in_flight_end_unix_s"].to_numpy(dtype=float) if n else np.empty(0),
+            ok=ok,
+            category=frame["error_category"].to_numpy(dtype=object) if n else np.empty(0, dtype=object),
+            output_tokens=_num(frame, "output_tokens"),
+            prompt_tokens=_num(frame, "prompt_tokens"),
+            latency_ms={m: _num(frame, f"{m}_ms") for m in ("ttft", "tpot", "e2e")},
+            send_lag_ms=_num(frame, "send_lag_ms"),
+            from_intended_ms={c: _num(frame, f"{c}_ms") for c in ("ttft_from_intended", "e2e_from_intended")},
+            itl_ms=run.itl_ms,
+            itl_counts=run.itl_counts,
+            chunk_unix_s=run.chunk_unix_s,
+            chunk_output_tokens=run.chunk_output_tokens,
+            chunk_ok=np.repeat(ok, run.chunk_counts),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    """Which records of the run a stage's row counts (boolean masks over the records)."""
+
+    mine: np.ndarray  # the stage's records
+    in_window: np.ndarray  # ... that started inside the window
+    cancelled: np.ndarray  # ... stopped by the load generator itself: neither success nor error
+    counted: np.ndarray  # in the window and not cancelled
+    ok: np.ndarray  # in the window and successful: the latency population
+
+
+def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[TableRow]:
+    """One :class:`~analysis.rows.TableRow` per stage of ``run``, in stage order.
 
     ``run`` is an :class:`analysis.load.Run` (anything with the same attributes).
     """
-    frame: pd.DataFrame = run.frame
+    cols = _Columns.of(run)
     run_start = run_start_unix_s(run)
-    n = len(frame)
-    stage_idx = frame["stage_index"].to_numpy(dtype=float, na_value=np.nan) if n else np.empty(0)
-    start = frame["wall_start_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
-    end = frame["in_flight_end_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
-    ok = frame["ok"].to_numpy(dtype=bool) if n else np.empty(0, dtype=bool)
-    chunk_ok = np.repeat(ok, run.chunk_counts)
-    categories = frame["error_category"].to_numpy(dtype=object) if n else np.empty(0, dtype=object)
-    out_tokens = _num(frame, "output_tokens")
-    columns = {m: _num(frame, f"{m}_ms") for m in ("ttft", "tpot", "e2e")}
-    prompt = _num(frame, "prompt_tokens")
-    telemetry = getattr(run, "telemetry", {}) or {}
     endings = worker_endings(run, zero_unix_s=run_start)
-
-    rows = []
-    for stage in run.stages:
-        ws, we, note = steady_window(stage, rule=rule)
-        window_s = max(we - ws, 0.0)
-        mine = stage_idx == stage.stage_index
-        in_win = mine & (start >= ws) & (start < we)
-        sel = in_win & ok
-        row: dict[str, Any] = {c: None for c in TABLE_COLUMNS}
-        row.update(
-            pass_name=stage.pass_name,
-            stage_name=stage.stage_name,
-            stage_index=stage.stage_index,
-            kind=str(stage.kind),
-            target_users=stage.target_users,
-            target_rate_per_s=stage.target_rate_per_s,
-            window_start_s=ws - run_start,
-            window_end_s=we - run_start,
-            window_s=window_s,
-            window_note=note,
-        )
-        # Requests the load generator itself stopped (run ended or interrupted) are neither
-        # successes nor server errors: they are counted apart and left out of the error rate.
-        cancelled = in_win & (categories == ErrorCategory.CANCELLED)
-        counted = in_win & ~cancelled
-        requests = int(counted.sum())
-        errors = int((counted & ~ok).sum())
-        cats = Counter(str(c) for c in categories[counted & ~ok])
-        row.update(
-            cancelled=int(cancelled.sum()),
-            requests=requests,
-            ok_requests=requests - errors,
-            errors=errors,
-            error_rate=(errors / requests) if requests else float("nan"),
-            errors_by_category=", ".join(f"{k}:{v}" for k, v in sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))),
-        )
-        overlap = np.clip(np.minimum(end, we) - np.maximum(start, ws), 0.0, None)
-        mean_in_flight = float(overlap.sum() / window_s) if window_s > 0 else float("nan")
-        in_chunk = chunk_ok & (run.chunk_unix_s >= ws) & (run.chunk_unix_s < we)
-        tokens = float(run.chunk_output_tokens[in_chunk].sum(dtype=np.float64))
-        agg = tokens / window_s if window_s > 0 else float("nan")
-        row.update(
-            mean_in_flight=mean_in_flight,
-            aggregate_output_tokens_per_s=agg,
-            per_user_output_tokens_per_s=(agg / mean_in_flight) if mean_in_flight > 0 else float("nan"),
-        )
-        for m, values in columns.items():
-            row.update(_percentile_cells(m, values[sel]))
-        itl = run.itl_ms[np.repeat(sel, run.itl_counts)]
-        row.update(_percentile_cells("itl", itl))
-        samples = int(sel.sum())
-        row.update(
-            samples=samples,
-            itl_samples=int(itl.size),
-            few_samples=",".join(few_sample_percentiles(samples)),
-            prompt_tokens_p50=_median(prompt[sel]),
-            output_tokens_p50=_median(out_tokens[sel]),
-            stage_records=int(mine.sum()),
-            stage_output_tokens=int(np.nansum(out_tokens[mine])),
-        )
-        row.update(_telemetry_cells(telemetry, ws, we))
-        row.update(_open_loop_cells(stage, frame, mine, sel, start))
-        row.update(client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
-                   client_cpu_max_percent=stage.client_cpu_max_percent,
-                   load_generators_ended=stage_endings(endings, stage))
-        reasons = trust_reasons(row)
-        row.update(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
-        results = evaluate_slos(row, stage.slos)
-        row["slo_results"] = results
-        row["slo_pass"] = _overall(results)
-        rows.append(row)
-    stop = run_server_stop(run) if n else None
-    affected = set(stop.affected_stage_indices) if stop is not None else set()
-    for row in rows:
-        # a stage the server died in (or after) measured the outage, not the envelope
-        row["server_stopped"] = row["stage_index"] in affected
-    return rows
+    stop = run_server_stop(run) if len(run.frame) else None
+    stopped_in = set(stop.affected_stage_indices) if stop is not None else set()
+    telemetry = getattr(run, "telemetry", {}) or {}
+    return [_stage_row(stage, run, cols, telemetry, rule=rule, run_start=run_start, endings=endings,
+                       # a stage the server died in (or after) measured the outage, not the envelope
+                       server_stopped=stage.stage_index in stopped_in)
+            for stage in run.stages]
 
 
-def _open_loop_cells(stage: StageRecord, frame: pd.DataFrame, mine: np.ndarray, sel: np.ndarray,
-                     start: np.ndarray) -> dict[str, Any]:
+def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[str, pd.DataFrame], *,
+               rule: WindowRule, run_start: float, endings: Sequence[Any], server_stopped: bool) -> TableRow:
+    ws, we, note = steady_window(stage, rule=rule)
+    sel = _select(stage, cols, ws, we)
+    window = _window(stage, cols, ws, we, note, run_start)
+    host_cpu, saturated = _host_cells(telemetry, ws, we)
+    row = TableRow(
+        window=window,
+        counts=_counts(cols, sel),
+        latency=_latency(cols, sel),
+        throughput=_throughput(cols, ws, we, window.mean_in_flight),
+        open_loop=_open_loop(stage, cols, sel),
+        server=_server_telemetry(telemetry, ws, we),
+        trust=Trust(host_cpu_max_core_ratio=host_cpu, client_saturated=saturated, server_stopped=server_stopped,
+                    client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
+                    client_cpu_max_percent=stage.client_cpu_max_percent,
+                    load_generators_ended=tuple(stage_endings(endings, stage))),
+    )
+    reasons = trust_reasons(row)
+    row = row.replace(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
+    results = tuple(evaluate_slos(row, stage.slos))
+    return row.replace(slo_results=results, slo_pass=_overall(results))
+
+
+def _select(stage: StageRecord, cols: _Columns, ws: float, we: float) -> _Selection:
+    """Latency, counts and errors: the stage's requests that *started* inside the window."""
+    mine = cols.stage_index == stage.stage_index
+    in_window = mine & (cols.start_unix_s >= ws) & (cols.start_unix_s < we)
+    # Requests the load generator itself stopped (run ended or interrupted) are neither
+    # successes nor server errors: they are counted apart and left out of the error rate.
+    cancelled = in_window & (cols.category == ErrorCategory.CANCELLED)
+    return _Selection(mine=mine, in_window=in_window, cancelled=cancelled, counted=in_window & ~cancelled,
+                      ok=in_window & cols.ok)
+
+
+def _window(stage: StageRecord, cols: _Columns, ws: float, we: float, note: str, run_start: float) -> StageWindow:
+    window_s = max(we - ws, 0.0)
+    # time-weighted requests of any stage in flight during the window
+    overlap = np.clip(np.minimum(cols.end_unix_s, we) - np.maximum(cols.start_unix_s, ws), 0.0, None)
+    return StageWindow(
+        pass_name=stage.pass_name, stage_name=stage.stage_name, stage_index=stage.stage_index, kind=str(stage.kind),
+        target_users=stage.target_users, target_rate_per_s=stage.target_rate_per_s,
+        mean_in_flight=float(overlap.sum() / window_s) if window_s > 0 else float("nan"),
+        window_start_s=ws - run_start, window_end_s=we - run_start, window_s=window_s, window_note=note,
+    )
+
+
+def _counts(cols: _Columns, sel: _Selection) -> RequestCounts:
+    requests = int(sel.counted.sum())
+    failed = sel.counted & ~cols.ok
+    errors = int(failed.sum())
+    cats = Counter(str(c) for c in cols.category[failed])
+    ok_requests = int(sel.ok.sum())
+    return RequestCounts(
+        requests=requests,
+        ok_requests=ok_requests,
+        errors=errors,
+        error_rate=(errors / requests) if requests else float("nan"),
+        errors_by_category=", ".join(f"{k}:{v}" for k, v in sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))),
+        cancelled=int(sel.cancelled.sum()),
+        itl_samples=int(np.repeat(sel.ok, cols.itl_counts).sum()),
+        few_samples=",".join(few_sample_percentiles(ok_requests)),
+        prompt_tokens_p50=_median(cols.prompt_tokens[sel.ok]),
+        output_tokens_p50=_median(cols.output_tokens[sel.ok]),
+        stage_records=int(sel.mine.sum()),
+        stage_output_tokens=int(np.nansum(cols.output_tokens[sel.mine])),
+    )
+
+
+def _latency(cols: _Columns, sel: _Selection) -> LatencyPercentiles:
+    cells: dict[str, float] = {}
+    for m, values in cols.latency_ms.items():
+        cells.update(_percentile_cells(m, values[sel.ok]))
+    cells.update(_percentile_cells("itl", cols.itl_ms[np.repeat(sel.ok, cols.itl_counts)]))
+    return LatencyPercentiles(**cells)
+
+
+def _throughput(cols: _Columns, ws: float, we: float, mean_in_flight: float) -> Throughput:
+    """Tokens of successful requests whose chunks *arrived* inside the window, per second of it."""
+    window_s = max(we - ws, 0.0)
+    in_chunk = cols.chunk_ok & (cols.chunk_unix_s >= ws) & (cols.chunk_unix_s < we)
+    tokens = float(cols.chunk_output_tokens[in_chunk].sum(dtype=np.float64))
+    agg = tokens / window_s if window_s > 0 else float("nan")
+    return Throughput(aggregate_output_tokens_per_s=agg,
+                      per_user_output_tokens_per_s=(agg / mean_in_flight) if mean_in_flight > 0 else float("nan"))
+
+
+def _open_loop(stage: StageRecord, cols: _Columns, sel: _Selection) -> OpenLoopCells:
     """Open-loop (rate) stages: what was sent against what was asked, and how late.
 
     The achieved rate counts the stage's requests actually sent between its start
@@ -232,48 +288,48 @@ def _open_loop_cells(stage: StageRecord, frame: pd.DataFrame, mine: np.ndarray, 
     every request of the stage; latencies from the intended send time are over
     the steady-state window's successes, like the other latencies.
     """
-    if not stage.open_loop or not len(frame):
-        return {}
+    if not stage.open_loop or not len(cols.ok):
+        return OpenLoopCells()
     cells: dict[str, Any] = {}
     t0, t1 = float(stage.start_unix_s), float(stage.end_unix_s)
     if t1 > t0:
-        cells["achieved_rate_per_s"] = metrics.achieved_send_rate_per_s(start[mine], t0, t1)
-    lag = _num(frame, "send_lag_ms")[mine]
+        cells["achieved_rate_per_s"] = metrics.achieved_send_rate_per_s(cols.start_unix_s[sel.mine], t0, t1)
+    lag = cols.send_lag_ms[sel.mine]
     lag = lag[~np.isnan(lag)]
     if lag.size:
         cells["send_lag_p50_ms"], cells["send_lag_p99_ms"] = (float(v) for v in np.percentile(lag, [50, 99]))
     for column, qs in (("ttft_from_intended", (50, 95)), ("e2e_from_intended", (95,))):
-        values = _num(frame, f"{column}_ms")[sel]
+        values = cols.from_intended_ms[column][sel.ok]
         values = values[~np.isnan(values)]
         if values.size:
             for q, v in zip(qs, np.percentile(values, qs)):
                 cells[f"{column}_p{q}_ms"] = float(v)
-    return cells
+    return OpenLoopCells(**cells)
 
 
-def trust_reasons(row: Mapping[str, Any]) -> list[str]:
+def trust_reasons(row: TableRow) -> list[str]:
     """Why a stage's numbers may describe the load generator rather than the server (empty: none)."""
     reasons = []
-    target, achieved = row.get("target_rate_per_s"), row.get("achieved_rate_per_s")
-    if row.get("kind") == "rate" and target and achieved is not None and achieved < target * (1 - RATE_SHORTFALL_LIMIT):
+    target, achieved = row.window.target_rate_per_s, row.open_loop.achieved_rate_per_s
+    if row.window.kind == "rate" and target and achieved is not None and achieved < target * (1 - RATE_SHORTFALL_LIMIT):
         reasons.append(f"sent {achieved:.3g} requests/s of the {target:.3g}/s asked "
                        f"({(1 - achieved / target) * 100:.0f}% short)")
-    cpu = row.get("client_cpu_max_percent")
-    if row.get("client_saturated") or (cpu is not None and cpu >= CLIENT_CPU_LIMIT_PERCENT):
+    trust = row.trust
+    cpu = trust.client_cpu_max_percent
+    if trust.client_saturated or (cpu is not None and cpu >= CLIENT_CPU_LIMIT_PERCENT):
         reasons.append("load generator CPU-saturated" + (f" ({cpu:.0f}% of a core)" if cpu is not None else ""))
-    lag = row.get("client_loop_lag_max_ms")
+    lag = trust.client_loop_lag_max_ms
     if lag is not None and lag > CLIENT_LOOP_LAG_LIMIT_MS:
         reasons.append(f"load generator stalled up to {lag:.0f} ms (latencies measured meanwhile are late by up to that)")
-    reasons += [ending_reason(item) for item in row.get("load_generators_ended") or ()]
+    reasons += [ending_reason(item) for item in trust.load_generators_ended]
     return reasons
 
 
-def evaluate_slos(row: Mapping[str, Any], slos: Mapping[str, Any]) -> list[dict[str, Any]]:
+def evaluate_slos(row: TableRow, slos: Mapping[str, Any]) -> list[SloResult]:
     """Check each SLO of a stage against a table row.
 
-    Returns dicts ``{key, threshold, measured, passed, note}``; ``passed`` is
-    False when there is nothing to measure (no successful requests), and None
-    for a key this version does not know.
+    ``passed`` is False when there is nothing to measure (no successful
+    requests), and None for a key this version does not know.
     """
     results = []
     for key, threshold in slos.items():
@@ -282,28 +338,27 @@ def evaluate_slos(row: Mapping[str, Any], slos: Mapping[str, Any]) -> list[dict[
         threshold = float(threshold)
         note = ""
         if key == "error_rate_max":
-            measured = row.get("error_rate")
+            measured = row.counts.error_rate
             op = "<="
         elif key == "min_output_tokens_per_s":
-            measured = row.get("aggregate_output_tokens_per_s")
+            measured = row.throughput.aggregate_output_tokens_per_s
             op = ">="
-        elif key in row and key.endswith("_ms"):
-            measured = row.get(key)
+        elif row.has(key) and key.endswith("_ms"):
+            measured = row.value(key)
             op = "<="
             pct = key.rsplit("_", 2)[-2]
-            if pct in (row.get("few_samples") or "").split(","):
-                note = f"{pct} from {row.get('samples')} samples"
+            if pct in row.counts.few_samples.split(","):
+                note = f"{pct} from {row.counts.ok_requests} samples"
         else:
-            results.append({"key": key, "threshold": threshold, "measured": None, "passed": None,
-                            "op": "?", "note": "unknown SLO key; not checked"})
+            results.append(SloResult(key=key, threshold=threshold, measured=None, passed=None, op="?",
+                                     note="unknown SLO key; not checked"))
             continue
         if measured is None or (isinstance(measured, float) and math.isnan(measured)):
-            results.append({"key": key, "threshold": threshold, "measured": None, "passed": False,
-                            "op": op, "note": "no data"})
+            results.append(SloResult(key=key, threshold=threshold, measured=None, passed=False, op=op, note="no data"))
             continue
         passed = measured <= threshold if op == "<=" else measured >= threshold
-        results.append({"key": key, "threshold": threshold, "measured": float(measured),
-                        "passed": bool(passed), "op": op, "note": note})
+        results.append(SloResult(key=key, threshold=threshold, measured=float(measured), passed=bool(passed), op=op,
+                                 note=note))
     return results
 
 
@@ -318,12 +373,12 @@ def table_totals(run: Any) -> dict[str, Any]:
     }
 
 
-def write_table_csv(rows: Iterable[Mapping[str, Any]], sink: IO[str]) -> None:
+def write_table_csv(rows: Iterable[TableRow], sink: IO[str]) -> None:
     """Write the table as CSV to a text sink (SLO results flattened to one cell)."""
     writer = csv.writer(sink, lineterminator="\n")
     writer.writerow(TABLE_COLUMNS)
     for row in rows:
-        writer.writerow([_csv_cell(c, row.get(c)) for c in TABLE_COLUMNS])
+        writer.writerow([_csv_cell(c, row.value(c)) for c in TABLE_COLUMNS])
 
 
 MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -334,13 +389,13 @@ MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
     ("tpot_p50_ms", "TPOT p50 ms"), ("itl_p95_ms", "ITL p95 ms"),
     ("e2e_p50_ms", "E2E p50 ms"), ("e2e_p95_ms", "E2E p95 ms"),
-    ("samples", "n"), ("few_samples", "few-sample tails"), ("slo_pass", "SLOs"),
+    ("ok_requests", "n"), ("few_samples", "few-sample tails"), ("slo_pass", "SLOs"),
     ("achieved_rate_per_s", "req/s sent"), ("send_lag_p99_ms", "send lag p99 ms"),
     ("trustworthy", "load generator"),
 )
 
 
-def write_table_markdown(rows: Iterable[Mapping[str, Any]], sink: IO[str]) -> None:
+def write_table_markdown(rows: Iterable[TableRow], sink: IO[str]) -> None:
     """Write the main columns of the table as a Markdown table to a text sink."""
     sink.write("| " + " | ".join(h for _, h in MARKDOWN_COLUMNS) + " |\n")
     sink.write("|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|\n")
@@ -352,13 +407,13 @@ def write_table_markdown(rows: Iterable[Mapping[str, Any]], sink: IO[str]) -> No
 SERVER_STOPPED_CELL = "not judged: server stopped"
 
 
-def row_cell(row: Mapping[str, Any], column: str) -> str:
+def row_cell(row: TableRow, column: str) -> str:
     """:func:`format_cell` of one row's column; a stage after the server stopped is not judged."""
-    if column == "slo_pass" and row.get("server_stopped"):
+    if column == "slo_pass" and row.trust.server_stopped:
         return SERVER_STOPPED_CELL
-    if column == "trustworthy" and row.get("trustworthy") is False:
-        return f"NOT TRUSTWORTHY: {row.get('untrustworthy_reasons')}"
-    return format_cell(column, row.get(column))
+    if column == "trustworthy" and row.trust.trustworthy is False:
+        return f"NOT TRUSTWORTHY: {row.trust.untrustworthy_reasons}"
+    return format_cell(column, row.value(column))
 
 
 def format_cell(column: str, value: Any) -> str:
@@ -378,19 +433,19 @@ def format_cell(column: str, value: Any) -> str:
     return str(value)
 
 
-def slo_summary(results: Sequence[Mapping[str, Any]]) -> str:
+def slo_summary(results: Sequence[SloResult]) -> str:
     """One cell for SLO results: ``ttft_p95_ms<=2000:pass(412.3); …``."""
     parts = []
     for r in results:
-        verdict = {True: "pass", False: "FAIL", None: "unchecked"}[r["passed"]]
-        measured = "-" if r["measured"] is None else f"{r['measured']:.6g}"
-        parts.append(f"{r['key']}{r['op']}{r['threshold']:g}:{verdict}({measured})")
+        verdict = {True: "pass", False: "FAIL", None: "unchecked"}[r.passed]
+        measured = "-" if r.measured is None else f"{r.measured:.6g}"
+        parts.append(f"{r.key}{r.op}{r.threshold:g}:{verdict}({measured})")
     return "; ".join(parts)
 
 
 def _csv_cell(column: str, value: Any) -> Any:
     if column == "slo_results":
-        return slo_summary(value or [])
+        return slo_summary(value or ())
     if column == "load_generators_ended":
         return "; ".join(f"{i['worker']} {i['status']} at {i['t_s']:+.1f} s" for i in value or ())
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -400,8 +455,8 @@ def _csv_cell(column: str, value: Any) -> Any:
     return value
 
 
-def _overall(results: Sequence[Mapping[str, Any]]) -> bool | None:
-    checked = [r["passed"] for r in results if r["passed"] is not None]
+def _overall(results: Sequence[SloResult]) -> bool | None:
+    checked = [r.passed for r in results if r.passed is not None]
     if not checked:
         return None
     return all(checked)
@@ -423,36 +478,45 @@ def _num(frame: pd.DataFrame, column: str) -> np.ndarray:
     return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
-def _telemetry_cells(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float) -> dict[str, Any]:
-    cells: dict[str, Any] = {}
-    m = telemetry.get("metrics")
-    if m is not None and not m.empty and "t_unix_s" in m.columns:
-        w = m[(m["t_unix_s"] >= ws) & (m["t_unix_s"] < we)]
-        if len(w):
-            cells["server_requests_running_mean"] = _col_stat(w, "requests_running", "mean")
-            cells["server_requests_waiting_max"] = _col_stat(w, "requests_waiting", "max")
-            cells["server_kv_cache_usage_max_ratio"] = _col_stat(w, "kv_cache_usage_ratio", "max")
-            if "preemptions_total" in w.columns and w["preemptions_total"].notna().any():
-                p = w["preemptions_total"].dropna()
-                cells["server_preemptions"] = float(p.iloc[-1] - p.iloc[0])
-            if "generation_tokens_total" in w.columns:
-                g = w[["t_unix_s", "generation_tokens_total"]].dropna()
-                if len(g) >= 2 and g["t_unix_s"].iloc[-1] > g["t_unix_s"].iloc[0]:
-                    cells["server_output_tokens_per_s"] = float(
-                        (g["generation_tokens_total"].iloc[-1] - g["generation_tokens_total"].iloc[0])
-                        / (g["t_unix_s"].iloc[-1] - g["t_unix_s"].iloc[0])
-                    )
-    h = telemetry.get("host")
-    if h is not None and not h.empty and "t_unix_s" in h.columns:
-        w = h[(h["t_unix_s"] >= ws) & (h["t_unix_s"] < we)]
-        if len(w):
-            cells["host_cpu_max_core_ratio"] = _col_stat(w, "cpu_core_ratio", "max")
-            busiest = busiest_process_core_ratio(w)
-            busiest = busiest[~np.isnan(busiest)]
-            if busiest.size:
-                # one gevent process saturates at one core: the window's numbers measure the client
-                cells["client_saturated"] = bool(busiest.max() > CLIENT_SATURATED_CORE_RATIO)
-    return cells
+def _in_window(frame: pd.DataFrame | None, ws: float, we: float) -> pd.DataFrame | None:
+    if frame is None or frame.empty or "t_unix_s" not in frame.columns:
+        return None
+    w = frame[(frame["t_unix_s"] >= ws) & (frame["t_unix_s"] < we)]
+    return w if len(w) else None
+
+
+def _server_telemetry(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float) -> ServerTelemetry:
+    w = _in_window(telemetry.get("metrics"), ws, we)
+    if w is None:
+        return ServerTelemetry()
+    cells: dict[str, Any] = {
+        "server_requests_running_mean": _col_stat(w, "requests_running", "mean"),
+        "server_requests_waiting_max": _col_stat(w, "requests_waiting", "max"),
+        "server_kv_cache_usage_max_ratio": _col_stat(w, "kv_cache_usage_ratio", "max"),
+    }
+    if "preemptions_total" in w.columns and w["preemptions_total"].notna().any():
+        p = w["preemptions_total"].dropna()
+        cells["server_preemptions"] = float(p.iloc[-1] - p.iloc[0])
+    if "generation_tokens_total" in w.columns:
+        g = w[["t_unix_s", "generation_tokens_total"]].dropna()
+        if len(g) >= 2 and g["t_unix_s"].iloc[-1] > g["t_unix_s"].iloc[0]:
+            cells["server_output_tokens_per_s"] = float(
+                (g["generation_tokens_total"].iloc[-1] - g["generation_tokens_total"].iloc[0])
+                / (g["t_unix_s"].iloc[-1] - g["t_unix_s"].iloc[0])
+            )
+    return ServerTelemetry(**cells)
+
+
+def _host_cells(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float) -> tuple[float | None, bool | None]:
+    """The busiest host CPU ratio, and whether one load-generator process saturated its core."""
+    w = _in_window(telemetry.get("host"), ws, we)
+    if w is None:
+        return None, None
+    busiest = busiest_process_core_ratio(w)
+    busiest = busiest[~np.isnan(busiest)]
+    # one gevent process saturates at one core: the window's numbers measure the client
+    saturated = bool(busiest.max() > CLIENT_SATURATED_CORE_RATIO) if busiest.size else None
+    return _col_stat(w, "cpu_core_ratio", "max"), saturated
 
 
 def _col_stat(frame: pd.DataFrame, column: str, how: str) -> float | None:

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from envelope.records import RECORD_FIELDS
+from envelope.stages import read_stages
 from helpers.locust_runs import locust_request_count
 from server.process import group_members
 from server.sim.config import SimConfig
@@ -177,8 +178,7 @@ def check_interrupted_locust(run: dict) -> list[dict]:
     # requests in flight at the signal finish (or are recorded as cancelled): none is lost
     assert len(records) == run["served"], (len(records), run["served"])
     assert json.loads((run_dir / "run.json").read_text())["status"] == "partial"
-    stages = json.loads((run_dir / "stages.json").read_text())
-    assert stages[-1]["end_unix_s"] is not None
+    assert read_stages(run_dir)[-1].end_unix_s is not None
     assert (run_dir / "locust" / "locust_stats.csv").is_file()
     assert "Traceback" not in run["log"]
     assert_analysis_reports_partial(run_dir)

@@ -45,7 +45,10 @@ def generation_tokens_total(metrics_url: str) -> float:
 
 
 def stages(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "stages.json").read_text())
+    """stages.json's entries as dicts, through its one reader (FileNotFoundError / ValueError when unusable)."""
+    from envelope.stages import read_stages
+
+    return [s.to_json() for s in read_stages(run_dir)]
 
 
 def files_containing(run_dir: Path, needle: str) -> list[Path]:

@@ -33,6 +33,7 @@ from analysis.load import load_run
 from analysis.table import envelope_table
 from envelope.telemetry import parse_vllm_metrics
 from helpers.locust_runs import LOCUSTFILE, REPO, locust_request_count, records
+from helpers.locust_runs import stages as read_stage_dicts
 from helpers.netns import Topology, netns_unavailable_reason
 from locustfiles.live import LiveAggregator
 
@@ -152,16 +153,16 @@ def test_master_and_two_workers_on_separate_hosts(tmp_path):
     run = load_run(run_dir)
     assert run.records_outside_stage == 0 and run.placement_tolerance_s < 1.1
     for stage in run.stages:
-        mine = [r for r in recs if r["stage_index"] == stage["stage_index"]]
-        assert all(stage["start_unix_s"] - 0.5 <= r["wall_start_unix_s"] <= stage["end_unix_s"] + 0.5 for r in mine)
+        mine = [r for r in recs if r["stage_index"] == stage.stage_index]
+        assert all(stage.start_unix_s - 0.5 <= r["wall_start_unix_s"] <= stage.end_unix_s + 0.5 for r in mine)
 
     # the live view of the master's run directory covers both hosts in the same window
     live = LiveAggregator(window_s=5.0)
     live.add(recs)
-    open_stage = next(s for s in run.stages if s["stage_name"] == "open")
-    window = live.window(open_stage["end_unix_s"])
-    in_window = [r for r in opened if open_stage["end_unix_s"] - 5.0 < r["wall_start_unix_s"] + 0.1
-                 and r["wall_start_unix_s"] <= open_stage["end_unix_s"]]
+    open_stage = next(s for s in run.stages if s.stage_name == "open")
+    window = live.window(open_stage.end_unix_s)
+    in_window = [r for r in opened if open_stage.end_unix_s - 5.0 < r["wall_start_unix_s"] + 0.1
+                 and r["wall_start_unix_s"] <= open_stage.end_unix_s]
     per_host = [sum(1 for r in in_window if r["worker_id"].startswith(w)) for w in ("w1", "w2")]
     assert min(per_host) >= 15 and abs(per_host[0] - per_host[1]) <= 2, per_host
     assert window.requests >= sum(per_host) - 2
@@ -242,7 +243,7 @@ def test_a_worker_killed_mid_run_keeps_its_shipped_records_and_the_report_names_
         while time.monotonic() < deadline and master.poll() is None:
             stages = run_dir / "stages.json"
             files = list((run_dir / "records").glob(f"*_{killed_pid}.jsonl"))
-            if stages.exists() and files and time.time() - json.loads(stages.read_text())[0]["start_unix_s"] > 5:
+            if stages.exists() and files and time.time() - read_stage_dicts(run_dir)[0]["start_unix_s"] > 5:
                 victim_file = files[0]
                 break
             time.sleep(0.1)
@@ -289,9 +290,9 @@ def test_a_worker_killed_mid_run_keeps_its_shipped_records_and_the_report_names_
             or f"load generator {lost['worker_id']} was lost at" in reasons), reasons
     # Locust shares the next stage's users among the workers it still counts: until the dead one is
     # declared missing (10 s of silence), its share is lost in that stage too, and the table says so
-    after = next(s for s in run.stages if s["stage_name"] == "after")
+    after = next(s for s in run.stages if s.stage_name == "after")
     named_in_after = f"load generator {lost['worker_id']}" in (rows["after"]["untrustworthy_reasons"] or "")
-    assert named_in_after == (lost["ended_unix_s"] >= after["start_unix_s"])
+    assert named_in_after == (lost["ended_unix_s"] >= after.start_unix_s)
 
 
 # -- the master interrupted mid-run ----------------------------------------------------------------

@@ -10,7 +10,6 @@ point is unknown. Once against the simulated server (fast), once against the rea
 from __future__ import annotations
 
 import io
-import json
 import os
 import secrets
 import signal
@@ -29,6 +28,7 @@ from analysis.table import envelope_table
 from envelope.records import ErrorCategory
 from envelope.telemetry import MetricsSampler, TelemetryRecorder
 from helpers.locust_runs import locust_request_count, records, run_locust
+from helpers.locust_runs import stages as read_stage_dicts
 
 KILL_IN_STAGE = 1  # the second stage
 KILL_AFTER_S = 3.0  # into that stage
@@ -94,7 +94,7 @@ def _run_and_kill(tmp_path: Path, base_url: str, api_key: str | None, pid: int, 
     def killer() -> None:
         while not done.is_set():
             try:
-                stages = json.loads((run_dir / "stages.json").read_text())
+                stages = read_stage_dicts(run_dir)
             except (OSError, ValueError):
                 stages = []
             if len(stages) > KILL_IN_STAGE:
@@ -123,7 +123,7 @@ def _run_and_kill(tmp_path: Path, base_url: str, api_key: str | None, pid: int, 
 def _check(k: Killed) -> None:
     # the run completed its schedule
     assert k.returncode in (0, 1), k.stderr[-3000:]  # 1: Locust saw failed requests
-    stages = json.loads((k.run_dir / "stages.json").read_text())
+    stages = read_stage_dicts(k.run_dir)
     assert [s["stage_name"] for s in stages] == STAGE_NAMES
     for s in stages:
         assert s["end_unix_s"] is not None and s["end_unix_s"] >= s["start_unix_s"] + s["duration_s"] - 2.0
@@ -151,7 +151,7 @@ def _check(k: Killed) -> None:
     first_after = min(r["wall_start_unix_s"] + r["t_done_s"] - r["t_start_s"] for r in after)
     assert stop.t_unix_s <= first_after
     assert stop.stage_name == STAGE_NAMES[KILL_IN_STAGE]
-    assert [s["stage_name"] for s in run.stages if s["stage_index"] in stop.affected_stage_indices] == \
+    assert [s.stage_name for s in run.stages if s.stage_index in stop.affected_stage_indices] == \
         STAGE_NAMES[KILL_IN_STAGE:]
     assert stop.metrics_failed_from_unix_s is not None  # telemetry saw the server go too
     assert stop.metrics_failed_from_unix_s >= k.kill_unix_s
@@ -161,7 +161,7 @@ def _check(k: Killed) -> None:
     # and the report says it, in Markdown, HTML and the printed summary
     md = (k.run_dir / "report" / "envelope.md").read_text()
     html = (k.run_dir / "report" / "envelope.html").read_text()
-    said = f"The server stopped answering at {stop.t_unix_s - run.stages[0]['start_unix_s']:,.1f} s " \
+    said = f"The server stopped answering at {stop.t_unix_s - run.stages[0].start_unix_s:,.1f} s " \
            f"(stage {STAGE_NAMES[KILL_IN_STAGE]})"
     for text in (md, html, k.summary):
         assert said in text

@@ -17,6 +17,7 @@ from analysis.broke import (
     token_cross_check,
     what_broke_first,
 )
+from analysis.rows import SloResult, TableRow
 from envelope.stages import StageRecord
 
 T0 = 1000.0
@@ -28,15 +29,15 @@ STAGES = [
 ]
 
 
-def row(i: int, *, slo_pass: bool | None = True, slo_results: list | None = None) -> dict:
+def row(i: int, *, slo_pass: bool | None = True, slo_results: list | None = None) -> TableRow:
     """A table row whose steady-state window is [start + 10, end) of stage i, relative to T0."""
-    return {"stage_index": i, "stage_name": STAGES[i].stage_name, "pass_name": STAGES[i].pass_name,
-            "window_start_s": 60.0 * i + 10.0, "window_end_s": 60.0 * (i + 1),
-            "slo_pass": slo_pass, "slo_results": slo_results or []}
+    return TableRow.from_cells(stage_index=i, stage_name=STAGES[i].stage_name, pass_name=STAGES[i].pass_name,
+                               window_start_s=60.0 * i + 10.0, window_end_s=60.0 * (i + 1),
+                               slo_pass=slo_pass, slo_results=tuple(slo_results or ()))
 
 
-TTFT_FAIL = {"key": "ttft_p95_ms", "threshold": 1000.0, "measured": 1412.0, "passed": False, "op": "<="}
-E2E_FAIL = {"key": "e2e_p95_ms", "threshold": 15000.0, "measured": 16000.0, "passed": False, "op": "<="}
+TTFT_FAIL = SloResult(key="ttft_p95_ms", threshold=1000.0, measured=1412.0, passed=False, op="<=")
+E2E_FAIL = SloResult(key="e2e_p95_ms", threshold=15000.0, measured=16000.0, passed=False, op="<=")
 ROWS_TTFT_FAILS_AT_20 = [row(0), row(1), row(2, slo_pass=False, slo_results=[E2E_FAIL, TTFT_FAIL])]
 
 

@@ -1,4 +1,5 @@
 from analysis.envelope import envelope_sentence, find_envelope
+from analysis.rows import TableRow
 from analysis.table import evaluate_slos
 
 SLOS = {"ttft_p95_ms": 2000, "error_rate_max": 0.01}
@@ -6,18 +7,16 @@ SLOS = {"ttft_p95_ms": 2000, "error_rate_max": 0.01}
 
 def row(users, *, ttft_p50, ttft_p95, tpot_p50=50.0, e2e_p95=3200.0, error_rate=0.0, errors="", tps=520.0,
         samples=400, waiting=None, kv=None):
-    r = {
-        "pass_name": "sweep", "stage_name": f"sweep-{users}", "stage_index": users, "kind": "users",
-        "target_users": users, "mean_in_flight": float(users), "samples": samples, "few_samples": "",
-        "ttft_p50_ms": ttft_p50, "ttft_p95_ms": ttft_p95, "tpot_p50_ms": tpot_p50, "e2e_p95_ms": e2e_p95,
-        "error_rate": error_rate, "errors_by_category": errors, "aggregate_output_tokens_per_s": tps,
-        "output_tokens_p50": 128.0, "prompt_tokens_p50": 303.0, "window_note": "",
-        "server_requests_waiting_max": waiting, "server_kv_cache_usage_max_ratio": kv,
-    }
-    r["slo_results"] = evaluate_slos(r, SLOS)
-    checked = [s["passed"] for s in r["slo_results"]]
-    r["slo_pass"] = all(checked)
-    return r
+    r = TableRow.from_cells(
+        pass_name="sweep", stage_name=f"sweep-{users}", stage_index=users, kind="users",
+        target_users=users, mean_in_flight=float(users), ok_requests=samples, few_samples="",
+        ttft_p50_ms=ttft_p50, ttft_p95_ms=ttft_p95, tpot_p50_ms=tpot_p50, e2e_p95_ms=e2e_p95,
+        error_rate=error_rate, errors_by_category=errors, aggregate_output_tokens_per_s=tps,
+        output_tokens_p50=128.0, prompt_tokens_p50=303.0, window_note="",
+        server_requests_waiting_max=waiting, server_kv_cache_usage_max_ratio=kv,
+    )
+    results = tuple(evaluate_slos(r, SLOS))
+    return r.replace(slo_results=results, slo_pass=all(s.passed for s in results))
 
 
 def test_queueing_broke_first():
@@ -26,7 +25,7 @@ def test_queueing_broke_first():
     f = find_envelope(rows)
     assert f.status == "broke" and f.cause == "queueing"
     assert f.safe_row["target_users"] == 5 and f.broke_row["target_users"] == 20
-    assert f.broke_slo["key"] == "ttft_p95_ms"
+    assert f.broke_slo.key == "ttft_p95_ms"
     s = envelope_sentence(f)
     assert s.startswith(
         "Safe up to 5 concurrent users at 128 output tokens and ~300-token prompts "
@@ -41,7 +40,7 @@ def test_errors_broke_first():
     rows = [row(1, ttft_p50=200, ttft_p95=300), row(5, ttft_p50=300, ttft_p95=410),
             row(20, ttft_p50=2400, ttft_p95=2900, error_rate=0.04, errors="http_500:3, timeout_total:1")]
     f = find_envelope(rows)
-    assert f.cause == "errors" and f.broke_slo["key"] == "error_rate_max"
+    assert f.cause == "errors" and f.broke_slo.key == "error_rate_max"
     s = envelope_sentence(f)
     assert ("At 20 users the error rate rose to 4% (http_500:3, timeout_total:1), over the 1% SLO: "
             "errors broke first.") in s
@@ -69,7 +68,7 @@ def test_nothing_passes_and_kv_cache():
 def test_limits_flag_few_samples_and_non_monotonic():
     rows = [row(1, ttft_p50=200, ttft_p95=300, samples=15), row(5, ttft_p50=2400, ttft_p95=2900),
             row(10, ttft_p50=300, ttft_p95=400)]
-    rows[0]["few_samples"] = "p95,p99"
+    rows[0] = rows[0].replace(few_samples="p95,p99")
     f = find_envelope(rows)
     assert f.status == "broke" and f.safe_row["target_users"] == 1
     text = " ".join(f.limits)

@@ -7,6 +7,7 @@ import io
 import pytest
 
 from analysis.load import load_run
+from analysis.rows import TableRow
 from analysis.table import WindowRule, envelope_table, trust_reasons, write_table_markdown
 
 def _rate_stage(make_stage, index, rate, start, end, **extra):
@@ -62,4 +63,4 @@ def test_a_rate_stage_that_fell_behind_is_flagged_with_why(builders, tmp_path):
     ({"kind": "users", "client_saturated": True}, True),
 ])
 def test_trust_rules(row, flagged):
-    assert bool(trust_reasons(row)) is flagged
+    assert bool(trust_reasons(TableRow.from_cells(**row))) is flagged

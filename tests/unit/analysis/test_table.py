@@ -14,6 +14,7 @@ from analysis.table import (
     write_table_csv,
     write_table_markdown,
 )
+from analysis.rows import TableRow
 from envelope.stages import StageKind, StageRecord
 
 
@@ -50,14 +51,14 @@ def test_known_table(known_run):
     # in flight: 0.6 + 0.7 + 0.8 + 0.9 s (successes) + 0.2 s (failure to t_done) over 50 s
     assert row["mean_in_flight"] == pytest.approx(3.2 / 50)
     assert row["per_user_output_tokens_per_s"] == pytest.approx(44 / 3.2)
-    assert row["samples"] == 4
+    assert row["ok_requests"] == 4 and row.counts.ok_requests == 4
     assert row["few_samples"] == "p90,p95,p99"
     assert row["stage_records"] == 6 and row["stage_output_tokens"] == 55
     assert row["prompt_tokens_p50"] == 300 and row["output_tokens_p50"] == 11
     # SLOs: TTFT p95 385 <= 2000 passes; error rate 0.2 > 0.01 fails
-    res = {r["key"]: r for r in row["slo_results"]}
-    assert res["ttft_p95_ms"]["passed"] is True and res["ttft_p95_ms"]["measured"] == pytest.approx(385.0)
-    assert res["error_rate_max"]["passed"] is False
+    res = {r.key: r for r in row.slo.slo_results}
+    assert res["ttft_p95_ms"].passed is True and res["ttft_p95_ms"].measured == pytest.approx(385.0)
+    assert res["error_rate_max"].passed is False
     assert row["slo_pass"] is False
 
 
@@ -69,19 +70,19 @@ def test_straddling_request_counts_only_tokens_inside_window(builders, tmp_path)
     run = load_run(write_run(tmp_path / "s", stages=[st], records=[rec]))
     (row,) = envelope_table(run, rule=WindowRule(settle_s=9.0))
     assert row["aggregate_output_tokens_per_s"] == pytest.approx(5 / 50)
-    assert row["samples"] == 0 and math.isnan(row["ttft_p50_ms"])
-    assert row["slo_results"][0]["passed"] is False  # no data is not a pass
+    assert row["ok_requests"] == 0 and math.isnan(row["ttft_p50_ms"])
+    assert row.slo.slo_results[0].passed is False  # no data is not a pass
 
 
 def test_evaluate_slos():
-    row = {"ttft_p95_ms": 2100.0, "e2e_p99_ms": 900.0, "error_rate": 0.0, "aggregate_output_tokens_per_s": 400.0,
-           "few_samples": "p99", "samples": 50}
+    row = TableRow.from_cells(ttft_p95_ms=2100.0, e2e_p99_ms=900.0, error_rate=0.0,
+                              aggregate_output_tokens_per_s=400.0, few_samples="p99", ok_requests=50)
     out = evaluate_slos(row, {"ttft_p95_ms": 2000, "e2e_p99_ms": 1000, "error_rate_max": 0.01,
                               "min_output_tokens_per_s": 500, "bogus": 1})
-    got = {r["key"]: r["passed"] for r in out}
+    got = {r.key: r.passed for r in out}
     assert got == {"ttft_p95_ms": False, "e2e_p99_ms": True, "error_rate_max": True,
                    "min_output_tokens_per_s": False, "bogus": None}
-    assert next(r for r in out if r["key"] == "e2e_p99_ms")["note"] == "p99 from 50 samples"
+    assert next(r for r in out if r.key == "e2e_p99_ms").note == "p99 from 50 samples"
 
 
 def test_few_sample_percentiles():

@@ -75,7 +75,7 @@ def test_two_finished_workers(builders, tmp_path):
     assert run.records_outside_stage == 0
     rows = envelope_table(run, rule=RULE)
     assert [r["trustworthy"] for r in rows] == [True, True, True]
-    assert all(r["load_generators_ended"] == [] for r in rows)
+    assert all(r["load_generators_ended"] == () for r in rows)
 
     md, html = _report(run, rows, tmp_path)
     assert per_worker == {W1: 36, W2: 36}  # 12 starts per stage and worker
