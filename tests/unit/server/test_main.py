@@ -1,3 +1,4 @@
+import argparse
 import json
 import socket
 import subprocess
@@ -7,7 +8,8 @@ import time
 import psutil
 import pytest
 
-from server.__main__ import main
+from envelope.cli import main as envelope_main
+from server.cli import DEFAULT_STATE, main, state_path
 from server.process import group_members
 
 
@@ -80,6 +82,36 @@ def test_down_with_a_stale_state_file(capsys, tmp_path):
     assert main(["down", "--state", str(state)]) == 0
     assert "not running" in _one_line_error(capsys)
     assert not state.exists()
+
+
+def test_the_state_file_lives_in_the_run_dir_unless_state_is_given(tmp_path):
+    def args(**given):
+        return argparse.Namespace(**{"state": None, "run_dir": None, **given})
+
+    assert state_path(args()) == DEFAULT_STATE  # neither: today's default
+    assert state_path(args(run_dir=str(tmp_path))) == tmp_path / "server-state.json"
+    assert state_path(args(run_dir=str(tmp_path), state=str(tmp_path / "s.json"))) == tmp_path / "s.json"
+
+
+@pytest.mark.parametrize("entry", ["python -m server", "envelope server"])
+def test_status_and_down_find_the_state_through_the_run_dir(capsys, tmp_path, entry):
+    run = (lambda argv: main(argv)) if entry == "python -m server" else (lambda argv: envelope_main(["server", *argv]))
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        state = tmp_path / "server-state.json"
+        state.write_text(json.dumps({"pid": proc.pid, "pgid": proc.pid, "base_url": url, "create_time": 1.0}))
+        assert run(["status", "--run-dir", str(tmp_path)]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["base_url"] == url and info["ok"] is False
+    assert run(["down", "--run-dir", str(tmp_path)]) == 0
+    assert "not running" in _one_line_error(capsys)
+    assert not state.exists()
+    assert run(["down", "--run-dir", str(tmp_path)]) == 2
+    prefix = "error" if entry == "python -m server" else "envelope"
+    assert _one_line_error(capsys).startswith(f"{prefix}: {state}: no state file")
 
 
 def test_status_of_a_dead_url_exits_1_with_json(capsys):

@@ -7,7 +7,7 @@ import pytest
 
 from envelope.config import ConfigError
 from server.sim import Distribution, FaultSpec, SimConfig, SimServer, load_sim_config
-from server.sim.__main__ import main, parse_fault
+from server.sim.cli import main, parse_fault
 
 
 def test_yaml_config_loads_and_errors_name_the_line(tmp_path):
@@ -48,6 +48,9 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path):
     bad.write_text("model: [\n")
     assert main(["--config", str(bad)]) == 2
     assert "YAML syntax error" in capsys.readouterr().err
+    assert main(["--port", "eighty"]) == 2  # argparse's own errors too: one line, not its usage block
+    assert capsys.readouterr().err == ("error: argument --port: invalid int value: 'eighty' "
+                                       "(see: python -m server.sim --help)\n")
 
 
 def test_subprocess_serves_with_api_key_and_stops_cleanly():
