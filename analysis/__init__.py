@@ -6,7 +6,8 @@ first), :mod:`analysis.broke` (events in time order, token cross-check),
 :mod:`analysis.failures` (failed requests by category, a server that stopped
 answering), :mod:`analysis.tokens` (token-count audit), :mod:`analysis.plots`
 (graphs on given axes), :mod:`analysis.report` (report files),
-:mod:`analysis.compare` and :mod:`analysis.cli` (``python -m analysis``). Nothing is imported here, so importing the package is cheap.
+:mod:`analysis.compare` and :mod:`analysis.cli` (``envelope report`` and ``envelope compare``; alias
+``python -m analysis``). Nothing is imported here, so importing the package is cheap.
 """
 
 __all__: list[str] = []

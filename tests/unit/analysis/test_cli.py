@@ -86,3 +86,13 @@ def test_malformed_records_one_line(tmp_path):
     err = io.StringIO()
     assert main([str(tmp_path / "r")], err=err) == 2
     assert err.getvalue().splitlines()[-1].startswith("analysis: unusable input:")
+
+
+def test_argument_errors_are_one_line():
+    for argv, line in (([], "analysis: give RUN_DIR or --compare RUN_A RUN_B"),
+                       (["--colour"], "analysis: unrecognized arguments: --colour (see: python -m analysis --help)"),
+                       (["--compare", "a"], "analysis: argument --compare: expected 2 arguments "
+                                            "(see: python -m analysis --help)")):
+        err = io.StringIO()
+        assert main(argv, err=err) == 2
+        assert err.getvalue() == line + "\n"
