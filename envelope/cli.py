@@ -1,7 +1,13 @@
-"""``envelope run``: the one command that chains server, telemetry, Locust and analysis.
+"""``envelope``: the one front door. Its verbs:
 
     envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick
-    envelope run --scenario scenarios/smoke.yaml --host http://127.0.0.1:8000
+    envelope report RUN [--out DIR]          (analysis.cli; also python -m analysis RUN)
+    envelope compare A B [--out DIR]         (analysis.cli; also python -m analysis --compare A B)
+    envelope server up|down|status|build-tiny-model   (server.cli; also python -m server)
+    envelope sim [--port 0 ...]              (server.sim.cli; also python -m server.sim)
+
+Each package defines its verbs' options (``add_arguments``) and runs them; this
+module builds the parsers and dispatches. ``run`` lives here:
 
 Everything is checked before anything starts (bad input: one line on stderr
 naming the file:line or the flag, exit 2): the scenario, the flags, the key,
@@ -16,8 +22,9 @@ envelope. Ctrl-C or SIGTERM stops Locust cleanly, marks the run ``partial``,
 still analyses what was recorded, and exits 130. A server this command
 started is always stopped.
 
-This module is the composition root: it alone imports from ``server`` and
-``analysis``, and only inside functions, so ``--help`` stays fast.
+This module is the composition root: of the core modules under ``envelope/`` it
+alone imports from ``server`` and ``analysis``, and only inside functions, so
+importing it stays fast (and free of Locust and gevent).
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from envelope.config import ConfigError
 from envelope.secrets import DEFAULT_API_KEY_ENV, REDACTED, Secret, SecretError, redact, resolve_api_key
+from envelope.usage import HELP_FORMAT, OneLineParser, UsageError, examples, paragraph
 
 __all__ = ["main", "UsageError", "run_dir_name", "locust_command", "locust_env", "locustfile_path"]
 
@@ -50,21 +58,39 @@ EXIT_INTERRUPTED = 130
 LOCUST_STOP_GRACE_S = 60.0  # after forwarding SIGINT: Locust stops its users and writes its CSVs
 
 
-class UsageError(Exception):
-    """Bad input found before anything started; ``str()`` is the one line to print."""
+RUN_HELP = "run a scenario against a server and write the report"
+RUN_DESCRIPTION = paragraph("Launch (--profile) or use (--host) a server, run the scenario with Locust, record "
+                            "telemetry, and write the run directory and its report (OUT/<time>-<scenario>/report/).")
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
-        raise UsageError(f"{message} (see: {self.prog} --help)")
+_Parser = OneLineParser  # one line on bad input, not argparse's usage block (see envelope.usage)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="envelope", description="Measure the service envelope of a vLLM server.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    r = sub.add_parser("run", help="run a scenario against a server and write the report",
-                       description="Launch (--profile) or use (--host) a server, run the scenario with Locust, "
-                                   "record telemetry, and write RUN/report/.")
+    """The whole ``envelope`` parser: each verb's options come from the package that runs it."""
+    from analysis import cli as analysis_cli
+    from server import cli as server_cli
+    from server.sim import cli as sim_cli
+
+    p = _Parser(prog="envelope", formatter_class=HELP_FORMAT,
+                description="Measure the service envelope of a self-hosted LLM server.",
+                epilog=examples("envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick",
+                                "envelope report runs/20250101-120000-capstone",
+                                "envelope VERB --help"))
+    sub = p.add_subparsers(dest="command", title="verbs")
+    _add_run_arguments(sub.add_parser("run", help=RUN_HELP, description=RUN_DESCRIPTION, formatter_class=HELP_FORMAT))
+    analysis_cli.add_report_arguments(sub.add_parser("report", help=analysis_cli.REPORT_HELP,
+                                                     description=analysis_cli.REPORT_DESCRIPTION))
+    analysis_cli.add_compare_arguments(sub.add_parser("compare", help=analysis_cli.COMPARE_HELP,
+                                                      description=analysis_cli.COMPARE_DESCRIPTION))
+    server_cli.add_arguments(sub.add_parser("server", help=server_cli.HELP, description=server_cli.DESCRIPTION))
+    sim_cli.add_arguments(sub.add_parser("sim", help=sim_cli.HELP, description=sim_cli.DESCRIPTION))
+    return p
+
+
+def _add_run_arguments(r: argparse.ArgumentParser) -> None:
+    r.epilog = examples("envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick",
+                        "envelope run --scenario scenarios/chat-mixed.yaml --host http://gpu-box:8000 "
+                        "--api-key-env MY_KEY")
     r.add_argument("--scenario", required=True, help="scenario YAML file")
     r.add_argument("--profile", help="server profile to launch (a name in server/profiles/ or a .yaml path)")
     r.add_argument("--host", help="URL of an already-running OpenAI-compatible server (nothing is launched)")
@@ -83,7 +109,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--record-text", action="store_true",
                    help="store prompt and completion text in the records (off by default)")
     r.add_argument("--no-analysis", action="store_true", help="do not write the report at the end")
-    return p
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -193,8 +218,6 @@ class _Plan:
 def _validate(args: argparse.Namespace) -> _Plan:
     from envelope.scenario import load_scenario
 
-    if args.command != "run":
-        raise UsageError("give a command: envelope run --scenario FILE (--profile NAME | --host URL)")
     path = Path(args.scenario)
     try:
         scenario = load_scenario(path)
@@ -589,7 +612,7 @@ class _Runner:
             self.say("no requests were recorded; the report says what is missing")
         rows = envelope_table(run)
         write_report(run, run_dir / "report", rows=rows)
-        # the same headline as `python -m analysis`: partial or not, the envelope, what broke, failures
+        # the same headline as `envelope report`: partial or not, the envelope, what broke, failures
         lines = summary_lines(run, rows) + [f"report: {run_dir / 'report' / 'envelope.md'}"]
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()
@@ -645,19 +668,53 @@ def _stop_group(proc: subprocess.Popen[bytes], *, grace_s: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run the CLI; returns the exit status (0 complete, 1 failed, 2 bad input, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 1 failed, 2 bad input, 130 interrupted)."""
     out = out or sys.stdout
     err = err or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # `envelope server up ... -- VLLM FLAGS`: the rest is vLLM's
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
     try:
-        args = _parser().parse_args(argv)
-        plan = _validate(args)
-        return _Runner(plan, out=out, err=err).run()
+        parser = _parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would name the top parser; name the verb's, whose --help lists its options
+            verb = " ".join(filter(None, ["envelope", args.command, getattr(args, "server_command", None)]))
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see: {verb} --help)")
+        if args.command is None:
+            err.write(parser.format_usage().replace("\n", " ").strip() + " (see: envelope --help)\n")
+            return EXIT_USAGE
+        if extra and args.command != "server":
+            raise UsageError(f"extra arguments after '--' are only for 'envelope server up' (see: envelope "
+                             f"{args.command} --help)")
+        return _dispatch(args, extra, out=out, err=err)
     except UsageError as exc:
         err.write(f"envelope: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         err.write("envelope: interrupted\n")
         return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace, extra: list[str], *, out: TextIO, err: TextIO) -> int:
+    """Run the parsed verb (its implementation lives in its package)."""
+    if args.command == "run":
+        plan = _validate(args)
+        return _Runner(plan, out=out, err=err).run()
+    if args.command in ("report", "compare"):
+        from analysis import cli as analysis_cli
+
+        if args.command == "report":
+            return analysis_cli.run_report(args, out=out, err=err, prefix="envelope")
+        return analysis_cli.run_compare(args, err=err, prefix="envelope")
+    if args.command == "server":
+        from server import cli as server_cli
+
+        return server_cli.run(args, extra, prefix="envelope", out=out, err=err)
+    from server.sim import cli as sim_cli
+
+    return sim_cli.run(args, prefix="envelope", out=out, err=err)
 
 
 if __name__ == "__main__":  # python -m envelope.cli

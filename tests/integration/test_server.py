@@ -80,31 +80,41 @@ def test_requests_without_the_key_are_refused(vllm_server):
     assert httpx.get(url, headers={"Authorization": f"Bearer {vllm_server.api_key.get()}"}).status_code == 200
 
 
-def test_cli_up_stream_down_leaves_no_process(tmp_path):
+def test_envelope_server_up_status_down_with_one_run_dir(tmp_path):
+    """The installed ``envelope server`` command: ``up``, ``status`` and ``down`` given only the same ``--run-dir``.
+
+    The state file lives in the run directory, the key never reaches a file, and nothing of the
+    server's process group survives ``down``. (``python -m server`` is the same code: tests/unit/server.)
+    """
     key = "sk-cli-test-9b1e"
     env = {**os.environ, "CLI_TEST_KEY": key}
-    state = tmp_path / "state.json"
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "server"]
+    cmd = [str(Path(sys.executable).parent / "envelope"), "server"]
     t0 = time.monotonic()
     up = subprocess.run(
-        cmd + ["up", "--profile", "cpu-tiny", "--run-dir", str(run_dir), "--state", str(state),
-               "--api-key-env", "CLI_TEST_KEY"],
+        cmd + ["up", "--profile", "cpu-tiny", "--run-dir", str(run_dir), "--api-key-env", "CLI_TEST_KEY"],
         env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert up.returncode == 0, up.stderr
     up_s = time.monotonic() - t0
     base_url, server_json = up.stdout.split()
+    state = run_dir / "server-state.json"
     saved = json.loads(state.read_text())
     port = base_url.rsplit(":", 1)[1]
     try:
         assert saved["base_url"] == base_url
         assert key not in state.read_text()
+        assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+        status = subprocess.run(cmd + ["status", "--run-dir", str(run_dir), "--api-key-env", "CLI_TEST_KEY"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        info = json.loads(status.stdout)
+        assert info["ok"] is True and info["base_url"] == base_url and info["served_model_name"] == "tiny-qwen3"
         chunks, content = _stream_chat(base_url, "tiny-qwen3", key, n_tokens=8)
         assert chunks[-1]["usage"]["completion_tokens"] == 8
         assert group_members(saved["pgid"])  # the server and its engine processes are alive
     finally:
-        down = subprocess.run(cmd + ["down", "--state", str(state)], capture_output=True, text=True, timeout=60)
+        down = subprocess.run(cmd + ["down", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     assert group_members(saved["pgid"]) == []
     leftovers = []
@@ -113,7 +123,9 @@ def test_cli_up_stream_down_leaves_no_process(tmp_path):
             leftovers.append(proc.pid)
     assert leftovers == []
     assert not state.exists()
+    assert Path(server_json).resolve() == (run_dir / "server.json").resolve()
+    assert (run_dir / "server.log").stat().st_size > 0
     text = Path(server_json).read_text()
     assert key not in text
     assert json.loads(text)["base_url"] == base_url
-    print(f"CLI up took {up_s:.1f} s")
+    print(f"envelope server up took {up_s:.1f} s")
