@@ -26,6 +26,7 @@ from analysis.tokens import TokenAudit, TokenAuditBuilder
 from analysis.workers import PLACEMENT_SLACK_S, placement_tolerance_s, read_workers
 from envelope import metrics
 from envelope.records import iter_record_files, read_records
+from envelope.rundir import RunInfo
 from envelope.stages import StageKind, StageRecord, StagesFileError, read_stages
 
 __all__ = [
@@ -65,7 +66,7 @@ class Run:
     """
 
     run_dir: Path
-    info: dict
+    info: RunInfo
     server: dict
     stages: list[StageRecord]
     frame: pd.DataFrame
@@ -88,7 +89,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return str(self.info.get("run_id") or self.run_dir.name)
+        return self.info.run_id or self.run_dir.name
 
     def __repr__(self) -> str:
         return (
@@ -108,7 +109,7 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
     missing: list[str] = []
     skipped: list[str] = []
 
-    info = _read_json_object(root / "run.json", missing, "run.json")
+    info = RunInfo.from_json(_read_json_object(root / "run.json", missing, "run.json"), run_id=root.name)
     server = _read_json_object(root / "server.json", missing, "server.json")
     stages = _read_stages(root, missing)
     workers, workers_info = read_workers(root, missing)
@@ -254,10 +255,8 @@ def _itl_count(rec: Mapping) -> int:
     n = len(offsets)
     if n < 2 or rec.get("error_category") is not None:
         return 0
-    tokens = rec.get("chunk_tokens")
-    if tokens and len(tokens) == n and min(tokens) >= 1:
-        return sum(tokens) - tokens[0]
-    return n - 1
+    tokens = metrics.usable_chunk_tokens(offsets, rec.get("chunk_tokens"))
+    return sum(tokens) - tokens[0] if tokens else n - 1
 
 
 def _flight_s(rec: Mapping, e2e_ms: float) -> float:
@@ -265,7 +264,7 @@ def _flight_s(rec: Mapping, e2e_ms: float) -> float:
     if rec.get("error_category") is None and not math.isnan(e2e_ms):
         return e2e_ms / 1000.0
     t0 = rec.get("t_start_s")
-    for key in ("t_done_s", "t_end_s", "t_first_token_s", "t_first_byte_s"):
+    for key in ("t_done_s", "t_last_token_s", "t_first_token_s", "t_first_byte_s"):
         t = rec.get(key)
         if t is not None and t0 is not None:
             return max(0.0, t - t0)
@@ -335,7 +334,7 @@ def _stages_from_records(frame: pd.DataFrame) -> list[StageRecord]:
     return stages
 
 
-def _complete_stages(stages: list[StageRecord], frame: pd.DataFrame, info: dict, missing: list[str]) -> None:
+def _complete_stages(stages: list[StageRecord], frame: pd.DataFrame, info: RunInfo, missing: list[str]) -> None:
     """Give every stage an end time: the next stage's start, the run's end, or its last record."""
     stages.sort(key=lambda s: (s.start_unix_s, s.stage_index))
     for i, stage in enumerate(stages):
@@ -344,8 +343,8 @@ def _complete_stages(stages: list[StageRecord], frame: pd.DataFrame, info: dict,
         if i + 1 < len(stages):
             end = stages[i + 1].start_unix_s
             how = "the next stage's start"
-        elif info.get("ended_unix_s") is not None:
-            end = float(info["ended_unix_s"])
+        elif info.ended_unix_s is not None:
+            end = info.ended_unix_s
             how = "the run's end"
         else:
             mine = frame.loc[frame["stage_index"] == stage.stage_index, "in_flight_end_unix_s"]
@@ -464,7 +463,7 @@ def _one_line(exc: BaseException) -> str:
 
 def run_start_unix_s(run: Any) -> float:
     """The zero of the table's window columns: run.json's start, else the first stage or record."""
-    started = (getattr(run, "info", {}) or {}).get("started_unix_s")
+    started = run.info.started_unix_s
     if started is not None:
         return float(started)
     if run.stages:
@@ -500,9 +499,8 @@ _COMPLETE = ("complete", "completed")
 
 def completeness(run: Any) -> Completeness:
     """How complete ``run`` is (see :class:`Completeness`)."""
-    info = getattr(run, "info", {}) or {}
-    status = info.get("status")
-    status = str(status) if status is not None else None
+    info: RunInfo = run.info
+    status = str(info.status) if info.status is not None else None
     reasons: list[str] = []
     if status is None:
         reasons.append("run.json gives no status, so whether the run finished is unknown.")
@@ -512,16 +510,16 @@ def completeness(run: Any) -> Completeness:
     elif status == "partial":
         reasons.append("run.json says \"partial\": the run was interrupted or did not run its schedule to the end.")
     elif status == "failed":
-        failure = info.get("failure")
+        failure = info.failure
         reasons.append("run.json says \"failed\"" + (f": {failure}" if failure else "") + ".")
     elif status not in _COMPLETE:
         reasons.append(f"run.json says {status!r}, not \"complete\".")
-    planned = info.get("planned_stages")
-    ran = len(getattr(run, "stages", []) or [])
-    short = isinstance(planned, int) and not isinstance(planned, bool) and ran < planned
+    planned = info.planned_stages
+    ran = len(run.stages)
+    short = planned is not None and ran < planned
     if short:
         reasons.append(f"{ran} of {planned} planned stages ran.")
-    inferred = [s.stage_name for s in getattr(run, "stages", []) or [] if s.end_inferred]
+    inferred = [s.stage_name for s in run.stages if s.end_inferred]
     if inferred:
         reasons.append(f"Stage {inferred[-1]} has no recorded end: it was cut short, and its end is inferred.")
     if status is None:

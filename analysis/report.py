@@ -270,11 +270,11 @@ def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Ta
 
 
 def _header_lines(run: Any) -> list[str]:
-    info = run.info or {}
+    info = run.info
     lines = [f"Run `{run.name}`"]
-    for key in ("status", "scenario_path", "quick"):
-        if key in info:
-            lines.append(f"{key}: {info[key]}")
+    for key, value in (("status", info.status), ("scenario_path", info.scenario_path), ("quick", info.quick)):
+        if value is not None:
+            lines.append(f"{key}: {value}")
     server = run.server or {}
     for key in ("model", "served_model_name", "vllm_version", "base_url", "host"):
         if key in server and isinstance(server[key], (str, int, float)):

@@ -55,6 +55,7 @@ __all__ = [
     "per_request_frame",
     "itl_values_ms",
     "FRAME_COLUMNS",
+    "usable_chunk_tokens",
 ]
 
 _IDENTITY_COLUMNS = (
@@ -94,7 +95,7 @@ def _ok(rec: Mapping[str, Any]) -> bool:
     return rec.get("error_category") is None
 
 
-def _usable_chunk_tokens(offsets: Sequence[float], tokens: Sequence[int] | None) -> Sequence[int] | None:
+def usable_chunk_tokens(offsets: Sequence[float], tokens: Sequence[int] | None) -> Sequence[int] | None:
     """``chunk_tokens`` when it describes every chunk with counts >= 1, else None."""
     if tokens and len(tokens) == len(offsets) and min(tokens) >= 1:
         return tokens
@@ -133,7 +134,7 @@ def itl_s(rec: Mapping[str, Any]) -> list[float]:
     offsets = rec.get("chunk_offsets_s") or ()
     if len(offsets) < 2 or not _ok(rec):
         return []
-    tokens = _usable_chunk_tokens(offsets, rec.get("chunk_tokens"))
+    tokens = usable_chunk_tokens(offsets, rec.get("chunk_tokens"))
     values: list[float] = []
     for i in range(1, len(offsets)):
         gap = offsets[i] - offsets[i - 1]
@@ -270,7 +271,7 @@ def per_request_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for r, good in zip(recs, ok.tolist()):
         offsets = r.get("chunk_offsets_s") or ()
         n = len(offsets)
-        tokens = _usable_chunk_tokens(offsets, r.get("chunk_tokens"))
+        tokens = usable_chunk_tokens(offsets, r.get("chunk_tokens"))
         n_chunks.append(n)
         if tokens is None:
             multi.append(0)
@@ -302,7 +303,7 @@ def itl_values_ms(records: Iterable[Mapping[str, Any]]) -> np.ndarray:
         if not offsets or len(offsets) < 2 or r.get("error_category") is not None:
             continue
         offsets_list.append(offsets)
-        tokens_list.append(_usable_chunk_tokens(offsets, r.get("chunk_tokens")))
+        tokens_list.append(usable_chunk_tokens(offsets, r.get("chunk_tokens")))
     if not offsets_list:
         return np.empty(0, dtype=float)
     lengths = np.fromiter((len(o) for o in offsets_list), dtype=np.int64, count=len(offsets_list))
