@@ -314,16 +314,15 @@ def run_locust(host: str, scenario: Path, run_dir: Path, *, cpus: frozenset[int]
         sampler.stop()
     records = list(read_records(iter_record_files(run_dir)))
     start_s = end_s = None
-    stages_path = run_dir / "stages.json"
-    if stages_path.exists() and records:
-        import json
+    if (run_dir / "stages.json").exists() and records:
+        from envelope.stages import read_stages
 
-        stages = json.loads(stages_path.read_text())
+        stages = read_stages(run_dir)
         # wall clock -> perf_counter, by the records' own pairs (wall_start_unix_s, t_start_s)
         offset = float(np.median([r["wall_start_unix_s"] - r["t_start_s"] for r in records]))
         if stages:
-            start_s = stages[0]["start_unix_s"] - offset
-            end = stages[-1]["end_unix_s"]
+            start_s = stages[0].start_unix_s - offset
+            end = stages[-1].end_unix_s
             end_s = None if end is None else end - offset
     return LocustRun(run_dir, returncode, records, start_s, end_s, sampler, log_path)
 

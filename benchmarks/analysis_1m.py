@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from envelope.stages import StageRecord, WorkloadSummary, write_stages
+
 CHUNKS = 32
 TOKENS_PER_CHUNK = 4
 USERS = (1, 5, 10, 20)
@@ -36,16 +38,14 @@ def generate(root: Path, n: int, *, seed: int = 1) -> None:
     t0 = 1_795_000_000.0
     per_stage = n // len(USERS)
     stage_s = 600.0
-    stages = []
-    for i, users in enumerate(USERS):
-        stages.append({
-            "pass_index": 0, "pass_name": "sweep", "stage_index": i, "stage_name": f"sweep-{users}",
-            "kind": "users", "target_users": users, "spawn_rate": 10.0, "target_rate_per_s": None,
-            "duration_s": stage_s, "start_unix_s": t0 + i * stage_s, "end_unix_s": t0 + (i + 1) * stage_s,
-            "slos": {"ttft_p95_ms": 2000, "e2e_p95_ms": 20000, "error_rate_max": 0.01},
-            "workload": {"prompt_tokens": 300, "output_tokens": 128, "long_context": False},
-        })
-    (root / "stages.json").write_bytes(orjson.dumps(stages))
+    records = [StageRecord(pass_name="sweep", stage_index=i, stage_name=f"sweep-{users}", target_users=users,
+                           spawn_rate=10.0, duration_s=stage_s, start_unix_s=t0 + i * stage_s,
+                           end_unix_s=t0 + (i + 1) * stage_s,
+                           slos={"ttft_p95_ms": 2000, "e2e_p95_ms": 20000, "error_rate_max": 0.01},
+                           workload=WorkloadSummary(prompt_tokens=300, output_tokens=128))
+               for i, users in enumerate(USERS)]
+    write_stages(root, records)
+    stages = [s.to_json() for s in records]
     (root / "run.json").write_bytes(orjson.dumps({
         "run_id": "bench", "status": "complete", "options": {}, "started_unix_s": t0,
         "ended_unix_s": t0 + len(USERS) * stage_s,

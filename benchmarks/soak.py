@@ -325,11 +325,11 @@ def report(run, samples: list[Sample], served_total: int | None, truth_total: in
 
 
 def _stage_start_unix_s(run_dir: Path) -> float | None:
-    import json
+    from envelope.stages import read_stages
 
     try:
-        return float(json.loads((run_dir / "stages.json").read_text())[0]["start_unix_s"])
-    except (OSError, ValueError, LookupError, TypeError):
+        return float(read_stages(run_dir)[0].start_unix_s)
+    except (OSError, ValueError, LookupError):
         return None
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from envelope.records import upgrade_record
+from envelope.stages import read_stages
 
 __all__ = [
     "LiveSnapshot",
@@ -169,25 +170,22 @@ class StageInfo:
 def current_stage(run_dir: str | os.PathLike[str]) -> StageInfo | None:
     """The last stage listed in ``run_dir/stages.json``; None before the first (or if unreadable)."""
     try:
-        stages = orjson.loads((Path(run_dir) / "stages.json").read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+        stages = read_stages(run_dir)
+    except (OSError, ValueError):  # not written yet, or caught mid-rename on a filesystem without atomic replace
         return None
-    if not isinstance(stages, list) or not stages or not isinstance(stages[-1], dict):
+    if not stages:
         return None
     s = stages[-1]
-    try:
-        return StageInfo(
-            pass_name=str(s.get("pass_name") or ""),
-            stage_name=str(s.get("stage_name") or ""),
-            stage_number=len(stages),
-            target_users=s.get("target_users"),
-            target_rate_per_s=s.get("target_rate_per_s"),
-            start_unix_s=float(s["start_unix_s"]),
-            duration_s=s.get("duration_s"),
-            ended=s.get("end_unix_s") is not None,
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
+    return StageInfo(
+        pass_name=s.pass_name,
+        stage_name=s.stage_name,
+        stage_number=len(stages),
+        target_users=s.target_users,
+        target_rate_per_s=s.target_rate_per_s,
+        start_unix_s=float(s.start_unix_s),
+        duration_s=s.duration_s,
+        ended=s.end_unix_s is not None,
+    )
 
 
 def format_line(snap: LiveSnapshot, stage: StageInfo | None, *, now_unix_s: float, elapsed_s: float) -> str:
