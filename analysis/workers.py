@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import orjson
+
+from envelope.rundir import WORKERS_FILE
 from envelope.stages import StageRecord
 
 __all__ = [
@@ -49,7 +51,6 @@ __all__ = [
     "load_generator_lines",
 ]
 
-WORKERS_FILE = "workers.json"
 PLACEMENT_SLACK_S = 1.0  # stage boundaries and record starts come from different processes
 ENDED_STATUSES = ("lost", "left")
 RECENT_RATE_S = 10.0  # how far back a lost worker's recent record rate is measured
@@ -83,7 +84,7 @@ def read_workers(run_dir: str | Path, missing: list[str]) -> tuple[list[dict], d
                        "nothing is said about the load generators")
         return [], {}
     bad: list[str] = []
-    info: dict[str, Any] = {"schema": data.get("schema")}
+    info: dict[str, Any] = {"schema_version": data.get("schema_version", data.get("schema"))}
     for key in _INFO_FIELDS:
         info[key] = _float(data.get(key), key, bad)
     workers = []

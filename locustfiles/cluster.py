@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from envelope.rundir import WORKERS_FILE
+
 __all__ = [
     "RECORDS_MESSAGE",
     "CLOCK_PING_MESSAGE",
@@ -55,7 +57,7 @@ FINISH_MESSAGE = "envelope_finish"  # master -> workers: the run is interrupted;
 FINISHED_MESSAGE = "envelope_finished"  # worker -> master: stopped, every record shipped before this
 SHIP_INTERVAL_S = 0.25  # the most a worker holds records before sending them
 SHIP_MAX_BYTES = 256 * 1024  # a batch this large is sent at once (bounds one message, and one write)
-WORKERS_FILE = "workers.json"
+WORKERS_SCHEMA_VERSION = 1  # workers.json; files before the rename said "schema"
 MISSING = "missing"  # locust.runners.STATE_MISSING
 
 
@@ -346,7 +348,7 @@ class WorkerLedger:
 
     def to_json(self, now_unix_s: float) -> dict:
         return {
-            "schema": 1,
+            "schema_version": WORKERS_SCHEMA_VERSION,
             "written_unix_s": now_unix_s,
             "heartbeat_timeout_s": self.heartbeat_timeout_s,
             "ship_interval_s": self.ship_interval_s,

@@ -14,9 +14,7 @@ from typing import Any, Mapping, Sequence
 from envelope.rundir import WORKERS_FILE, RunInfo, RunJson, RunStatus, atomic_write_json, file_sha256, tool_versions
 from envelope.stages import StageRecord, write_stages
 
-__all__ = ["RunFiles", "run_dir_from_options", "WORKERS_SCHEMA_VERSION"]
-
-WORKERS_SCHEMA_VERSION = 1
+__all__ = ["RunFiles", "run_dir_from_options"]
 
 
 def run_dir_from_options(options: Any) -> Path | None:
@@ -61,7 +59,8 @@ class RunFiles:
         write_stages(self.ensure(), log)
 
     def write_workers(self, ledger_json: Mapping[str, Any]) -> None:
-        atomic_write_json(self.ensure() / WORKERS_FILE, {"schema_version": WORKERS_SCHEMA_VERSION, **ledger_json})
+        """workers.json, as the master's ledger describes it (:meth:`locustfiles.cluster.WorkerLedger.to_json`)."""
+        atomic_write_json(self.ensure() / WORKERS_FILE, dict(ledger_json))
 
     def write_run_json(self, status: RunStatus | str, *, scenario_path: str | None, quick: bool,
                        options: Mapping[str, Any], started_unix_s: float, argv: Sequence[str]) -> None:

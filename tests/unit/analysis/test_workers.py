@@ -34,7 +34,7 @@ def _worker(worker_id: str, *, status: str = "finished", ended: float | None = N
 
 def _write_workers(root, workers: list[dict]) -> None:
     (root / "workers.json").write_bytes(orjson.dumps({
-        "schema": 1, "written_unix_s": 1090.5, "heartbeat_timeout_s": 10, "ship_interval_s": 0.25, "workers": workers,
+        "schema_version": 1, "written_unix_s": 1090.5, "heartbeat_timeout_s": 10, "ship_interval_s": 0.25, "workers": workers,
     }))
 
 
