@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from envelope.usage import HELP_FORMAT, OneLineParser, UsageError, examples, paragraph
+from envelope.usage import HELP_FORMAT, OneLineParser, examples, paragraph, parse_or_say
 
 __all__ = ["main", "add_report_arguments", "add_compare_arguments", "run_report", "run_compare",
            "REPORT_HELP", "REPORT_DESCRIPTION", "COMPARE_HELP", "COMPARE_DESCRIPTION"]
@@ -160,10 +160,8 @@ def main(argv: Sequence[str] | None = None, *, err: TextIO | None = None, out: T
     p.add_argument("run_dir", nargs="?", help="run directory (report goes to RUN_DIR/report/)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two run directories")
     _add_common(p, out_help="output directory")
-    try:
-        args = p.parse_args(argv)
-    except UsageError as exc:
-        print(f"analysis: {exc}", file=err)
+    args = parse_or_say(p, argv, prefix="analysis: ", err=err)
+    if args is None:
         return 2
     if args.compare:
         args.run_a, args.run_b = args.compare

@@ -9,10 +9,11 @@ caller decides the prefix and the exit status (2).
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
-from typing import NoReturn
+from typing import NoReturn, Sequence, TextIO
 
-__all__ = ["UsageError", "OneLineParser", "HELP_FORMAT", "examples", "paragraph"]
+__all__ = ["UsageError", "OneLineParser", "HELP_FORMAT", "examples", "paragraph", "parse_or_say"]
 
 # epilogs keep their line breaks: an example is a command to copy
 HELP_FORMAT = argparse.RawDescriptionHelpFormatter
@@ -41,3 +42,13 @@ def examples(*commands: str) -> str:
 def paragraph(text: str, width: int = 78) -> str:
     """``text`` filled to ``width`` columns: with :data:`HELP_FORMAT` a description keeps its line breaks."""
     return textwrap.fill(" ".join(text.split()), width)
+
+
+def parse_or_say(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, prefix: str,
+                 err: TextIO | None = None) -> argparse.Namespace | None:
+    """Parse ``argv``; on bad input print ``prefix`` and the one line to ``err`` and return None (exit 2)."""
+    try:
+        return parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"{prefix}{exc}", file=err or sys.stderr)
+        return None

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from envelope.usage import HELP_FORMAT, OneLineParser, UsageError, examples, paragraph
+from envelope.usage import HELP_FORMAT, OneLineParser, UsageError, examples, paragraph, parse_or_say
 
 __all__ = ["main", "add_arguments", "run", "state_path", "DEFAULT_STATE", "STATE_FILE_NAME", "HELP", "DESCRIPTION"]
 
@@ -147,12 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, extra = argv[:cut], argv[cut + 1 :]
     parser = OneLineParser(prog="python -m server", description=DESCRIPTION + "\n(The same command as 'envelope server'.)")
     add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run(args, extra)
+    args = parse_or_say(parser, argv, prefix="error: ")
+    return 2 if args is None else run(args, extra)
 
 
 def _api_key(args: argparse.Namespace):

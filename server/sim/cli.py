@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Sequence, TextIO
 
-from envelope.usage import HELP_FORMAT, OneLineParser, UsageError, examples, paragraph
+from envelope.usage import HELP_FORMAT, OneLineParser, examples, paragraph, parse_or_say
 
 __all__ = ["main", "add_arguments", "run", "parse_fault", "HELP", "DESCRIPTION"]
 
@@ -103,9 +103,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m server.sim``: parse ``argv`` and serve; return the exit code."""
     parser = OneLineParser(prog="python -m server.sim", description=DESCRIPTION + "\n(The same command as 'envelope sim'.)")
     add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run(args)
+    args = parse_or_say(parser, argv, prefix="error: ")
+    return 2 if args is None else run(args)

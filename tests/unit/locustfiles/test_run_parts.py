@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 from envelope.scenario import load_scenario
@@ -12,6 +11,7 @@ from locustfiles.health import EarlyStop, LoopLagWatcher
 from locustfiles.run_files import RunFiles, run_dir_from_options
 from locustfiles.server_probe import probe_server
 from locustfiles.stage_clock import StageClock
+from server.sim import SimConfig, SimServer
 
 SCENARIO = """
 name: t
@@ -119,27 +119,17 @@ def test_run_json_owned_by_envelope_run_is_left_alone(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "running"
 
 
-@contextmanager
-def _sim(**kwargs):
-    from server.sim import SimConfig, SimServer
-
-    server = SimServer(SimConfig(**kwargs))
-    url = server.start_in_thread()
-    try:
-        yield url
-    finally:
-        server.stop()
-
-
 def test_probe_learns_the_model_and_length_and_calibrates_prompts():
     scenario = load_scenario("t.yaml", text=SCENARIO)
-    with _sim(model="m1", max_model_len=2048) as url:
+    with SimServer(SimConfig(model="m1", max_model_len=2048)) as sim:
+        url = sim.base_url
         facts = probe_server(url, headers={}, model=None, scenario=scenario)
         assert (facts.model, facts.max_model_len, facts.problems) == ("m1", 2048, ())
         assert facts.factory is not None
         wrong = probe_server(url, headers={}, model="other", scenario=scenario)
         assert wrong.problems == (f"model 'other' is not served by {url} (it serves: m1)",)
-    with _sim(model="m1", max_model_len=300) as url:  # 300-token prompts + 128 output do not fit
+    with SimServer(SimConfig(model="m1", max_model_len=300)) as sim:  # 300-token prompts + 128 output do not fit
+        url = sim.base_url
         assert "exceeds the server's max_model_len 300" in probe_server(url, headers={}, model=None,
                                                                          scenario=scenario).problems[0]
 
