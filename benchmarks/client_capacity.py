@@ -190,7 +190,7 @@ def vllm_client(args, plan: c.CpuPlan, offered: float, workdir: Path) -> tuple[d
         return None, f"vllm bench serve not run: vllm.benchmarks.serve does not import ({last})"
     if not (TINY_TOKENIZER / "tokenizer.json").exists():
         return None, (f"vllm bench serve not run: it needs a tokenizer for its random prompts and "
-                      f"{TINY_TOKENIZER} has none (build it with: python -m server.tiny_model)")
+                      f"{TINY_TOKENIZER} has none (build it with: envelope server build-tiny-model {TINY_TOKENIZER})")
     streams = args.streams
     rows = []
     for repeat in range(args.repeats):
