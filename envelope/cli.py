@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                 epilog=examples("envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick",
                                 "envelope report runs/20250101-120000-capstone",
                                 "envelope VERB --help"))
-    sub = p.add_subparsers(dest="command", title="verbs", metavar="VERB")
+    sub = p.add_subparsers(dest="command", title="verbs")
     _add_run_arguments(sub.add_parser("run", help=RUN_HELP, description=RUN_DESCRIPTION, formatter_class=HELP_FORMAT))
     analysis_cli.add_report_arguments(sub.add_parser("report", help=analysis_cli.REPORT_HELP,
                                                      description=analysis_cli.REPORT_DESCRIPTION))
