@@ -70,7 +70,7 @@ _BROKE_LABEL = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BreakEvent:
-    """One thing that went wrong, when (``t_s`` after the load started) and in which stage."""
+    """One thing that went wrong, when (``t_s`` after the run started) and in which stage."""
 
     kind: str  # queueing | kv_cache | preemption | errors | client_saturated | slo | server_stopped
     t_unix_s: float
@@ -208,15 +208,13 @@ def break_events(
     metrics: pd.DataFrame | None,
     host: pd.DataFrame | None,
     run_start_unix_s: float,
-    table_start_unix_s: float | None = None,
     server_stop: ServerStop | None = None,
 ) -> list[BreakEvent]:
     """The first event of each kind, in order (see the module docstring).
 
-    ``t_s`` of each event counts from ``run_start_unix_s``; ``table_start_unix_s``
-    (default: the same) is the zero of the rows' window columns.
+    ``run_start_unix_s`` is the one zero: of each event's ``t_s`` and of the rows'
+    window columns (:func:`analysis.load.run_start_unix_s`).
     """
-    table_start = run_start_unix_s if table_start_unix_s is None else table_start_unix_s
     stages = sorted(stages, key=lambda s: float(s.start_unix_s))
 
     def event(kind: str, t: float, detail: str, label: str, **kw: Any) -> BreakEvent:
@@ -266,7 +264,7 @@ def break_events(
             events.append(event("errors", float(when[i]), f"requests began failing ({cat})",
                                 _BROKE_LABEL["errors"], key=cat))
 
-    saturated = saturated_stage_indices(rows, host, run_start_unix_s=table_start)
+    saturated = saturated_stage_indices(rows, host, run_start_unix_s=run_start_unix_s)
     if saturated:
         idx, (t_sat, ratio) = min(saturated.items(), key=lambda kv: kv[1][0])
         events.append(event("client_saturated", t_sat,
@@ -307,13 +305,11 @@ def break_events(
 def what_broke_first(run: Any, rows: Sequence[TableRow]) -> BrokeFirst:
     """Events and sentence for a loaded :class:`analysis.load.Run` and its envelope table ``rows``."""
     telemetry = getattr(run, "telemetry", {}) or {}
-    table_start = run_start_unix_s(run)  # the zero of the table's window columns
-    load_start = min((float(s.start_unix_s) for s in run.stages), default=table_start)
+    zero = run_start_unix_s(run)  # one zero for every "at N s" of the report, the table's windows too
     metrics = telemetry.get("metrics")
     events = break_events(stages=run.stages, rows=rows, frame=run.frame, metrics=metrics,
-                          host=telemetry.get("host"), run_start_unix_s=load_start,
-                          table_start_unix_s=table_start, server_stop=run_server_stop(run))
-    saturated = saturated_stage_indices(rows, telemetry.get("host"), run_start_unix_s=table_start)
+                          host=telemetry.get("host"), run_start_unix_s=zero, server_stop=run_server_stop(run))
+    saturated = saturated_stage_indices(rows, telemetry.get("host"), run_start_unix_s=zero)
     fields = dict(events=tuple(events), first=events[0] if events else None,
                   server_metrics=_ok_metrics(metrics) is not None, saturated_stages=tuple(sorted(saturated)))
     return BrokeFirst(**fields, sentence=broke_sentence(BrokeFirst(**fields, sentence="")))

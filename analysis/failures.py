@@ -238,7 +238,7 @@ def _metrics_gap(metrics: pd.DataFrame | None,
 
 def server_stop_sentence(stop: ServerStop, *, zero_unix_s: float,
                          stages: Sequence[StageRecord] = ()) -> str:
-    """The stop in plain words; times count from ``zero_unix_s`` (the load's start)."""
+    """The stop in plain words; times count from ``zero_unix_s`` (the run's start)."""
     where = f" (stage {stop.stage_name})" if stop.stage_name else " (after the last stage)"
     cats = ", ".join(f"{c} {n:,}" for c, n in stop.categories)
     text = (f"The server stopped answering at {stop.t_unix_s - zero_unix_s:,.1f} s{where}: every one of the "

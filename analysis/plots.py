@@ -107,6 +107,7 @@ def plot_timeline(
     *,
     chunks: tuple[np.ndarray, np.ndarray] | None = None,
     bucket_s: float = BUCKET_S,
+    zero_unix_s: float | None = None,
 ) -> None:
     """The run over time on two or three axes.
 
@@ -114,9 +115,11 @@ def plot_timeline(
     ``axes[1]``: p95 TTFT per bucket of request start; ``axes[2]`` (optional):
     server requests running/waiting and KV-cache use, when telemetry has them.
     ``chunks`` = (chunk wall times, tokens) gives exact throughput per bucket;
-    without it each request's tokens count at its end.
+    without it each request's tokens count at its end. Times count from
+    ``zero_unix_s`` (the run's start, :func:`analysis.load.run_start_unix_s`;
+    default: the first stage's start).
     """
-    t0 = _t0(frame, stages)
+    t0 = _t0(frame, stages) if zero_unix_s is None else zero_unix_s
     ax_users = axes[0]
     if stages:
         xs, ys = [], []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -135,14 +136,9 @@ class _Extra:
                 + " Everything below covers only what was recorded before the run stopped.")
 
 
-def _load_start(run: Any) -> float:
-    """The zero of the report's event times: the first stage's start (as in :mod:`analysis.broke`)."""
-    return min((float(s.start_unix_s) for s in run.stages), default=run_start_unix_s(run))
-
-
 def _extra(run: Any) -> _Extra:
     stop = fail.run_server_stop(run)
-    stop_sentence = (fail.server_stop_sentence(stop, zero_unix_s=_load_start(run), stages=run.stages)
+    stop_sentence = (fail.server_stop_sentence(stop, zero_unix_s=run_start_unix_s(run), stages=run.stages)
                      if stop is not None else None)
     counts = fail.failure_counts(run.frame, run.stages)
     locust = fail.locust_failure_counts((getattr(run, "locust", {}) or {}).get("failures"))
@@ -223,7 +219,8 @@ def _graphs(run: Any, rows: Sequence[TableRow]) -> dict[str, tuple[str, bytes]]:
         "The run over time",
         render_figure_png(
             lambda axes: plots.plot_timeline(
-                axes, run.frame, run.stages, run.telemetry, chunks=(run.chunk_unix_s, run.chunk_output_tokens)
+                axes, run.frame, run.stages, run.telemetry, chunks=(run.chunk_unix_s, run.chunk_output_tokens),
+                zero_unix_s=run_start_unix_s(run),
             ),
             nrows=n,
             size_in=(9.0, 3.0 * n),
@@ -275,11 +272,21 @@ def _header_lines(run: Any) -> list[str]:
     for key, value in (("status", info.status), ("scenario_path", info.scenario_path), ("quick", info.quick)):
         if value is not None:
             lines.append(f"{key}: {value}")
+    lines.append(f"times: every \"at N s\", table window and graph counts seconds from {_zero_text(run)}")
     server = run.server or {}
     for key in ("model", "served_model_name", "vllm_version", "base_url", "host"):
         if key in server and isinstance(server[key], (str, int, float)):
             lines.append(f"server {key}: {server[key]}")
     return lines
+
+
+def _zero_text(run: Any) -> str:
+    """The report's one time zero in words (see :func:`analysis.load.run_start_unix_s`)."""
+    zero = run_start_unix_s(run)
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(zero))
+    if run.info.started_unix_s is not None:
+        return f"the run's start, {when}"
+    return f"the first stage's start, {when} (run.json gives no start)" if run.stages else f"the first request, {when}"
 
 
 def _title(run: Any, extra: _Extra | None) -> str:

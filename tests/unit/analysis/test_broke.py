@@ -213,7 +213,7 @@ def test_report_has_the_sections_and_flags_a_saturated_stage(builders, tmp_path)
 
     from analysis.load import load_run
     from analysis.report import write_report
-    from analysis.table import WindowRule, envelope_table
+    from analysis.table import WindowRule, envelope_table, steady_window
 
     make_stage, make_record, write_run = builders
     st = [make_stage(0, 1, 1000.0, 1030.0), make_stage(1, 2, 1030.0, 1060.0)]
@@ -225,19 +225,24 @@ def test_report_has_the_sections_and_flags_a_saturated_stage(builders, tmp_path)
     host = [{"t_unix_s": 1000.0 + s, "cpu_core_ratio": 0.97 if s == 50 else 0.3,
              "processes": [{"pid": 7, "cpu_core_ratio": 0.97 if s == 50 else 0.3}]} for s in range(60)]
     (root / "telemetry" / "host.jsonl").write_bytes(b"".join(orjson.dumps(h) + b"\n" for h in host))
-    # the run started 40 s before the load (a server launch): event times still count from the load's start
+    # the run started 40 s before the load (a server launch): event times, table windows and graphs all
+    # count from the run's start, the one zero the report states
     (root / "run.json").write_bytes(orjson.dumps({"run_id": "r", "status": "complete", "started_unix_s": 960.0}))
     run = load_run(root)
     rows = envelope_table(run, rule=WindowRule(settle_s=2.0))
     assert [r["client_saturated"] for r in rows] == [False, True]
     res = what_broke_first(run, rows)
-    assert [(e.kind, e.t_s) for e in res.events] == [("client_saturated", 50.0)]
+    assert [(e.kind, e.t_s) for e in res.events] == [("client_saturated", 90.0)]
+    # the table's windows count from the same zero
+    assert rows[1].window.window_start_s == steady_window(run.stages[1], rule=WindowRule(settle_s=2.0))[0] - 960.0
     assert res.saturated_stages == (1,)
     write_report(run, root / "report", rule=WindowRule(settle_s=2.0), rows=rows)
     md = (root / "report" / "envelope.md").read_text()
     section = md.split("## What broke first\n", 1)[1].split("\n## ", 1)[0]
     assert res.sentence in section and "the load generator" in res.sentence
-    assert "at 50 s, sweep-2: a load-generator process used 97% of a CPU core" in section
+    assert "at 90 s, sweep-2: a load-generator process used 97% of a CPU core" in section
+    assert "- times: every \"at N s\", table window and graph counts seconds from the run's start, " \
+           "1970-01-01 00:16:00 UTC" in md
     assert "rose by 220 " in md and "(0.00%)" in md
     table_md = (root / "report" / "table.md").read_text().splitlines()
     assert table_md[2].endswith("| ok |") and table_md[3].endswith("| NOT TRUSTWORTHY: load generator CPU-saturated |")
