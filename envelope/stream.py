@@ -31,12 +31,21 @@ class StreamObserver:
     ``t_start_s`` is the ``time.perf_counter()`` reading taken just before the
     request was sent; every ``now_s`` passed in must come from the same clock.
 
-    A *content chunk* is an event whose choices carry non-empty ``delta.content``
-    (chat), ``text`` (completions), or ``delta.reasoning_content`` /
-    ``delta.reasoning`` (reasoning models). ``output_tokens_client_estimate`` is
-    the number of content chunks: vLLM streams one token per chunk in most cases,
-    so this is only an estimate; the server's ``usage.completion_tokens`` is used
-    whenever it was reported.
+    A *token chunk* is an event with ``choices`` that carries a new output token:
+    its ``usage.completion_tokens`` (continuous usage stats) rose over the last
+    count the stream reported (0 before any), or, when it has no usage, it
+    carries output: non-empty ``delta.content`` (chat), ``text`` (completions),
+    ``delta.reasoning_content`` / ``delta.reasoning`` (reasoning models) or
+    ``delta.tool_calls``. So a token whose text is held back (an empty delta)
+    still counts, and the role-only first chunk (``completion_tokens`` 0) and a
+    finish chunk that adds no token do not. TTFT starts at the first token
+    chunk, E2E ends at the last one, and ``chunk_offsets_s`` / ``chunk_tokens``
+    list them all, so ``chunk_tokens`` sums to the server's count (it is None
+    unless every token chunk carried usage). A usage-only chunk (no choices)
+    is never a token chunk. ``output_tokens_client_estimate`` is the number of
+    token chunks: vLLM streams one token per chunk in most cases, so this is
+    only an estimate; the server's ``usage.completion_tokens`` is used whenever
+    it was reported.
 
     With ``keep_text`` the chat content / completion text (not reasoning) is
     accumulated for the opt-in ``completion_text`` field (see :attr:`text`).
@@ -61,7 +70,6 @@ class StreamObserver:
         "_offsets",
         "_tokens",
         "_tokens_known",
-        "_content_tokens_seen",
         "_prompt_tokens",
         "_completion_tokens",
         "_done",
@@ -82,10 +90,8 @@ class StreamObserver:
         self._t_first_token_s: float | None = None
         self._t_last_token_s: float | None = None
         self._offsets: list[float] = []
-        self._tokens: list[int] = []  # tokens each content chunk carried (from usage)
-        self._tokens_known = True  # every content chunk so far carried usage
-        # completion_tokens at the previous content chunk (0 before the first)
-        self._content_tokens_seen = 0
+        self._tokens: list[int] = []  # tokens each token chunk carried (from usage)
+        self._tokens_known = True  # every token chunk so far carried usage, and no other chunk added tokens
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
         self._done = False
@@ -109,19 +115,18 @@ class StreamObserver:
             if layout is not None and block.startswith(layout.head):
                 m = layout.tail_match(block, layout.head_len) or layout.match_unicode(block)
                 if m is not None:
-                    # Exactly what _on_payload would do with this chunk (ChunkLayout.learn proved the
-                    # meaning); the first event and first token came with the chunk it was learned from.
-                    self._t_last_token_s = now_s
-                    self._offsets.append(now_s - self.t_start_s)
+                    # Exactly what _on_object would do with this chunk (ChunkLayout.learn proved the
+                    # meaning: a chunk with choices and text); the first event came before.
                     if layout.prompt_group:
                         self._prompt_tokens = int(m[layout.prompt_group])
                     if layout.completion_group:
-                        self._completion_tokens = tokens = int(m[layout.completion_group])
-                        if self._tokens_known:
-                            self._tokens.append(tokens - self._content_tokens_seen)
-                            self._content_tokens_seen = tokens
+                        tokens = int(m[layout.completion_group])
+                        before = self._completion_tokens or 0
+                        self._completion_tokens = tokens
+                        if tokens > before:
+                            self._token_chunk(now_s, tokens - before)
                     else:
-                        self._tokens_known = False
+                        self._token_chunk(now_s, None)
                     if self.keep_text and layout.keeps_text:
                         self._text.append(m[1].decode())
                     self._layout_misses = 0
@@ -180,23 +185,29 @@ class StreamObserver:
             self._prompt_tokens = summary.prompt_tokens
         completion_tokens = summary.completion_tokens
         if completion_tokens is not None:
+            before = self._completion_tokens or 0
             self._completion_tokens = completion_tokens
-        if not summary.content:
-            return summary
-        if self.keep_text:
+            if completion_tokens > before:
+                if summary.choices:
+                    self._token_chunk(now_s, completion_tokens - before)
+                else:
+                    self._tokens_known = False  # tokens no token chunk carried: chunk_tokens would not sum
+        elif summary.choices and summary.content:
+            self._token_chunk(now_s, None)
+        if summary.pieces and self.keep_text:
             self._text.extend(summary.pieces)
+        return summary
+
+    def _token_chunk(self, now_s: float, tokens: int | None) -> None:
+        """Record a token chunk that arrived at ``now_s``, carrying ``tokens`` (None: no usage)."""
         if self._t_first_token_s is None:
             self._t_first_token_s = now_s
         self._t_last_token_s = now_s
         self._offsets.append(now_s - self.t_start_s)
-        if completion_tokens is None:
+        if tokens is None:
             self._tokens_known = False
         elif self._tokens_known:
-            # Tokens since the previous content chunk: a chunk with no text but new tokens
-            # (held-back partial characters) belongs to the next content chunk.
-            self._tokens.append(completion_tokens - self._content_tokens_seen)
-            self._content_tokens_seen = completion_tokens
-        return summary
+            self._tokens.append(tokens)
 
     # -- results ---------------------------------------------------------------
 
@@ -207,7 +218,7 @@ class StreamObserver:
 
     @property
     def t_first_token_s(self) -> float | None:
-        """When the first content chunk arrived (None until it has)."""
+        """When the first token chunk arrived (None until it has)."""
         return self._t_first_token_s
 
     @property
@@ -227,13 +238,18 @@ class StreamObserver:
         error_category: str | None = None,
         error_detail: str | None = None,
         http_status: int | None = None,
+        usage_expected: bool = False,
     ) -> dict[str, Any]:
         """End the observation at ``now_s``; return the record fields observed.
 
         An explicit ``error_category`` wins over errors seen in the stream; else
         the first observed error wins; else a stream without ``[DONE]`` is
-        ``incomplete_stream``. Missing usage is not an error: ``output_tokens``
-        then falls back to the client estimate with ``output_tokens_estimated``.
+        ``incomplete_stream``; else, with ``usage_expected``, a stream that
+        reported no usage is ``missing_usage``. The caller says whether usage
+        was expected: the request asked for it and the server is known to give
+        it (see :func:`locustfiles.users.send_one`). Without usage
+        ``output_tokens`` falls back to the client estimate with
+        ``output_tokens_estimated``, failed or not.
         """
         if self._decoder is not None:
             # A last event without a trailing blank line arrived with the last bytes.
@@ -246,15 +262,18 @@ class StreamObserver:
             if error_category is None and not self._done:
                 error_category = ErrorCategory.INCOMPLETE_STREAM
                 error_detail = "stream ended without [DONE]"
+            elif error_category is None and usage_expected and self._completion_tokens is None:
+                error_category = ErrorCategory.MISSING_USAGE
+                error_detail = "no usage in the stream, though asked for (stream_options.include_usage)"
 
-        n_content = len(self._offsets)
+        n_chunks = len(self._offsets)
         chunk_tokens = None
-        if self._tokens_known and n_content and len(self._tokens) == n_content:
+        if self._tokens_known and n_chunks and len(self._tokens) == n_chunks:
             chunk_tokens = tuple(self._tokens)
         if self._completion_tokens is not None:
             output_tokens, estimated = self._completion_tokens, False
         else:
-            output_tokens, estimated = n_content, True
+            output_tokens, estimated = n_chunks, True
 
         fields: dict[str, Any] = {
             "t_first_event_s": self._t_first_event_s,
@@ -266,7 +285,7 @@ class StreamObserver:
             "prompt_tokens": self._prompt_tokens,
             "output_tokens": output_tokens,
             "output_tokens_estimated": estimated,
-            "output_tokens_client_estimate": n_content,
+            "output_tokens_client_estimate": n_chunks,
             "error_category": error_category,
             "error_detail": error_detail,
             "http_status": http_status,
@@ -277,7 +296,7 @@ class StreamObserver:
 
     def __repr__(self) -> str:
         return (
-            f"StreamObserver(t_start_s={self.t_start_s!r}, content_chunks={len(self._offsets)},"
+            f"StreamObserver(t_start_s={self.t_start_s!r}, token_chunks={len(self._offsets)},"
             f" done={self._done}, error_category={self._error_category!r})"
         )
 
@@ -288,12 +307,13 @@ class ChunkSummary(NamedTuple):
     error: str | None  # the message of an error event, else None
     prompt_tokens: Any  # usage.prompt_tokens when reported, else None
     completion_tokens: Any  # usage.completion_tokens when reported, else None
-    content: bool  # a content chunk (text, completion text or reasoning)
+    content: bool  # carries output: text, completion text, reasoning or tool calls
     pieces: tuple[str, ...]  # the content / completion text it carries (not reasoning)
+    choices: bool  # has a non-empty ``choices`` list (a usage-only chunk has none)
 
 
 def summarize_chunk(obj: Mapping[str, Any]) -> ChunkSummary:
-    """The observer's reading of one parsed event: an error, its usage, whether it carries content."""
+    """The observer's reading of one parsed event: an error, its usage, whether it carries output."""
     error = obj.get("error")
     if error or obj.get("object") == "error":
         if isinstance(error, Mapping):
@@ -302,7 +322,7 @@ def summarize_chunk(obj: Mapping[str, Any]) -> ChunkSummary:
             message = str(error)
         else:
             message = obj.get("message") or "error event"
-        return ChunkSummary(str(message), None, None, False, ())
+        return ChunkSummary(str(message), None, None, False, (), False)
 
     usage = obj.get("usage")
     prompt_tokens = completion_tokens = None
@@ -312,20 +332,21 @@ def summarize_chunk(obj: Mapping[str, Any]) -> ChunkSummary:
 
     content = False
     pieces: list[str] = []
-    for choice in obj.get("choices") or ():
+    choices = obj.get("choices") or ()
+    for choice in choices:
         delta = choice.get("delta")
         if delta:
             piece = delta.get("content")
             if piece:
                 content = True
                 pieces.append(piece)
-            elif delta.get("reasoning_content") or delta.get("reasoning"):
+            elif delta.get("reasoning_content") or delta.get("reasoning") or delta.get("tool_calls"):
                 content = True
         piece = choice.get("text")
         if piece:
             content = True
             pieces.append(piece)
-    return ChunkSummary(None, prompt_tokens, completion_tokens, content, tuple(pieces))
+    return ChunkSummary(None, prompt_tokens, completion_tokens, content, tuple(pieces), bool(choices))
 
 
 def _short(text: str) -> str:

@@ -140,13 +140,41 @@ def test_final_usage_only_chunk_without_continuous_usage():
 
 
 def test_no_usage_falls_back_to_client_estimate():
+    """A server that never gives usage (not expected): a success counted by the client."""
     events = [(100.5, chat_chunk("", role=True)), (100.6, chat_chunk("a")), (100.7, chat_chunk("b")), (100.8, b"[DONE]")]
     obs, f = by_bytes(events)
     assert not obs.usage_seen
     assert f["output_tokens"] == 2 and f["output_tokens_estimated"] is True
     assert f["output_tokens_client_estimate"] == 2
     assert f["prompt_tokens"] is None
-    assert f["error_category"] is None  # missing usage alone is not a failure
+    assert f["error_category"] is None  # usage_expected defaults to False: not a failure
+    assert f == by_events(events)[1]
+
+
+def _finish_with(events, **kwargs):
+    obs = StreamObserver(T0)
+    for t, payload in events:
+        obs.on_bytes(b"data: " + payload + b"\n\n", t)
+    return obs.finish(101.0, http_status=200, **kwargs)
+
+
+def test_missing_usage_only_when_expected():
+    no_usage = [(100.5, chat_chunk("", role=True)), (100.6, chat_chunk("a")), (100.7, chat_chunk("b")), (100.8, b"[DONE]")]
+    f = _finish_with(no_usage, usage_expected=True)
+    assert f["error_category"] == "missing_usage"
+    assert "include_usage" in f["error_detail"]
+    # what was observed is kept: the client estimate, the token chunks
+    assert f["output_tokens"] == 2 and f["output_tokens_estimated"] is True
+    assert f["t_first_token_s"] == 100.6 and f["t_last_token_s"] == 100.7
+    # not expected (not asked for, or this server has not given usage yet): a success
+    assert _finish_with(no_usage, usage_expected=False)["error_category"] is None
+    # expected and given, even only in the final usage-only chunk: a success
+    assert _finish_with(CONTINUOUS, usage_expected=True)["error_category"] is None
+    final_only = no_usage[:3] + [(100.75, chat_chunk(None, choices=False, completion_tokens=2)), no_usage[3]]
+    assert _finish_with(final_only, usage_expected=True)["error_category"] is None
+    # a stream that failed otherwise keeps its own category
+    assert _finish_with(no_usage[:3], usage_expected=True)["error_category"] == "incomplete_stream"
+    assert _finish_with(no_usage, usage_expected=True, error_category="timeout_total")["error_category"] == "timeout_total"
 
 
 def test_partial_usage_gives_no_chunk_tokens():
@@ -167,7 +195,7 @@ def test_first_chunk_with_two_tokens_and_no_role_chunk():
     assert f["chunk_tokens"] == (2, 1)  # 2-0, 3-2
 
 
-def test_tokens_of_an_empty_content_chunk_go_to_the_next_content_chunk():
+def test_a_token_whose_text_is_held_back_is_a_token_chunk():
     # a token whose text is held back (half a UTF-8 character) arrives with no content
     events = [
         (100.6, chat_chunk("a", completion_tokens=1)),
@@ -176,8 +204,92 @@ def test_tokens_of_an_empty_content_chunk_go_to_the_next_content_chunk():
         (100.9, b"[DONE]"),
     ]
     _, f = by_bytes(events)
-    assert f["chunk_tokens"] == (1, 2)  # 1-0, 3-1
-    assert f["output_tokens_client_estimate"] == 2
+    assert f["chunk_tokens"] == (1, 1, 1)
+    assert f["chunk_offsets_s"] == pytest.approx((0.6, 0.7, 0.8))
+    assert f["output_tokens_client_estimate"] == 3
+
+
+# Tokens that arrive with empty content but rising continuous usage, as a real vLLM sent them: the role
+# chunk, two tokens without text, one with text, three more without, a finish chunk with no new token.
+SILENT_TOKENS = [
+    (100.50, chat_chunk("", role=True, completion_tokens=0)),
+    (100.52, chat_chunk("", completion_tokens=1)),
+    (100.54, chat_chunk("", completion_tokens=2)),
+    (100.56, chat_chunk("hi", completion_tokens=3)),
+    (100.58, chat_chunk("", completion_tokens=4)),
+    (100.60, chat_chunk("", completion_tokens=6)),
+    (100.62, chat_chunk("", completion_tokens=7)),
+    (100.63, chat_chunk("", completion_tokens=7, finish="length")),
+    (100.64, chat_chunk(None, choices=False, completion_tokens=7)),
+    (100.65, b"[DONE]"),
+]
+
+
+def test_tokens_with_empty_content_and_rising_usage_keep_ttft_and_e2e():
+    _, f = by_bytes(SILENT_TOKENS)
+    assert f["t_first_event_s"] == 100.50
+    assert f["t_first_token_s"] == 100.52  # the first token, not the first text (100.56)
+    assert f["t_last_token_s"] == 100.62  # the last token, not the last text (100.56) nor the finish chunk
+    assert f["chunk_offsets_s"] == pytest.approx((0.52, 0.54, 0.56, 0.58, 0.60, 0.62))
+    assert f["chunk_tokens"] == (1, 1, 1, 1, 2, 1) and sum(f["chunk_tokens"]) == f["output_tokens"] == 7
+    assert f["output_tokens_client_estimate"] == 6
+    assert f["error_category"] is None
+    assert by_events(SILENT_TOKENS)[1] == by_events(SILENT_TOKENS, parsed=True)[1] == f
+    assert_same([sse(p) for _, p in SILENT_TOKENS], keep_text=True)  # the fast path agrees (defined below)
+
+
+def test_a_stream_with_no_visible_text_at_all_has_ttft_and_e2e():
+    events = [(100.5, chat_chunk("", role=True, completion_tokens=0))]
+    events += [(100.6 + i / 100, chat_chunk("", completion_tokens=i + 1)) for i in range(5)]
+    events += [(100.7, chat_chunk("", completion_tokens=5, finish="length")), (100.8, b"[DONE]")]
+    for _, f in (by_bytes(events), by_events(events), by_events(events, parsed=True)):
+        assert f["t_first_token_s"] == 100.6 and f["t_last_token_s"] == 100.64
+        assert f["chunk_tokens"] == (1,) * 5 and f["output_tokens"] == 5
+
+
+def tool_call_chunk(arguments, *, completion_tokens=None, first=False):
+    call = {"index": 0, "function": {"arguments": arguments}}
+    if first:
+        call.update(id="call_1", type="function", function={"name": "get_weather", "arguments": arguments})
+    obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}]}
+    if completion_tokens is not None:
+        obj["usage"] = {"prompt_tokens": 12, "total_tokens": 12 + completion_tokens,
+                        "completion_tokens": completion_tokens}
+    return orjson.dumps(obj)
+
+
+@pytest.mark.parametrize("usage", [False, True])
+def test_tool_call_deltas_give_ttft_and_e2e(usage):
+    def tokens(n):
+        return n if usage else None
+
+    events = [
+        (100.5, chat_chunk("", role=True, completion_tokens=tokens(0))),
+        (100.6, tool_call_chunk("", first=True, completion_tokens=tokens(2))),
+        (100.7, tool_call_chunk('{"city": ', completion_tokens=tokens(4))),
+        (100.8, tool_call_chunk('"Paris"}', completion_tokens=tokens(6))),
+        (100.85, chat_chunk(None, finish="tool_calls", completion_tokens=tokens(6))),
+        (100.9, b"[DONE]"),
+    ]
+    results = [by_bytes(events)[1], by_events(events)[1], by_events(events, parsed=True)[1]]
+    assert results[0] == results[1] == results[2]
+    f = results[0]
+    assert f["t_first_token_s"] == 100.6 and f["t_last_token_s"] == 100.8
+    assert f["output_tokens_client_estimate"] == 3
+    assert f["chunk_tokens"] == ((2, 2, 2) if usage else None)
+    assert f["output_tokens"] == (6 if usage else 3)
+
+
+def test_a_chunk_with_text_but_no_new_token_is_not_a_token_chunk():
+    events = [(100.6, chat_chunk("a", completion_tokens=1)), (100.7, chat_chunk("b", completion_tokens=1)),
+              (100.8, b"[DONE]")]
+    obs = StreamObserver(T0, keep_text=True)
+    for t, p in events:
+        obs.on_event(p, t)
+    f = obs.finish(101.0)
+    assert f["t_last_token_s"] == 100.6 and f["chunk_tokens"] == (1,)
+    assert f["completion_text"] == "ab"  # its text is still kept
 
 
 def test_reasoning_content_counts_as_content():
@@ -414,7 +526,8 @@ def learned(*more):
         (sse(chunk(b"x", b"3.0")), None),
         (sse(chunk(b"x", b"3", extra=b',"extra":true')), None),  # another field: parsed in full
         (sse(chunk(b"x", b"3", prompt=99)), None),  # usage.prompt_tokens changes mid-stream
-        (sse(chunk(b"", b"3")), None),  # no text: not a content chunk
+        (sse(chunk(b"", b"3")), None),  # no text, but a new token: a token chunk
+        (sse(chunk(b"x", b"2")), None),  # text, but no new token: not a token chunk
         (sse(chunk(b"x", b"3")[:-9]), "malformed_sse"),  # cut short
         (sse(chunk(b"x", b"3") + b" trailing"), "malformed_sse"),
         (sse(b'{"error":{"message":"engine died","type":"InternalServerError","code":500}}'), "stream_error_event"),
@@ -495,10 +608,13 @@ def test_layout_refuses_what_it_cannot_prove():
 
 
 def test_summarize_chunk():
-    assert summarize_chunk(orjson.loads(chunk(b" a", b"3"))) == (None, 12, 3, True, (" a",))
-    assert summarize_chunk({"choices": [{"delta": {"reasoning": "r"}}]}) == (None, None, None, True, ())
+    assert summarize_chunk(orjson.loads(chunk(b" a", b"3"))) == (None, 12, 3, True, (" a",), True)
+    assert summarize_chunk({"choices": [{"delta": {"reasoning": "r"}}]}) == (None, None, None, True, (), True)
+    assert summarize_chunk({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]}) == (
+        None, None, None, True, (), True)
+    assert summarize_chunk({"choices": [{"delta": {"content": ""}}]}) == (None, None, None, False, (), True)
     assert summarize_chunk({"error": {"message": "m"}}).error == "m"
-    assert summarize_chunk({"choices": [], "usage": {"completion_tokens": 4}}) == (None, None, 4, False, ())
+    assert summarize_chunk({"choices": [], "usage": {"completion_tokens": 4}}) == (None, None, 4, False, (), False)
 
 
 def test_layout_proof_rejects_a_wrong_reading():
