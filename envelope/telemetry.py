@@ -60,8 +60,12 @@ HISTOGRAM_METRICS: dict[str, tuple[str, ...]] = {
     "itl_s": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
     "e2e_s": ("vllm:e2e_request_latency_seconds",),
     "queue_s": ("vllm:request_queue_time_seconds",),
+    "prefill_s": ("vllm:request_prefill_time_seconds",),
+    "decode_s": ("vllm:request_decode_time_seconds",),
 }
-"""The vLLM histograms we keep, by our field name (newest metric name first)."""
+"""The vLLM histograms we keep, by our field name (newest metric name first).
+
+``prefill_s`` and ``decode_s`` are newer (V1 engine); a server without them gives ``None``."""
 
 
 class Sampler(Protocol):

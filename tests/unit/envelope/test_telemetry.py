@@ -107,6 +107,25 @@ def test_parse_old_fixture_uses_old_names():
                     [30.0, 2.0], [40.0, 2.0], [50.0, 2.0], [60.0, 2.0]],
     }
     assert h["queue_s"] is None  # this server had no queue-time histogram
+    assert h["prefill_s"] is None and h["decode_s"] is None  # nor the V1 engine's phase histograms
+
+
+def test_prefill_and_decode_histograms_by_their_vllm_names():
+    # vllm:request_prefill_time_seconds / vllm:request_decode_time_seconds, summed over engines;
+    # the dp2 fixture has prefill (one 0.5 s observation on engine 0) and no decode histogram.
+    h = parse_vllm_metrics(NEW_TEXT)["histograms"]
+    assert h["prefill_s"] == {"sum": 0.5, "count": 1.0, "buckets": cumulative(REQ_LES, [0.5])}
+    assert h["decode_s"] is None
+    text = (
+        "# TYPE vllm:request_decode_time_seconds histogram\n"
+        'vllm:request_decode_time_seconds_bucket{le="0.5",model_name="m"} 1\n'
+        'vllm:request_decode_time_seconds_bucket{le="1.0",model_name="m"} 3\n'
+        'vllm:request_decode_time_seconds_bucket{le="+Inf",model_name="m"} 4\n'
+        'vllm:request_decode_time_seconds_count{model_name="m"} 4\n'
+        'vllm:request_decode_time_seconds_sum{model_name="m"} 4.25\n'
+    )
+    assert parse_vllm_metrics(text)["histograms"]["decode_s"] == {
+        "sum": 4.25, "count": 4.0, "buckets": [[0.5, 1.0], [1.0, 3.0]]}
 
 
 TWO_MODELS = """\
@@ -155,7 +174,8 @@ def test_missing_metrics_are_none_not_zero():
         "requests_running": None, "requests_waiting": None, "kv_cache_usage_ratio": None,
         "kv_cache_usage_max_ratio": None, "preemptions_total": None, "prompt_tokens_total": None,
         "generation_tokens_total": None,
-        "histograms": {"ttft_s": None, "itl_s": None, "e2e_s": None, "queue_s": None},
+        "histograms": {"ttft_s": None, "itl_s": None, "e2e_s": None, "queue_s": None,
+                       "prefill_s": None, "decode_s": None},
     }
 
 
@@ -211,7 +231,7 @@ def test_parse_real_recorded_text():
     m = parse_vllm_metrics(REAL.read_text())
     assert m["requests_running"] is not None and m["requests_running"] >= 0
     assert m["kv_cache_usage_ratio"] is not None and 0 <= m["kv_cache_usage_ratio"] <= 1
-    for name in ("ttft_s", "itl_s", "e2e_s", "queue_s"):
+    for name in ("ttft_s", "itl_s", "e2e_s", "queue_s", "prefill_s", "decode_s"):
         hist = m["histograms"][name]
         assert hist is not None, name
         counts = [c for _, c in hist["buckets"]]
