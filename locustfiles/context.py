@@ -103,6 +103,9 @@ class EnvelopeRun:
         self.started_unix_s = time.time()
         # requests being sent by this process now; on a master, each worker's last report
         self.in_flight = 0
+        # a request of this process got usage from the server: from then on, a stream that asked
+        # for usage and got none is a missing_usage failure (see locustfiles.users.send_one)
+        self.server_gave_usage = False
         self.worker_reports: dict[str, WorkerReport] = {}  # client_id -> its last report
         # early stop: requests rejected before any succeeded (a wrong key or model), and who to tell
         self.early_stop = EarlyStop()

@@ -163,6 +163,14 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     (open loop) is when the schedule meant it to go; the record keeps both times.
     If Locust kills the greenlet mid-request, what was measured is recorded as
     cancelled and the kill goes on.
+
+    A stream that ended properly without any ``usage`` although the request
+    asked for it (``stream_options.include_usage``) fails as ``missing_usage``,
+    but only once this process has received usage from the server
+    (``ctx.server_gave_usage``): a server that never gives usage is not failed
+    request by request, its records keep the client's token estimate. The
+    limitation: each process learns this on its own, so until a process has
+    got usage from the server, its requests without usage are successes.
     """
     spec, built, prompt_tokens, output_tokens = build_request(ctx, stage, client, rng)
     wall_start = time.time() + ctx.clock_offset_s  # on the master's clock (0 unless a worker)
@@ -183,7 +191,10 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
         error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
         error_detail="stopped by Locust mid-request" if cancelled else outcome.error_detail,
         http_status=None if cancelled else outcome.http_status,
+        usage_expected=ctx.server_gave_usage and _asks_for_usage(spec.body),
     )
+    if obs.usage_seen:
+        ctx.server_gave_usage = True
     record = RequestRecord(
         run_id=ctx.run_id,
         request_id=request_id,
@@ -242,6 +253,12 @@ def report(environment, rec: RequestRecord) -> None:
     if tpot is not None:
         fire(request_type="TPOT", name=name, response_time=tpot * 1000.0, response_length=0,
              exception=None, context={})
+
+
+def _asks_for_usage(body: dict) -> bool:
+    """Whether a request body asks for usage in its stream (``stream_options.include_usage``)."""
+    options = body.get("stream_options")
+    return bool(body.get("stream") and isinstance(options, dict) and options.get("include_usage"))
 
 
 def _prompt_text(built) -> str:

@@ -1,11 +1,17 @@
-"""Pure helpers of the Locust side: client assignment and the per-recv body reader."""
+"""Helpers of the Locust side: client assignment, the per-recv body reader, and when send_one fails a
+stream for missing usage."""
 
+import json
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 
 import pytest
 
 from locustfiles.transports import _read_some
 from envelope.scenario import pick_client_name
+from helpers.locust_runs import REPO
 
 
 def test_weighted_round_robin_mixes_clients_in_proportion():
@@ -73,3 +79,70 @@ def test_read_some_ends_a_close_delimited_body_at_the_close():
     resp = FakeResponse([b"data: a\n\n"], headers={})
     assert _read_some(resp) == b"data: a\n\n"
     assert _read_some(resp) == b""
+
+
+# -- send_one: missing usage fails only once this process has got usage from the server ------------
+
+def _send_one_categories(sends: list[tuple[str, bool]]) -> dict:
+    """Run send_one in a fresh interpreter (importing Locust monkey-patches the standard library,
+    which must not happen inside pytest) with a transport that feeds a canned stream, for each
+    (stream, asks for usage) in ``sends``: "usage" or "no_usage". Returns what the records said."""
+    code = textwrap.dedent(f"""
+        import json
+        from types import SimpleNamespace
+        import locustfiles.users as users
+        from locustfiles.transports import Outcome, RequestSpec
+
+        def chunk(content, tokens=None):
+            obj = {{"choices": [{{"index": 0, "delta": {{"content": content}}, "finish_reason": None}}]}}
+            if tokens is not None:
+                obj["usage"] = {{"prompt_tokens": 10, "completion_tokens": tokens}}
+            return json.dumps(obj).encode()
+
+        STREAMS = {{"usage": [chunk("a", 1), chunk("b", 2), b"[DONE]"],
+                    "no_usage": [chunk("a"), chunk("b"), b"[DONE]"]}}
+        written = []
+        ctx = SimpleNamespace(record_text=False, clock_offset_s=0.0, in_flight=0, run_id="run", worker_id="h:1",
+                              server_gave_usage=False, note_result=lambda rec: None,
+                              record_writer=lambda: SimpleNamespace(write=written.append))
+        environment = SimpleNamespace(events=SimpleNamespace(request=SimpleNamespace(fire=lambda **kw: None)))
+        stage = SimpleNamespace(pass_name="p", index=0, name="s")
+        client = SimpleNamespace(name="chat", endpoint="chat")
+        gave = []
+        for stream, asks in {sends!r}:
+            body = {{"model": "m", "stream": True, "messages": []}}
+            if asks:
+                body["stream_options"] = {{"include_usage": True, "continuous_usage_stats": True}}
+            spec = RequestSpec(path="/v1/chat/completions", body=body, headers={{}}, connect_timeout_s=1,
+                               first_token_timeout_s=1, total_timeout_s=1)
+            users.build_request = lambda *a, spec=spec: (spec, SimpleNamespace(messages=[], text=None), 10, 2)
+
+            def transport(spec, obs, events=STREAMS[stream]):
+                for i, payload in enumerate(events):
+                    obs.on_bytes(b"data: " + payload + b"\\n\\n", obs.t_start_s + 0.01 * (i + 1))
+                return Outcome(http_status=200)
+
+            users.send_one(ctx, environment, stage=stage, client=client, rng=None, request_id="r",
+                           transport=transport)
+            gave.append(ctx.server_gave_usage)
+        print(json.dumps({{"categories": [r.error_category for r in written], "gave": gave,
+                          "estimated": [r.output_tokens_estimated for r in written],
+                          "output_tokens": [r.output_tokens for r in written]}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_missing_usage_fails_once_the_server_has_given_usage():
+    out = _send_one_categories([("no_usage", True), ("usage", True), ("no_usage", True), ("no_usage", False)])
+    # before any usage the process cannot tell a server that never gives it: a success; after, a
+    # failure; a request that did not ask for usage is never failed for lacking it
+    assert out["categories"] == [None, None, "missing_usage", None]
+    assert out["gave"] == [False, True, True, True]
+    assert out["estimated"] == [True, False, True, True] and out["output_tokens"] == [2, 2, 2, 2]
+
+
+def test_a_server_that_never_gives_usage_is_not_failed():
+    out = _send_one_categories([("no_usage", True)] * 3)
+    assert out["categories"] == [None, None, None] and out["gave"] == [False, False, False]
