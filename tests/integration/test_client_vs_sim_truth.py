@@ -70,6 +70,9 @@ def _pairs(recs: list[dict], truth: list[dict]) -> list[tuple[dict, dict]]:
     return pairs
 
 
+MEDIAN_TTFT_ERROR_MS = {"fasthttp": 3.0, "openai": 10.0}
+
+
 @pytest.mark.parametrize("transport", ["fasthttp", "openai"])
 def test_client_records_agree_with_the_servers_truth(sim, tmp_path, transport):
     assert time.get_clock_info("perf_counter").implementation == "clock_gettime(CLOCK_MONOTONIC)"
@@ -93,4 +96,10 @@ def test_client_records_agree_with_the_servers_truth(sim, tmp_path, transport):
         ttft_errors.append((r["t_first_token_s"] - start) - (t["t_first_token_s"] - arrival))
     # the client's TTFT is the server's plus its own send and receive delays: small at low load
     assert min(ttft_errors) >= -EPS_S
-    assert float(np.median(ttft_errors)) < 0.020, ttft_errors
+    # The median client-minus-truth TTFT error, measured with this test on the 2-core VM while two other
+    # test runs loaded both cores (2026-12-03, three runs each): fasthttp 0.51 / 0.55 / 0.63 ms,
+    # openai 3.1 / 3.2 / 3.8 ms (the SDK parses every chunk into objects first). The bounds leave about
+    # 5x and 2.5x for a slower machine; a regression of the magnitude benchmarks/client_accuracy.py
+    # looks for (a yield between the stamp and the send, a hub starved by another greenlet) exceeds them.
+    median_ms = 1000 * float(np.median(ttft_errors))
+    assert median_ms < MEDIAN_TTFT_ERROR_MS[transport], (median_ms, ttft_errors)
