@@ -9,7 +9,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from analysis.envelope import find_envelope
+from analysis.envelope import _seconds, envelope_sentence, find_envelopes, level_text
 from analysis.load import load_run
 from analysis.table import envelope_table
 from helpers.locust_runs import REPO, records
@@ -52,13 +52,28 @@ def test_table_output_tokens_match_the_records(report_dir, capstone_run):
     assert table_tokens == sum(r["output_tokens"] for r in records(run_dir))
 
 
-def test_the_sentence_names_a_concurrency_that_was_tested(report_dir, capstone_run):
+def test_the_envelope_sentence_agrees_with_the_table(report_dir, capstone_run):
+    """Each pass's sentence has the table's verdict and numbers: every stage up to the safe level met its
+    SLOs, the stage named as broken failed one, and the figures quoted are that row's cells."""
     run_dir, _ = capstone_run
     rows = envelope_table(load_run(run_dir))
-    tested = {int(r["target_users"]) for r in rows}
-    finding = find_envelope(rows)
-    named = finding.safe_row or finding.broke_row
-    assert named is not None, finding
-    assert int(named["target_users"]) in tested
-    text = (report_dir / "envelope.md").read_text()
-    assert f"{int(named['target_users'])} concurrent" in text or f"{int(named['target_users'])} user" in text
+    report = (report_dir / "envelope.md").read_text()
+    for finding in find_envelopes(rows):
+        sentence = envelope_sentence(finding)
+        assert sentence in report
+        mine = sorted((r for r in rows if r.pass_name == finding.pass_name and not r.trust.server_stopped),
+                      key=lambda r: r.window.target_users)
+        assert finding.status in ("all_pass", "broke", "none_pass"), finding  # the capstone sets SLOs
+        if finding.status == "all_pass":
+            assert all(r.slo.slo_pass is True for r in mine)
+            assert finding.safe_row is mine[-1]  # the limit is above the highest tested level
+        if finding.safe_row is not None:
+            safe = finding.safe_row
+            assert all(r.slo.slo_pass is True for r in mine if r.window.target_users <= safe.window.target_users)
+            assert f"{safe.throughput.aggregate_output_tokens_per_s:.0f} output tokens/s" in sentence
+            assert f"p95 TTFT {_seconds(safe.latency.ttft_p95_ms)} s" in sentence
+            assert level_text(safe) in sentence
+        if finding.broke_row is not None:
+            broke = finding.broke_row
+            assert broke.slo.slo_pass is False and level_text(broke) in sentence
+            assert finding.broke_slo in broke.slo.slo_results and finding.broke_slo.passed is False
