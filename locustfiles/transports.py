@@ -215,6 +215,34 @@ def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver)
     return out
 
 
+class _DoneWatch:
+    """Stands in for an ``openai.Stream``'s SSE decoder and notes whether ``[DONE]`` passed through it."""
+
+    __slots__ = ("_decoder", "done")
+
+    def __init__(self, decoder) -> None:
+        self._decoder = decoder
+        self.done = False
+
+    @classmethod
+    def install(cls, stream) -> "_DoneWatch | None":
+        """Watch ``stream``'s decoder (the SDK reads ``stream._decoder`` when iteration starts), if it has one."""
+        decoder = getattr(stream, "_decoder", None)
+        if decoder is None or not callable(getattr(decoder, "iter_bytes", None)):
+            return None
+        watch = stream._decoder = cls(decoder)
+        return watch
+
+    def iter_bytes(self, iterator):
+        for sse in self._decoder.iter_bytes(iterator):
+            if sse.data.startswith("[DONE]"):  # the SDK's own test
+                self.done = True
+            yield sse
+
+    def __getattr__(self, name: str):
+        return getattr(self._decoder, name)
+
+
 def stream_openai(client, spec: RequestSpec, obs: StreamObserver) -> Outcome:
     """Send ``spec`` with the official ``openai`` SDK (what applications use) and feed parsed chunks to ``obs``."""
     import openai  # imported here: the SDK is heavy and only this transport needs it
@@ -234,14 +262,26 @@ def stream_openai(client, spec: RequestSpec, obs: StreamObserver) -> Outcome:
             stream = client.completions.create(stream=True, extra_body=extra or None, **body)
         out.t_first_byte_s = perf_counter()
         out.http_status = 200
+        # The SDK ends its iterator at [DONE] and at a stream cut alike, and drops [DONE]: watch its
+        # SSE decoder to tell the two apart. Should a later SDK have no such decoder, a stream that
+        # ended before any finish_reason is taken as cut (one cut after it passes unseen).
+        done_watch = _DoneWatch.install(stream)
+        finished = False
         on_event = obs.on_event
         for chunk in stream:
             now = perf_counter()
-            on_event(chunk.model_dump(exclude_unset=True), now)
+            data = chunk.model_dump(exclude_unset=True)
+            on_event(data, now)
             if first_token.pending and obs.t_first_token_s is not None:
                 first_token.cancel()
-        # the SDK consumes [DONE] itself; tell the observer the stream ended properly
-        obs.on_event(b"[DONE]", perf_counter())
+            if done_watch is None and not finished:
+                finished = any(c.get("finish_reason") for c in data.get("choices") or ())
+        if done_watch.done if done_watch is not None else finished:
+            obs.on_event(b"[DONE]", perf_counter())
+        elif done_watch is None:
+            out.error_category = ErrorCategory.INCOMPLETE_STREAM
+            out.error_detail = "stream ended without a finish_reason"
+        # else the observer, never given [DONE], records incomplete_stream itself
     except _RequestTimeout as timeout:
         out.error_category, out.error_detail = timeout.category, timeout.detail
     except openai.APIStatusError as exc:

@@ -1,4 +1,4 @@
-"""The fasthttp transport against the simulated server: timeouts and HTTP errors become categories."""
+"""The transports against the simulated server: timeouts, HTTP errors and cut streams become categories."""
 
 from __future__ import annotations
 
@@ -10,21 +10,28 @@ from geventhttpclient.client import HTTPClientPool
 
 from envelope.records import ErrorCategory
 from envelope.stream import StreamObserver
-from locustfiles.transports import RequestSpec, stream_fasthttp
+from locustfiles.transports import RequestSpec, stream_fasthttp, stream_openai
 from server.sim import FaultSpec, SimConfig, SimServer
 
 
-def _request(base_url: str, *, first_token_s: float = 5.0, total_s: float = 10.0, model: str = "sim-model"):
+def _request(base_url: str, *, first_token_s: float = 5.0, total_s: float = 10.0, model: str = "sim-model",
+             transport: str = "fasthttp"):
     body = {"model": model, "messages": [{"role": "user", "content": " a b c"}], "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "max_tokens": 8}
     spec = RequestSpec(path="/v1/chat/completions", body=body, headers={}, connect_timeout_s=2,
                        first_token_timeout_s=first_token_s, total_timeout_s=total_s)
-    pool = HTTPClientPool(connection_timeout=2, network_timeout=30)
     obs = StreamObserver(time.perf_counter())
-    try:
-        out = stream_fasthttp(pool, base_url, spec, obs)
-    finally:
-        pool.close()
+    if transport == "openai":
+        import openai
+
+        with openai.OpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=30) as client:
+            out = stream_openai(client, spec, obs)
+    else:
+        pool = HTTPClientPool(connection_timeout=2, network_timeout=30)
+        try:
+            out = stream_fasthttp(pool, base_url, spec, obs)
+        finally:
+            pool.close()
     return out, obs.finish(time.perf_counter(), error_category=out.error_category,
                            error_detail=out.error_detail, http_status=out.http_status)
 
@@ -40,11 +47,54 @@ def _sim(*faults: FaultSpec):
         server.stop()
 
 
-def test_a_clean_stream_is_recorded_whole():
+@pytest.mark.parametrize("transport", ["fasthttp", "openai"])
+def test_a_clean_stream_is_recorded_whole(transport):
     with _sim() as base:
-        out, rec = _request(base)
+        out, rec = _request(base, transport=transport)
     assert out.http_status == 200 and rec["error_category"] is None
     assert rec["output_tokens"] == 8 and len(rec["chunk_offsets_s"]) == 8
+
+
+@pytest.mark.parametrize("transport", ["fasthttp", "openai"])
+def test_a_stream_cut_without_done_is_incomplete(transport):
+    # every token, the finish chunk and the usage arrive; only [DONE] is missing
+    with _sim(FaultSpec(kind="no_done")) as base:
+        out, rec = _request(base, transport=transport)
+    assert out.http_status == 200
+    assert rec["error_category"] == ErrorCategory.INCOMPLETE_STREAM
+    assert rec["output_tokens"] == 8 and len(rec["chunk_offsets_s"]) == 8  # what arrived is kept
+
+
+def test_the_openai_transport_without_the_sdks_decoder_needs_a_finish_reason():
+    """Should a later SDK lose the decoder the transport watches, a stream that ended before any
+    finish_reason still reads as cut (a cut after it would then pass as a success)."""
+    from types import SimpleNamespace
+
+    class Chunk:
+        def __init__(self, data):
+            self.data = data
+
+        def model_dump(self, exclude_unset=True):
+            return self.data
+
+    class FakeStream(list):
+        def close(self):
+            pass
+
+    def client_streaming(*chunks):
+        create = lambda **kwargs: FakeStream(Chunk(c) for c in chunks)  # noqa: E731
+        return SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+
+    spec = RequestSpec(path="/v1/chat/completions", body={"model": "m", "messages": [], "stream": True},
+                       headers={}, connect_timeout_s=1, first_token_timeout_s=5, total_timeout_s=5)
+    token = {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    for chunks, category in (((token,), ErrorCategory.INCOMPLETE_STREAM), ((token, finish), None)):
+        obs = StreamObserver(time.perf_counter())
+        out = stream_openai(client_streaming(*chunks), spec, obs)
+        rec = obs.finish(time.perf_counter(), error_category=out.error_category, error_detail=out.error_detail)
+        assert rec["error_category"] == category
+        assert rec["output_tokens_client_estimate"] == 1
 
 
 def test_a_stall_before_the_first_token_is_a_first_token_timeout():
