@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from analysis.server_latency import SERVER_HISTOGRAMS
 from analysis.tokens import TokenAudit, TokenAuditBuilder
 from analysis.workers import PLACEMENT_SLACK_S, placement_tolerance_s, read_workers
 from envelope import metrics
@@ -415,7 +416,7 @@ def _read_telemetry(tdir: Path, missing: list[str], skipped: list[str]) -> dict[
             missing.append(f"telemetry/{name}.jsonl: unreadable ({_one_line(exc)})")
             continue
         if name == "metrics":
-            rows = [{k: v for k, v in r.items() if k != "histograms"} for r in rows]
+            rows = [_metrics_row(r) for r in rows]
         elif name == "gpu":
             flat = []
             for r in rows:
@@ -438,6 +439,15 @@ def _read_telemetry(tdir: Path, missing: list[str], skipped: list[str]) -> dict[
             frame = frame[good].reset_index(drop=True)
         out[name] = frame
     return out
+
+
+def _metrics_row(sample: dict) -> dict:
+    """A metrics sample with only the histograms the server-latency decomposition reads."""
+    hists = sample.get("histograms")
+    row = {k: v for k, v in sample.items() if k != "histograms"}
+    if isinstance(hists, dict):
+        row["histograms"] = {k: hists.get(k) for k in SERVER_HISTOGRAMS if isinstance(hists.get(k), dict)}
+    return row
 
 
 def _read_locust(ldir: Path, missing: list[str]) -> dict[str, pd.DataFrame]:

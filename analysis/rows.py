@@ -9,6 +9,7 @@ names are the table's column names (so a column is named once, here):
 * :class:`Throughput`: aggregate and per-request output tokens/s;
 * :class:`OpenLoopCells`: what an open-loop stage sent against what it asked, and how late;
 * :class:`ServerTelemetry`: the server's own gauges and counters over the window;
+* :class:`ServerLatency`: the server's own latency histograms over the window, and the time outside the engine;
 * :class:`Trust`: whether the numbers describe the server or the load generator;
 * :class:`SloVerdict`: each SLO's :class:`SloResult` and the stage's overall pass.
 
@@ -33,6 +34,7 @@ __all__ = [
     "Throughput",
     "OpenLoopCells",
     "ServerTelemetry",
+    "ServerLatency",
     "Trust",
     "SloVerdict",
     "TableRow",
@@ -102,7 +104,11 @@ class RequestCounts:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LatencyPercentiles:
-    """Exact percentiles (ms) over the window's successful requests; ITL per token."""
+    """Exact percentiles (ms) over the window's successful requests; ITL per token.
+
+    ``ttft_mean_ms``/``e2e_mean_ms``: plain means over the same requests (to set against the
+    server's histogram means, see :class:`ServerLatency`).
+    """
 
     ttft_p50_ms: float = _NAN
     ttft_p90_ms: float = _NAN
@@ -120,6 +126,8 @@ class LatencyPercentiles:
     e2e_p90_ms: float = _NAN
     e2e_p95_ms: float = _NAN
     e2e_p99_ms: float = _NAN
+    ttft_mean_ms: float = _NAN
+    e2e_mean_ms: float = _NAN
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,6 +159,40 @@ class ServerTelemetry:
     server_kv_cache_usage_max_ratio: float | None = None
     server_preemptions: float | None = None
     server_output_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerLatency:
+    """The server's latency histograms over the window (see :mod:`analysis.server_latency`).
+
+    Deltas between the last ``/metrics`` sample at or before the window's start and the last at
+    or before its end: the requests the server finished in between. Means are sum / count;
+    p50/p95 are interpolated inside the histogram's buckets (Prometheus' ``histogram_quantile``),
+    so they are only as fine as the bucket bounds. None without samples, without a finished
+    request, without the histogram, or across a server restart.
+    ``server_ttft_mean_bucket_ms``: the width of the bucket holding the server's mean TTFT (the
+    resolution of a client/server comparison). ``outside_engine_ttft_mean_ms`` = client mean TTFT
+    - server mean TTFT: time spent outside the engine (front end, network, load generator).
+    """
+
+    server_ttft_mean_ms: float | None = None
+    server_ttft_p50_ms: float | None = None
+    server_ttft_p95_ms: float | None = None
+    server_queue_mean_ms: float | None = None
+    server_queue_p50_ms: float | None = None
+    server_queue_p95_ms: float | None = None
+    server_prefill_mean_ms: float | None = None
+    server_prefill_p50_ms: float | None = None
+    server_prefill_p95_ms: float | None = None
+    server_decode_mean_ms: float | None = None
+    server_decode_p50_ms: float | None = None
+    server_decode_p95_ms: float | None = None
+    server_e2e_mean_ms: float | None = None
+    server_e2e_p50_ms: float | None = None
+    server_e2e_p95_ms: float | None = None
+    server_requests_finished: int | None = None
+    server_ttft_mean_bucket_ms: float | None = None
+    outside_engine_ttft_mean_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +228,7 @@ _PARTS: tuple[tuple[str, type], ...] = (
     ("throughput", Throughput),
     ("open_loop", OpenLoopCells),
     ("server", ServerTelemetry),
+    ("server_latency", ServerLatency),
     ("trust", Trust),
     ("slo", SloVerdict),
 )
@@ -203,6 +246,7 @@ class TableRow:
     throughput: Throughput = field(default_factory=Throughput)
     open_loop: OpenLoopCells = field(default_factory=OpenLoopCells)
     server: ServerTelemetry = field(default_factory=ServerTelemetry)
+    server_latency: ServerLatency = field(default_factory=ServerLatency)
     trust: Trust = field(default_factory=Trust)
     slo: SloVerdict = field(default_factory=SloVerdict)
 
@@ -264,5 +308,9 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "client_loop_lag_max_ms", "client_cpu_max_percent", "load_generators_ended",
     "trustworthy", "untrustworthy_reasons",
     "slo_pass", "slo_results",
+    # added later, kept at the end so earlier columns keep their places
+    "ttft_mean_ms", "e2e_mean_ms",
+    *(f"server_{m}_{s}_ms" for m in ("ttft", "queue", "prefill", "decode", "e2e") for s in ("mean", "p50", "p95")),
+    "server_requests_finished", "server_ttft_mean_bucket_ms", "outside_engine_ttft_mean_ms",
 )
 assert set(TABLE_COLUMNS) == set(_PART_OF), "every column is a field of exactly one part"

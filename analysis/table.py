@@ -46,6 +46,7 @@ import pandas as pd
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
 from analysis.failures import run_server_stop
 from analysis.load import run_start_unix_s
+from analysis.server_latency import server_latency, window_deltas
 from analysis.rows import (
     LATENCY_METRICS,
     PERCENTILES,
@@ -53,6 +54,7 @@ from analysis.rows import (
     LatencyPercentiles,
     OpenLoopCells,
     RequestCounts,
+    ServerLatency,
     ServerTelemetry,
     SloResult,
     StageWindow,
@@ -198,13 +200,15 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
     sel = _select(stage, cols, ws, we)
     window = _window(stage, cols, ws, we, note, run_start)
     host_cpu, saturated = _host_cells(telemetry, ws, we)
+    latency = _latency(cols, sel)
     row = TableRow(
         window=window,
         counts=_counts(cols, sel),
-        latency=_latency(cols, sel),
+        latency=latency,
         throughput=_throughput(cols, ws, we, window.mean_in_flight),
         open_loop=_open_loop(stage, cols, sel),
         server=_server_telemetry(telemetry, ws, we),
+        server_latency=_server_latency(telemetry, ws, we, latency.ttft_mean_ms),
         trust=Trust(host_cpu_max_core_ratio=host_cpu, client_saturated=saturated, server_stopped=server_stopped,
                     client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
                     client_cpu_max_percent=stage.client_cpu_max_percent,
@@ -264,7 +268,7 @@ def _counts(cols: _Columns, sel: _Selection) -> RequestCounts:
 def _latency(cols: _Columns, sel: _Selection) -> LatencyPercentiles:
     cells: dict[str, float] = {}
     for m, values in cols.latency_ms.items():
-        cells.update(_percentile_cells(m, values[sel.ok]))
+        cells.update(_percentile_cells(m, values[sel.ok], mean=m in ("ttft", "e2e")))
     cells.update(_percentile_cells("itl", cols.itl_ms[np.repeat(sel.ok, cols.itl_counts)]))
     return LatencyPercentiles(**cells)
 
@@ -461,9 +465,12 @@ def _overall(results: Sequence[SloResult]) -> bool | None:
     return all(checked)
 
 
-def _percentile_cells(metric: str, values: np.ndarray) -> dict[str, float]:
+def _percentile_cells(metric: str, values: np.ndarray, *, mean: bool = False) -> dict[str, float]:
     pct = metrics.percentiles(values, qs=PERCENTILES)
-    return {f"{metric}_p{q}_ms": float(pct[f"p{q}"]) for q in PERCENTILES}
+    cells = {f"{metric}_p{q}_ms": float(pct[f"p{q}"]) for q in PERCENTILES}
+    if mean:
+        cells[f"{metric}_mean_ms"] = float(pct["mean"])
+    return cells
 
 
 def _median(values: np.ndarray) -> float:
@@ -504,6 +511,17 @@ def _server_telemetry(telemetry: Mapping[str, pd.DataFrame], ws: float, we: floa
                 / (g["t_unix_s"].iloc[-1] - g["t_unix_s"].iloc[0])
             )
     return ServerTelemetry(**cells)
+
+
+def _server_latency(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float,
+                    client_ttft_mean_ms: float) -> ServerLatency:
+    """The server's latency histograms between the last samples at or before ``ws`` and ``we``."""
+    m = telemetry.get("metrics")
+    if m is None or m.empty or "histograms" not in m.columns or "t_unix_s" not in m.columns:
+        return ServerLatency()
+    m = m[["t_unix_s", "histograms"]].dropna(subset=["t_unix_s"]).sort_values("t_unix_s", kind="stable")
+    deltas = window_deltas(m["t_unix_s"].tolist(), m["histograms"].tolist(), ws, we)
+    return server_latency(deltas, client_ttft_mean_ms=None if math.isnan(client_ttft_mean_ms) else client_ttft_mean_ms)
 
 
 def _host_cells(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float) -> tuple[float | None, bool | None]:
