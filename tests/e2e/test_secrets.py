@@ -5,8 +5,8 @@ file) is searched everywhere: every file of the run directory (records,
 run.json, server.json, server.log, Locust's logs, CSVs and HTML report, our
 report), what the command printed, and the command lines of every process it
 started, read from ``/proc/<pid>/cmdline`` while they ran (vLLM takes the key
-from ``VLLM_API_KEY``, so it must be in the server's environment and nowhere
-else). Two short runs against the simulated server cover the key from a named
+from ``VLLM_API_KEY`` and Locust from ``ENVELOPE_API_KEY``, so it must be in
+those two environments and nowhere else). Two short runs against the simulated server cover the key from a named
 environment variable and the ``--record-text`` opt-in, which also shows that
 the prompt-text detector finds prompts when they are there.
 """
@@ -168,7 +168,7 @@ def test_key_is_in_no_file_log_or_report_of_the_run(real_run):
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.timeout(1000)
-def test_key_is_in_no_command_line_only_in_the_servers_environment(real_run):
+def test_key_is_in_no_command_line_and_only_in_the_server_and_locust_environments(real_run):
     key = real_run["key"].encode()
     seen = [(pid, cmd) for pid, cmds in real_run["cmdlines"].items() for cmd in cmds]
     api_server = next((pid for pid, cmd in seen if b"vllm.entrypoints" in cmd), None)
@@ -180,6 +180,17 @@ def test_key_is_in_no_command_line_only_in_the_servers_environment(real_run):
     assert leaks == []
     # vLLM gets the key from its environment (readable only by the same user), as VLLM_API_KEY
     assert b"VLLM_API_KEY=" + key + b"\0" in real_run["environs"][api_server]
+    # ... and Locust, which sends it, as ENVELOPE_API_KEY; no other process of the run has it (the envelope
+    # command read it from --api-key-file), and neither the server nor Locust under the other's name
+    locust = {pid for pid, cmd in seen if b"-m\0locust\0" in cmd}
+    # vLLM's processes (its tree, or renamed VLLM::… even if seen before its tree was)
+    server = real_run["server_tree"] | {pid for pid, cmd in seen if cmd.startswith(b"VLLM::") or b"vllm" in cmd}
+    holders = {pid for pid, env in real_run["environs"].items() if key in env}
+    assert api_server in holders and holders & locust, (holders, server, locust)
+    assert holders <= server | locust, (holders, server, locust)
+    for pid in holders:
+        name = b"ENVELOPE_API_KEY=" if pid in locust else b"VLLM_API_KEY="
+        assert name + key + b"\0" in real_run["environs"][pid], pid
 
 
 @pytest.mark.slow
