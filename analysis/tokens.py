@@ -4,7 +4,7 @@ Over the successful requests of a run (failed ones are cut short, so their
 counts say nothing about counting), exact integer sums:
 
 * output tokens: the server's ``usage.completion_tokens`` against the client's
-  estimate, the number of content chunks it received
+  estimate, the number of token chunks it received
   (``output_tokens_client_estimate``); requests whose output tokens *are* the
   estimate (the server reported no usage) are counted apart;
 * prompt tokens: the server's ``usage.prompt_tokens`` against the prompt length
@@ -13,7 +13,11 @@ counts say nothing about counting), exact integer sums:
   many output tokens came after the last content chunk (tokens that decode to no
   visible text; all of them in a request with no content chunk). These come from
   the per-chunk counts of continuous usage (``chunk_tokens``), so only requests
-  that have them (or have no content chunk) are described.
+  that have them (or have no content chunk) are described. The observer now
+  tells token chunks by the usage count, not by visible text (see
+  :class:`envelope.stream.StreamObserver`), so in new records no chunk carries
+  zero tokens and none come after the last chunk; records written before
+  counted content chunks only, and these two counts describe them.
 
 For a request with per-chunk counts the difference between the two output
 counts is exactly explained::

@@ -9,22 +9,27 @@ for many records at once, in milliseconds.
 
 Definitions follow vLLM's benchmark (``vllm bench serve``) except where noted:
 
-- TTFT = ``t_first_token_s - t_start_s``. Differs: vLLM's benchmark stops the
-  clock at the first chunk that has ``choices``, which for chat is the role-only
-  chunk with empty content; ours is the first chunk with non-empty content. vLLM
-  sends both in the same engine step, so the two rarely differ by much.
-- E2E = ``t_last_token_s - t_start_s``: it ends at the last content chunk, not at
+- A *token chunk* is a chunk with ``choices`` that carries a new output token:
+  its continuous ``usage.completion_tokens`` rose, or, without usage, it
+  carries text, reasoning or tool calls (see
+  :class:`envelope.stream.StreamObserver`). A token whose text is held back
+  (empty content) counts; the role-only first chunk does not.
+- TTFT = ``t_first_token_s - t_start_s``, the first token chunk. Differs:
+  vLLM's benchmark stops the clock at the first chunk that has ``choices``,
+  which for chat is the role-only chunk; vLLM sends it in the same engine step
+  as the first token, so the two rarely differ by much.
+- E2E = ``t_last_token_s - t_start_s``: it ends at the last token chunk, not at
   ``[DONE]`` or the usage-only chunk. Differs slightly: vLLM's ends at the last
-  chunk with ``choices``, which may be a finish chunk with empty content.
+  chunk with ``choices``, which may be a finish chunk that adds no token.
 - TPOT = ``(E2E - TTFT) / (output_tokens - 1)`` with ``output_tokens`` from
   ``usage.completion_tokens`` (the client estimate when the server sent none).
   Undefined below two output tokens (vLLM leaves such requests out as well).
-- ITL is **per token**, where vLLM's is per chunk. The gap before content chunk
+- ITL is **per token**, where vLLM's is per chunk. The gap before token chunk
   ``i >= 1`` is spread over the ``k_i`` tokens that chunk carried: it contributes
   ``k_i`` values of ``gap / k_i``. ``k_i`` comes from ``chunk_tokens``; when that
   is missing, does not match the chunks, or holds a count below one, each chunk
   counts as one token (vLLM's per-chunk ITL). Tokens beyond the first carried by
-  the *first* content chunk (``k_0 - 1``) contribute no ITL values: they arrived
+  the *first* token chunk (``k_0 - 1``) contribute no ITL values: they arrived
   together with the first token, and that wait is TTFT, not ITL. So a request
   whose chunks each carry one token gives exactly vLLM's ITL values.
 - Only successful requests (``error_category`` null) have TTFT, E2E, TPOT or ITL.
@@ -103,7 +108,7 @@ def usable_chunk_tokens(offsets: Sequence[float], tokens: Sequence[int] | None) 
 
 
 def ttft_s(rec: Mapping[str, Any]) -> float | None:
-    """Time to first token: first content chunk minus request start."""
+    """Time to first token: first token chunk minus request start."""
     t_first = rec.get("t_first_token_s")
     if t_first is None or not _ok(rec):
         return None
@@ -111,7 +116,7 @@ def ttft_s(rec: Mapping[str, Any]) -> float | None:
 
 
 def e2e_s(rec: Mapping[str, Any]) -> float | None:
-    """End-to-end latency: last content chunk minus request start."""
+    """End-to-end latency: last token chunk minus request start."""
     t_last = rec.get("t_last_token_s")
     if t_last is None or not _ok(rec):
         return None
@@ -222,7 +227,7 @@ def per_request_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
     Columns are :data:`FRAME_COLUMNS`. Undefined metrics are NaN; integer
     columns are nullable (``Int64``). Agrees with the scalar functions.
-    ``n_chunks`` counts content chunks; ``multi_token_chunks`` those carrying more
+    ``n_chunks`` counts token chunks; ``multi_token_chunks`` those carrying more
     than one token (0 without usable ``chunk_tokens``); ``itl_mean_ms`` is the
     mean of the request's per-token ITL values.
     """

@@ -63,7 +63,7 @@ class ErrorCategory(StrEnum):
     MALFORMED_SSE = "malformed_sse"  # an event whose JSON does not parse
     STREAM_ERROR_EVENT = "stream_error_event"  # 200 with an error object in the stream
     INCOMPLETE_STREAM = "incomplete_stream"  # ended without [DONE]
-    MISSING_USAGE = "missing_usage"  # no usage reported by the server
+    MISSING_USAGE = "missing_usage"  # no usage, though asked for and given to earlier requests
     CLIENT_ERROR = "client_error"  # a bug or unexpected exception in the client
     CANCELLED = "cancelled"  # stopped by the load generator itself (run ended or interrupted)
 
@@ -100,10 +100,10 @@ class RequestRecord:
     t_intended_s: float | None = None  # open-loop: when it should have been sent
     t_first_byte_s: float | None = None  # response headers received
     t_first_event_s: float | None = None  # first SSE event (often role-only)
-    t_first_token_s: float | None = None  # first chunk with non-empty content
-    t_last_token_s: float | None = None  # last chunk with non-empty content (not the stream's end)
+    t_first_token_s: float | None = None  # first token chunk (see envelope.stream.StreamObserver)
+    t_last_token_s: float | None = None  # last token chunk (not the stream's end)
     t_done_s: float | None = None  # stream finished or failed
-    # arrival of every content-carrying chunk, seconds after t_start_s
+    # arrival of every token chunk, seconds after t_start_s
     chunk_offsets_s: tuple[float, ...] = ()
     # tokens carried by each of those chunks (from continuous usage), None if unknown
     chunk_tokens: tuple[int, ...] | None = None
@@ -111,7 +111,7 @@ class RequestRecord:
     prompt_tokens: int | None = None  # server usage.prompt_tokens
     output_tokens: int | None = None  # server usage.completion_tokens, else the estimate
     output_tokens_estimated: bool = False  # True when output_tokens is the client estimate
-    output_tokens_client_estimate: int | None = None  # content chunks counted by the client
+    output_tokens_client_estimate: int | None = None  # token chunks counted by the client
     requested_prompt_tokens: int | None = None
     requested_output_tokens: int | None = None
     # outcome

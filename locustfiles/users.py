@@ -241,7 +241,7 @@ def report(environment, rec: RequestRecord) -> None:
              exception=LLMRequestError(rec.error_category, rec.error_detail), context={})
         return
     e2e = metrics.e2e_s(view)
-    if e2e is None:  # succeeded but no chunk carried visible text: time until the stream ended
+    if e2e is None:  # succeeded without a token chunk: time until the stream ended
         e2e = (rec.t_done_s or rec.t_start_s) - rec.t_start_s
     fire(request_type="E2E", name=name, response_time=e2e * 1000.0,
          response_length=rec.output_tokens or 0, exception=None, context={})

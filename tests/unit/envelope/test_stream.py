@@ -80,8 +80,8 @@ def test_continuous_usage_stream():
     obs, f = by_bytes(CONTINUOUS)
     assert obs.usage_seen
     assert f["t_first_event_s"] == 100.50  # the role-only chunk
-    assert f["t_first_token_s"] == 100.52  # first non-empty content
-    assert f["t_last_token_s"] == 100.65  # last content chunk, not the finish chunk or [DONE]
+    assert f["t_first_token_s"] == 100.52  # the first token (the role chunk has completion_tokens 0)
+    assert f["t_last_token_s"] == 100.65  # the last token, not the finish chunk (no new token) or [DONE]
     assert f["t_done_s"] == 101.0
     assert f["chunk_offsets_s"] == pytest.approx((0.52, 0.60, 0.65))
     assert f["chunk_tokens"] == (1, 2, 1)  # 1-0, 3-1, 4-3
