@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell $(PY) -c "import hashlib,sys;print(hashlib.s
 PYTEST_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup browser testhosts test test-unit demo clean
+.PHONY: setup browser testhosts kubectl test test-unit demo clean
 
 setup: $(STAMP)
 
@@ -45,7 +45,14 @@ testhosts:
 		 (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime iproute2 >/dev/null)); \
 	else echo "note: faketime or iproute2 missing and not root: the multi-host test runs without clock skew or is skipped"; fi
 
-test: $(STAMP) browser testhosts
+# The deployment test renders deploy/k8s with `kubectl kustomize` when kubectl is on PATH. make test does
+# not install it: the one in Debian's registry (kubernetes-client 1.20, kustomize v2) has not been tried
+# with these manifests, and no registry reachable here has a current one. Without kubectl that one test
+# is skipped and says so; the other manifest checks (every command line parsed, names and ports) still run.
+kubectl:
+	@command -v kubectl >/dev/null || echo "note: kubectl not on PATH: the kustomize render test will be skipped (install a current kubectl to run it)"
+
+test: $(STAMP) browser testhosts kubectl
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
