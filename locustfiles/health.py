@@ -7,6 +7,7 @@ process), so both are tested without Locust.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Callable
 
 __all__ = ["LoopLagWatcher", "EarlyStop", "EARLY_STOP_AFTER", "REJECTION_HINTS"]
@@ -23,15 +24,24 @@ class LoopLagWatcher:
     """How late a timer fires is how late a chunk's arrival can be noticed.
 
     :meth:`run` loops forever in its own greenlet, sleeping ``interval_s`` with
-    ``sleep`` and keeping the worst lateness since :meth:`take_ms` last took it.
+    ``sleep``. It keeps the worst lateness since :meth:`take_ms` last took it
+    (the per-stage maximum the master reports), and every stall of at least
+    ``keep_over_s`` with when it happened (the ``clock``'s time, the same
+    ``perf_counter`` as the records' ``t_*_s``), so that a finished request can
+    ask for the worst stall that overlapped it (:meth:`worst_overlapping_ms`).
+    Stalls older than ``keep_for_s`` are forgotten: no request lasts that long.
     """
 
     def __init__(self, sleep: Callable[[float], Any], *, interval_s: float = 0.05,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, keep_over_s: float = 0.005,
+                 keep_for_s: float = 3600.0) -> None:
         self.sleep = sleep
         self.interval_s = interval_s
         self.clock = clock
         self.max_lag_s = 0.0
+        self.keep_over_s = keep_over_s
+        self.keep_for_s = keep_for_s
+        self.stalls: deque[tuple[float, float]] = deque()  # (start, end) of each stall kept, in time order
 
     def run(self, *, ticks: int | None = None) -> None:
         """Watch (``ticks`` sleeps, or forever)."""
@@ -40,18 +50,33 @@ class LoopLagWatcher:
         while ticks is None or n < ticks:
             self.sleep(self.interval_s)
             now = self.clock()
-            self.note(now - last - self.interval_s)
+            self.note(now - last - self.interval_s, now_s=now)
             last = now
             n += 1
 
-    def note(self, lag_s: float) -> None:
+    def note(self, lag_s: float, *, now_s: float | None = None) -> None:
+        """A timer fired ``lag_s`` late, noticed at ``now_s``: the loop could not run in ``[now - lag, now]``."""
         if lag_s > self.max_lag_s:
             self.max_lag_s = lag_s
+        if now_s is not None and lag_s >= self.keep_over_s:
+            self.stalls.append((now_s - lag_s, now_s))
+            while self.stalls and self.stalls[0][1] < now_s - self.keep_for_s:
+                self.stalls.popleft()
 
     def take_ms(self) -> float:
         """The worst lag since the last call, in ms; starts over."""
         lag, self.max_lag_s = self.max_lag_s, 0.0
         return lag * 1000.0
+
+    def worst_overlapping_ms(self, start_s: float, end_s: float) -> float:
+        """The longest kept stall that overlapped ``[start_s, end_s]``, in ms (0.0: none)."""
+        worst = 0.0
+        for s0, s1 in reversed(self.stalls):
+            if s1 < start_s:
+                break  # kept in time order: every earlier stall ended before the request began
+            if s0 <= end_s:
+                worst = max(worst, s1 - s0)
+        return worst * 1000.0
 
 
 class EarlyStop:

@@ -78,6 +78,17 @@ def test_loop_lag_watcher_keeps_the_worst_lateness_until_taken():
     assert watcher.take_ms() == 0.0
 
 
+def test_stalls_are_kept_with_their_times_and_found_by_the_requests_they_overlap():
+    times = iter([0.0, 0.05, 0.10, 0.35, 0.40, 0.452, 0.50])  # 200 ms stall ends at 0.35, 2 ms at 0.452
+    watcher = LoopLagWatcher(lambda s: None, interval_s=0.05, clock=lambda: next(times), keep_over_s=0.005)
+    watcher.run(ticks=6)
+    assert [(round(a, 6), round(b, 6)) for a, b in watcher.stalls] == [(0.15, 0.35)]  # the 2 ms one is noise
+    assert round(watcher.worst_overlapping_ms(0.0, 0.14), 6) == 0.0  # ended before the stall
+    assert round(watcher.worst_overlapping_ms(0.30, 0.50), 6) == 200.0  # overlaps its end
+    assert round(watcher.worst_overlapping_ms(0.16, 0.20), 6) == 200.0  # inside it
+    assert round(watcher.worst_overlapping_ms(0.36, 0.50), 6) == 0.0  # after it
+
+
 def test_early_stop_fires_once_after_three_rejections_and_never_after_a_success():
     stop = EarlyStop()
     assert [stop.note("http_401", "bad key") for _ in range(2)] == [None, None]
