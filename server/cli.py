@@ -201,12 +201,37 @@ def _up(args: argparse.Namespace, extra: list[str], out: TextIO, err: TextIO) ->
         "profile": profile.name,
         "api_key_set": bool(api_key),
     }
+    if profile.engine_nice is not None:
+        # this process exits now, and the launcher's renicing thread with it: a small
+        # detached process keeps the engine's new threads niced until the group is gone
+        state["engine_nice_pid"] = _keep_engine_niced(server.pid, profile.engine_nice, run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     print(f"{profile.name} ready in {info['time_to_healthy_s']:.1f} s", file=err)
     print(server.base_url, file=out)
     print(server.server_json_path, file=out, flush=True)
     return 0
+
+
+def _keep_engine_niced(pgid: int, nice: int, run_dir: Path) -> int:
+    """Start ``python -m server.cpu_arrangement PGID NICE`` in its own session; it ends with the server's group.
+
+    posix_spawn rather than Popen: this command exits without waiting for it.
+    """
+    import os
+
+    log = str(run_dir / "engine-nice.log")
+    return os.posix_spawn(
+        sys.executable,
+        [sys.executable, "-m", "server.cpu_arrangement", str(pgid), str(nice)],
+        os.environ,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ],
+        setsid=True,
+    )
 
 
 def _read_state(path: Path) -> dict:

@@ -204,6 +204,7 @@ class VllmServer:
         self.command = tuple(command) if command is not None else None
         self.info: dict[str, Any] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._engine_nice: Any = None  # server.cpu_arrangement.EngineNice while it runs
 
     def __repr__(self) -> str:
         return f"VllmServer(profile={self.profile.name!r}, host={self.host!r}, port={self.port}, pid={self.pid})"
@@ -266,14 +267,19 @@ class VllmServer:
             self._kill_quietly()
             raise
         time_to_healthy_s = time.monotonic() - t0
-        self.info = write_server_json(self.run_dir,
-                                      self._describe(argv, env, model, models, started_unix_s, time_to_healthy_s))
+        description = self._describe(argv, env, model, models, started_unix_s, time_to_healthy_s)
+        if self.profile.engine_nice is not None:
+            description["cpu_arrangement"] = self._start_engine_nice(self.profile.engine_nice)
+        self.info = write_server_json(self.run_dir, description)
         return self.info
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the process group, SIGKILL it after ``grace_s``; raise :class:`LaunchError` if anything survives."""
         if self._proc is None:
             return
+        if self._engine_nice is not None:
+            self._engine_nice.stop()
+            self._engine_nice = None
         survivors = stop_process_group(self._proc.pid, grace_s=grace_s)
         try:
             self._proc.wait(timeout=5)
@@ -319,6 +325,16 @@ class VllmServer:
             ) from None
         except NotReadyError as exc:
             raise LaunchError(f"vLLM at {self.base_url}: {exc} (log: {self.log_path})", log_tail=self._tail()) from None
+
+    def _start_engine_nice(self, nice: int) -> dict[str, int]:
+        """Renice the engine's threads now and every second while the server runs (server/cpu_arrangement.py)."""
+        from server.cpu_arrangement import EngineNice
+
+        assert self._proc is not None
+        self._engine_nice = EngineNice(self._proc.pid, nice)
+        self._engine_nice.apply_once()
+        self._engine_nice.start()
+        return self._engine_nice.describe()
 
     def _kill_quietly(self) -> None:
         try:

@@ -54,6 +54,9 @@ class ServerProfile(StrictModel):
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     health_timeout_s: float = Field(default=600.0, gt=0)
+    # Nice value for every thread of vLLM's engine processes (server/cpu_arrangement.py),
+    # so that the API server and the load generator are not starved on a small CPU box.
+    engine_nice: int | None = Field(default=None, ge=0, le=19)
 
     @field_validator("model")
     @classmethod

@@ -196,3 +196,17 @@ def test_log_tail_masks_the_key(tmp_path):
     log.write_text("".join(f"line {i}\n" for i in range(30)) + f"key was {KEY}\n")
     tail = log_tail(log, secrets=[Secret(KEY)])
     assert tail.splitlines() == [f"line {i}" for i in range(11, 30)] + ["key was ***"]
+
+
+def test_engine_nice_is_recorded_in_server_json_and_its_thread_stops_with_the_server(tmp_path):
+    profile = _profile(str(tmp_path), engine_nice=19, env={"FAKE_VLLM_MODE": "ok"})
+    server = VllmServer(profile, run_dir=tmp_path / "run", command=[sys.executable, FAKE])
+    without = _fake_server(tmp_path / "plain")
+    with server, without:
+        # the fake server has no VLLM::EngineCore or VLLM::Worker process: nothing to renice
+        assert server.info["cpu_arrangement"] == {"engine_nice": 19, "threads_reniced": 0, "engine_threads": 0}
+        assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{server.pid}/task")} == {0}
+        keeper = server._engine_nice._thread
+        assert keeper.is_alive()
+        assert "cpu_arrangement" not in without.info
+    assert not keeper.is_alive()
