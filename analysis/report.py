@@ -26,6 +26,7 @@ from analysis import plots
 from analysis import render
 from analysis import tokens
 from analysis import workers as wk
+from analysis.common import finite, percent
 from analysis.load import Completeness, completeness, run_start_unix_s
 from analysis.rows import TableRow
 from analysis.table import (
@@ -354,6 +355,10 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
     if slo_lines:
         parts.append("\nSLO checks (measured value in parentheses):\n")
         parts.append("\n".join(_md_escape(line) for line in slo_lines) + "\n")
+    server_time = _server_latency_section(rows)
+    if server_time:
+        parts.append(f"\n## {SERVER_TIME}\n")
+        parts.append(server_time)
     if extra is not None:
         parts.append("\n## Failed requests by category\n")
         parts.append(_md_escape(extra.failure_intro) + "\n")
@@ -377,6 +382,76 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append("## Missing\n")
         parts.append("\n".join(f"- {_md_escape(m)}" for m in run.missing) + "\n")
     return "\n".join(parts)
+
+
+SERVER_TIME = "Where the time goes (server-side, per stage)"
+SERVER_TIME_NOTE = (
+    "From vLLM's own latency histograms: the difference between the last /metrics sample at or before "
+    "each steady-state window's start and the last at or before its end, so the server's numbers count "
+    "the requests it finished in between (the client's count the requests that started in the window). "
+    "Server means are exact (sum / count); server percentiles are interpolated within the histogram's "
+    "buckets, as Prometheus does, so they are only as fine as the bucket bounds: read them to the "
+    "bucket width, not to the millisecond. Client - server is the time spent outside the engine (API "
+    "front end, network, load generator). A stage whose client mean TTFT is below the server's by more "
+    "than the width of the bucket holding the server's mean says the two are misaligned (different "
+    "requests or clocks), not that the client was faster. Only means are subtracted: a server percentile "
+    "is a point inside a bucket."
+)
+
+
+def _server_latency_section(rows: Sequence[TableRow]) -> str | None:
+    """One small table per stage: client vs server TTFT and E2E, the server's phases, outside the engine.
+
+    None when no stage has server latency histograms (a server without them, or no telemetry).
+    """
+    if not any(_field(r, "server_requests_finished") is not None or _field(r, "server_ttft_mean_ms") is not None
+               for r in rows):
+        return None
+
+    def diff(a: Any, b: Any) -> str:
+        return _ms_text(float(a) - float(b)) if finite(a) and finite(b) else "-"
+
+    parts = [_md_escape(SERVER_TIME_NOTE) + "\n"]
+    for r in rows:
+        title = f"{_field(r, 'pass_name')} / {_field(r, 'stage_name')} ({env.level_text(r)})"
+        parts.append(f"### {_md_escape(title)}\n")
+        finished = _field(r, "server_requests_finished")
+        if finished is None and _field(r, "server_ttft_mean_ms") is None:
+            parts.append("No server latency histograms cover this window.\n")
+            continue
+        table = [("ms", "client", "server", "client - server")]
+        for metric, label in (("ttft", "TTFT"), ("e2e", "E2E")):
+            for stat in ("mean", "p50", "p95"):
+                client, server = _field(r, f"{metric}_{stat}_ms"), _field(r, f"server_{metric}_{stat}_ms")
+                # only means subtract exactly: a server percentile is a point inside a bucket
+                table.append((f"{label} {stat}", _ms_text(client), _ms_text(server),
+                              diff(client, server) if stat == "mean" else "-"))
+        for phase in ("queue", "prefill", "decode"):
+            table.append((f"{phase} mean", "-", _ms_text(_field(r, f"server_{phase}_mean_ms")), "-"))
+        parts.append(_md_table(table) + "\n")
+        parts.append(_md_escape(_server_latency_line(r)) + "\n")
+    return "\n".join(parts)
+
+
+def _server_latency_line(r: TableRow) -> str:
+    finished = _field(r, "server_requests_finished")
+    text = (f"The server finished {finished:,} request(s) in the window, the client counted "
+            f"{_field(r, 'ok_requests'):,} successful ones." if finished is not None else "")
+    outside = _field(r, "outside_engine_ttft_mean_ms")
+    client = _field(r, "ttft_mean_ms")
+    bucket = _field(r, "server_ttft_mean_bucket_ms")
+    if outside is None:
+        return (text + " No outside-the-engine TTFT: the client or the server has no mean TTFT here.").strip()
+    share = f" ({percent(outside / client)} of the client's mean TTFT)" if finite(client) and client > 0 else ""
+    text += f" Outside the engine: {_ms_text(outside)} ms of mean TTFT{share}"
+    if bucket is not None and outside < 0 and -outside > bucket:
+        text += (f"; the client's mean is below the server's by more than the {_ms_text(bucket)} ms bucket holding "
+                 "the server's mean: the two are misaligned")
+    return text.strip() + "."
+
+
+def _ms_text(value: Any) -> str:
+    return format_cell("x", value)
 
 
 TOKEN_AUDIT_NOTE = (

@@ -9,7 +9,8 @@ the failures CSV and the terminal summary. Every cell and every line must come o
 One deliberate change since: every "at N s" of the write-up counts from the run's start, the zero of
 the table's windows (it counted from the first stage's start, 2 s later in this run), and the header
 states that zero. ``envelope.md`` and ``summary.txt`` were regenerated for that alone (the table
-files were not: their cells have not changed).
+files were not: their cells have not changed). And one added section: ``envelope.md`` gained "Where the
+time goes (server-side, per stage)" from the simulator's latency histograms, and nothing else changed.
 
 Columns renamed since then are mapped in ``RENAMED`` (old name -> new name); a column dropped
 because another one already said the same is mapped to that one, so its values are still checked.

@@ -131,3 +131,52 @@ def test_a_run_without_histograms_has_empty_cells(known_run):
     (row,) = envelope_table(load_run(known_run), rule=WindowRule(settle_s=8.0))
     assert row.server_latency == ServerLatency()
     assert row["ttft_mean_ms"] == pytest.approx(250.0)
+
+
+def _report(run_dir, tmp_path) -> str:
+    from analysis.report import write_report
+
+    run = load_run(run_dir)
+    write_report(run, tmp_path / "report", rows=envelope_table(run, rule=WindowRule(settle_s=8.0)))
+    return (tmp_path / "report" / "envelope.md").read_text(encoding="utf-8")
+
+
+def _hand_run(tmp_path, builders, server_ttft_after: dict, server_ttft_before: dict = BEFORE):
+    make_stage, make_record, write_run = builders
+    st = make_stage(0, 2, 1000.0, 1060.0, spawn_rate=1.0)
+    recs = [make_record(st, 1010.0 + 10 * i, ttft) for i, ttft in enumerate((0.1, 0.2, 0.3, 0.4))]
+    zero = hist(0, 0, [0, 0, 0])
+    metrics = [_metrics_sample(1009.5, server_ttft_before, zero, zero, zero, BEFORE),
+               _metrics_sample(1059.9, server_ttft_after, zero, zero, zero, hist(5.1, 12, [2, 2, 12]))]
+    return write_run(tmp_path / "run", stages=[st], records=recs, metrics=metrics)
+
+
+def test_report_section_per_stage(tmp_path, builders):
+    text = _report(_hand_run(tmp_path, builders, AFTER), tmp_path)
+    section = text.split("## Where the time goes (server-side, per stage)\n", 1)[1].split("\n## ", 1)[0]
+    assert "interpolated within the histogram's buckets" in section
+    assert "### sweep / sweep-2 (2 users)" in section
+    assert "| TTFT mean | 250.0 | 150.0 | 100.0 |" in section
+    assert "| TTFT p50 | 250.0 | 125.0 | - |" in section
+    assert "| E2E mean | 750.0 | 500.0 | 250.0 |" in section
+    assert "| queue mean | - | - | - |" in section  # no request in the queue histogram's delta
+    assert "The server finished 10 request(s) in the window, the client counted 4 successful ones." in section
+    assert "Outside the engine: 100.0 ms of mean TTFT (40% of the client's mean TTFT)." in section
+    assert "misaligned: " not in section and "the two are misaligned." not in section
+
+
+def test_report_flags_a_client_mean_below_the_server_mean(tmp_path, builders):
+    les = (0.1, 0.2, 0.5, 0.6)
+    before = hist(0.1, 2, [2, 2, 2, 2], les=les)
+    # within the bucket: 10 requests of 0.45 s (mean 450 ms in (0.2, 0.5], 300 ms wide) vs the client's 250 ms
+    text = _report(_hand_run(tmp_path / "a", builders, hist(4.6, 12, [2, 2, 12, 12], les=les), before), tmp_path / "a")
+    assert "Outside the engine: -200.0 ms of mean TTFT (-80% of the client's mean TTFT)." in text
+    # beyond it: 10 requests of 0.55 s (mean 550 ms in (0.5, 0.6], 100 ms wide): 300 ms below says misaligned
+    text = _report(_hand_run(tmp_path / "b", builders, hist(5.6, 12, [2, 2, 2, 12], les=les), before), tmp_path / "b")
+    assert ("Outside the engine: -300.0 ms of mean TTFT (-120% of the client's mean TTFT); the client's mean is "
+            "below the server's by more than the 100 ms bucket holding the server's mean: the two are "
+            "misaligned.") in text
+
+
+def test_no_section_without_histograms(known_run, tmp_path):
+    assert "Where the time goes" not in _report(known_run, tmp_path)
