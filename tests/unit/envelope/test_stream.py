@@ -274,6 +274,7 @@ def test_tool_call_deltas_give_ttft_and_e2e(usage):
     ]
     results = [by_bytes(events)[1], by_events(events)[1], by_events(events, parsed=True)[1]]
     assert results[0] == results[1] == results[2]
+    assert_same([sse(p) for _, p in events])
     f = results[0]
     assert f["t_first_token_s"] == 100.6 and f["t_last_token_s"] == 100.8
     assert f["output_tokens_client_estimate"] == 3
@@ -541,6 +542,17 @@ def learned(*more):
 def test_unusual_events_after_the_layout_is_learned(event, category):
     _, f = assert_same(learned(event, sse(chunk(b" z", b"9"))), keep_text=True)
     assert f["error_category"] == category
+
+
+def test_fast_path_counts_tokens_by_usage_not_by_text():
+    # after the layout is learned: a matching chunk with no new token, tokens with no text, a matching
+    # chunk with several tokens
+    events = learned(sse(chunk(b" c", b"2")), sse(chunk(b"", b"3")), sse(chunk(b"", b"4")), sse(chunk(b" d", b"6")))
+    obs, f = assert_same(events, keep_text=True)
+    assert obs._layout is not None
+    assert f["chunk_tokens"] == (1, 1, 1, 1, 2) and f["output_tokens"] == 6
+    assert f["chunk_offsets_s"] == pytest.approx((0.0, 1.0, 3.0, 4.0, 5.0))  # not the read at 102 (" c")
+    assert f["completion_text"] == " a b c d"
 
 
 def test_tricky_events_split_at_every_byte():
