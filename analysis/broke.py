@@ -35,7 +35,7 @@ import pandas as pd
 
 from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, finite, grouped_number, percent, split_key
 from analysis.load import run_start_unix_s
-from analysis.envelope import worst_failed_slo
+from analysis.envelope import last_safe_before, server_evidence, worst_failed_slo
 from analysis.failures import ServerStop, run_server_stop
 from analysis.rows import SloResult, TableRow
 from envelope.stages import StageRecord
@@ -93,6 +93,9 @@ class BrokeFirst:
     server_metrics: bool
     saturated_stages: tuple[int, ...]
     sentence: str
+    # what the server's latency histograms say at the first stage that failed its SLOs
+    # (against the last safe stage below it; see analysis.envelope.server_evidence)
+    server_evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,12 +314,33 @@ def what_broke_first(run: Any, rows: Sequence[TableRow]) -> BrokeFirst:
                           host=telemetry.get("host"), run_start_unix_s=zero, server_stop=run_server_stop(run))
     saturated = saturated_stage_indices(rows, telemetry.get("host"), run_start_unix_s=zero)
     fields = dict(events=tuple(events), first=events[0] if events else None,
-                  server_metrics=_ok_metrics(metrics) is not None, saturated_stages=tuple(sorted(saturated)))
+                  server_metrics=_ok_metrics(metrics) is not None, saturated_stages=tuple(sorted(saturated)),
+                  server_evidence=tuple(_slo_stage_server_evidence(events, rows)))
     return BrokeFirst(**fields, sentence=broke_sentence(BrokeFirst(**fields, sentence="")))
 
 
+def _slo_stage_server_evidence(events: Sequence[BreakEvent], rows: Sequence[TableRow]) -> list[str]:
+    slo = next((e for e in events if e.kind == "slo"), None)
+    row = next((r for r in rows if slo is not None and r.stage_index == slo.stage_index), None)
+    if row is None:
+        return []
+    return server_evidence(row, last_safe_before(rows, row))[1]
+
+
 def broke_sentence(result: BrokeFirst) -> str:
-    """Say plainly what broke first, and when the first SLO failure came relative to it."""
+    """Say plainly what broke first, and when the first SLO failure came relative to it.
+
+    When the server's latency histograms explain the first SLO failure, a last sentence says how.
+    """
+    text = _broke_sentence(result)
+    if result.server_evidence:
+        slo = next((e for e in result.events if e.kind == "slo"), None)
+        where = f" in {slo.stage_name}" if slo is not None and slo.stage_name else ""
+        text += f" Server side{where}: {'; '.join(result.server_evidence)}."
+    return text
+
+
+def _broke_sentence(result: BrokeFirst) -> str:
     no_server = "no server metrics were recorded, so only client-side SLOs can be ordered"
     first = result.first
     if first is None:

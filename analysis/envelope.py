@@ -12,7 +12,15 @@ Why it broke, in this order:
     * queueing: TTFT p50 grew at least twice as fast as TPOT p50 since the last
       safe stage (and at least 1.5x), or the server reported waiting requests;
     * decode slowdown: TPOT p50 grew at least 1.5x (every token got slower);
+    * otherwise, from the server's own latency histograms (:mod:`analysis.server_latency`), when
+      the rules above found nothing: more than half of the client's mean TTFT (and over 50 ms)
+      spent outside the engine is the measurement setup (front end, network, load generator);
+      else the server phase whose mean grew most since the last safe stage (at least 1.5x and
+      10 ms): queue time is queueing, prefill is long prompts, decode is the batch size
+      (decode slowdown);
     * otherwise unknown.
+
+Those server-side findings are added to the evidence whatever the cause (not for errors).
 """
 
 from __future__ import annotations
@@ -30,11 +38,20 @@ __all__ = [
     "find_envelopes",
     "envelope_sentence",
     "level_text",
+    "server_evidence",
+    "last_safe_before",
     "KV_PRESSURE_RATIO",
 ]
 
 QUEUE_GROWTH_FACTOR = 2.0  # TTFT growth / TPOT growth that reads as queueing
 MIN_GROWTH = 1.5
+MIN_SERVER_GROWTH_MS = 10.0  # a server phase's mean must also grow by this much to count
+OUTSIDE_ENGINE_SHARE = 0.5  # more than this share of the client's mean TTFT outside the engine ...
+OUTSIDE_ENGINE_MIN_MS = 50.0  # ... and more than this: the measurement setup is the limit
+
+# server phase -> the cause its growth points to
+_SERVER_PHASES = (("queue", "queueing", "server queue time"), ("prefill", "long_prompts", "server prefill time"),
+                  ("decode", "decode_slowdown", "server decode time"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,6 +246,9 @@ def _broke_text(f: EnvelopeFinding) -> str:
         "queueing": ", because requests queued in the server",
         "kv_cache": ", because the server's KV cache ran full",
         "decode_slowdown": ", because every output token got slower as the batch grew",
+        "long_prompts": ", because the server took longer to process the prompts (prefill)",
+        "measurement": (", because most of the time to first token was spent outside the engine: "
+                        "the measurement setup (front end, network, load generator), not the server, is the limit"),
         "errors": "",
         "throughput": "",
     }.get(f.cause or "", "")
@@ -256,6 +276,59 @@ def worst_failed_slo(failed: Sequence[SloResult]) -> SloResult | None:
 
 
 def _cause(slo: SloResult | None, broke: TableRow, base: TableRow | None) -> tuple[str, list[str]]:
+    cause, evidence = _client_cause(slo, broke, base)
+    if cause == "errors":
+        return cause, evidence
+    server_cause, from_server = server_evidence(broke, base)
+    evidence += from_server
+    if cause == "unknown" and server_cause is not None:
+        cause = server_cause
+    return cause, evidence
+
+
+def last_safe_before(rows: Sequence[TableRow], row: TableRow) -> TableRow | None:
+    """The highest-load stage of ``row``'s pass below ``row``'s load that met its SLOs (None: none)."""
+    level = _level(row)
+    safe = [r for r in rows if r.pass_name == row.pass_name and r.slo.slo_pass is True
+            and not r.trust.server_stopped and _level(r) < level]
+    return max(safe, key=_level) if safe else None
+
+
+def server_evidence(broke: TableRow, base: TableRow | None) -> tuple[str | None, list[str]]:
+    """What the server's latency histograms say about ``broke`` against the last safe stage ``base``.
+
+    Returns the cause they point to (``measurement``, ``queueing``, ``long_prompts``,
+    ``decode_slowdown``, or None) and the evidence phrases; both empty without histograms.
+    """
+    evidence: list[str] = []
+    causes: list[str] = []
+    outside, client = broke.server_latency.outside_engine_ttft_mean_ms, broke.latency.ttft_mean_ms
+    if finite(outside) and finite(client) and client > 0 and outside > OUTSIDE_ENGINE_MIN_MS \
+            and outside / client > OUTSIDE_ENGINE_SHARE:
+        evidence.append(f"{adaptive_percent(outside / client)} of the client's mean TTFT "
+                        f"({_ms(client)} ms) was spent outside the engine")
+        causes.append("measurement")
+    grown: list[tuple[float, str]] = []
+    if base is not None:
+        for phase, cause, label in _SERVER_PHASES:
+            column = f"server_{phase}_mean_ms"
+            after, before = broke.value(column), base.value(column)
+            if not (finite(after) and finite(before)) or after - before < MIN_SERVER_GROWTH_MS:
+                continue
+            if before > 0 and after / before < MIN_GROWTH:
+                continue
+            evidence.append(f"{label} mean {_ms(before)} -> {_ms(after)} ms from {level_text(base)}")
+            grown.append((after - before, cause))
+    if grown:
+        causes.append(max(grown)[1])
+    return (causes[0] if causes else None), evidence
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2g}"
+
+
+def _client_cause(slo: SloResult | None, broke: TableRow, base: TableRow | None) -> tuple[str, list[str]]:
     key = slo.key if slo is not None else ""
     evidence: list[str] = []
     if key == "error_rate_max":

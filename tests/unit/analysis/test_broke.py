@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -248,3 +249,25 @@ def test_report_has_the_sections_and_flags_a_saturated_stage(builders, tmp_path)
     assert table_md[2].endswith("| ok |") and table_md[3].endswith("| NOT TRUSTWORTHY: load generator CPU-saturated |")
     assert [r["trustworthy"] for r in rows] == [True, False]
     assert "What broke first" in (root / "report" / "envelope.html").read_text()
+
+
+def test_the_server_histograms_explain_the_first_slo_failure():
+    # one pass this time: 5 users passed with a 2 ms server queue, 20 users failed with 900 ms of queue
+    stages = [s.replace(pass_name="sweep") for s in STAGES]
+    rows = [r.replace(pass_name="sweep", target_users=u, kind="users")
+            for r, u in zip(ROWS_TTFT_FAILS_AT_20, (1, 5, 20))]
+    rows[1] = rows[1].replace(server_queue_mean_ms=2.0)
+    rows[2] = rows[2].replace(server_queue_mean_ms=900.0)
+    run = SimpleNamespace(stages=stages, frame=pd.DataFrame(), telemetry={"metrics": metrics()},
+                          info=SimpleNamespace(started_unix_s=T0), failures=None)
+    res = what_broke_first(run, rows)
+    assert res.server_evidence == ("server queue time mean 2 -> 900 ms from 5 users",)
+    assert res.sentence == (
+        "P95 TTFT exceeded its 1,000 ms SLO (1,412 ms) in queueing-20u (from 120 s), before any server "
+        "pressure or error was seen: TTFT broke first. Server side in queueing-20u: server queue time mean "
+        "2 -> 900 ms from 5 users."
+    )
+    # without the histograms the sentence is the one it always was
+    plain = what_broke_first(run, [r.replace(server_queue_mean_ms=None) for r in rows])
+    assert plain.server_evidence == ()
+    assert plain.sentence == broke_sentence(result(events(m=metrics())))

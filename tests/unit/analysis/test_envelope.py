@@ -75,3 +75,59 @@ def test_limits_flag_few_samples_and_non_monotonic():
     assert "1 user: 15" in text
     assert "p95 rests on fewer than 20 samples at 1 user" in text
     assert "10 users met every SLO again after 5 users failed" in text
+
+
+def _unexplained(**broke_cells):
+    """A stage that failed its TTFT SLO while the client-side rules see no cause (TTFT p50 x1.3, TPOT flat)."""
+    safe = row(5, ttft_p50=300, ttft_p95=410).replace(server_queue_mean_ms=1.0, server_prefill_mean_ms=20.0,
+                                                       server_decode_mean_ms=500.0, ttft_mean_ms=320.0)
+    broke = row(20, ttft_p50=390, ttft_p95=2100).replace(**{
+        "server_queue_mean_ms": 1.5, "server_prefill_mean_ms": 25.0, "server_decode_mean_ms": 520.0,
+        "ttft_mean_ms": 400.0, **broke_cells})
+    return [row(1, ttft_p50=200, ttft_p95=300), safe, broke]
+
+
+def test_unknown_stays_unknown_without_server_growth():
+    f = find_envelope(_unexplained())
+    assert f.cause == "unknown"
+    assert f.evidence == ("from 5 users, TTFT p50 x1.3 while TPOT p50 x1.0",)
+
+
+def test_server_queue_time_growing_reads_as_queueing():
+    f = find_envelope(_unexplained(server_queue_mean_ms=250.0))
+    assert f.cause == "queueing"
+    s = envelope_sentence(f)
+    assert "over the 2 s SLO, because requests queued in the server (" in s
+    assert "server queue time mean 1 -> 250 ms from 5 users" in s
+
+
+def test_server_prefill_growing_reads_as_long_prompts_and_decode_as_batch_size():
+    f = find_envelope(_unexplained(server_prefill_mean_ms=400.0, server_decode_mean_ms=800.0))
+    assert f.cause == "long_prompts"  # prefill grew by 380 ms, decode by 300 ms: the larger growth names it
+    assert "because the server took longer to process the prompts (prefill)" in envelope_sentence(f)
+    assert f.evidence[1:] == ("server prefill time mean 20 -> 400 ms from 5 users",
+                              "server decode time mean 500 -> 800 ms from 5 users")
+    f = find_envelope(_unexplained(server_decode_mean_ms=900.0))
+    assert f.cause == "decode_slowdown"
+    assert "because every output token got slower as the batch grew" in envelope_sentence(f)
+
+
+def test_time_outside_the_engine_reads_as_the_measurement_setup():
+    f = find_envelope(_unexplained(outside_engine_ttft_mean_ms=300.0, server_queue_mean_ms=250.0))
+    assert f.cause == "measurement"  # first: the numbers do not describe the server
+    s = envelope_sentence(f)
+    assert "the measurement setup (front end, network, load generator), not the server, is the limit" in s
+    assert "75% of the client's mean TTFT (400 ms) was spent outside the engine" in s
+    # under 50 ms, or under half of the client's mean, is not the setup's doing
+    assert find_envelope(_unexplained(outside_engine_ttft_mean_ms=45.0, ttft_mean_ms=60.0)).cause == "unknown"
+    assert find_envelope(_unexplained(outside_engine_ttft_mean_ms=190.0)).cause == "unknown"
+
+
+def test_server_evidence_is_added_to_a_cause_the_client_rules_found():
+    rows = [row(1, ttft_p50=200, ttft_p95=300, tps=330), row(5, ttft_p50=300, ttft_p95=410).replace(
+                server_queue_mean_ms=2.0),
+            row(20, ttft_p50=2400, ttft_p95=2900, tpot_p50=55.0).replace(server_queue_mean_ms=2000.0)]
+    f = find_envelope(rows)
+    assert f.cause == "queueing"
+    assert f.evidence == ("from 5 users, TTFT p50 x8.0 while TPOT p50 x1.1",
+                          "server queue time mean 2 -> 2,000 ms from 5 users")
