@@ -2,7 +2,8 @@
 
 Modules: :mod:`analysis.load` (run directory to frames), :mod:`analysis.table`
 (the envelope table), :mod:`analysis.envelope` (what is safe, what broke
-first), :mod:`analysis.broke` (events in time order, token cross-check),
+first), :mod:`analysis.server_latency` (the server's own latency histograms per
+window), :mod:`analysis.broke` (events in time order, token cross-check),
 :mod:`analysis.failures` (failed requests by category, a server that stopped
 answering), :mod:`analysis.tokens` (token-count audit), :mod:`analysis.plots`
 (graphs on given axes), :mod:`analysis.report` (report files),
