@@ -93,6 +93,8 @@ FRAME_COLUMNS: tuple[str, ...] = _IDENTITY_COLUMNS + (
     "n_chunks",
     "multi_token_chunks",
     "itl_mean_ms",
+    "user_id",
+    "client_stall_max_ms",
 )
 
 
@@ -292,6 +294,9 @@ def per_request_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     columns["n_chunks"] = np.array(n_chunks, dtype=np.int64)
     columns["multi_token_chunks"] = np.array(multi, dtype=np.int64)
     columns["itl_mean_ms"] = _float_column(itl_mean) * 1000.0
+    # who sent it and the load generator's worst stall meanwhile (absent in runs before they were recorded)
+    columns["user_id"] = [r.get("user_id") for r in recs]
+    columns["client_stall_max_ms"] = _float_column([r.get("client_stall_max_ms") for r in recs])
     return pd.DataFrame(columns, columns=list(FRAME_COLUMNS))
 
 

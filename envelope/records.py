@@ -119,6 +119,9 @@ class RequestRecord:
     error_category: str | None = None  # an ErrorCategory (read back: its plain string)
     error_detail: str | None = None  # short, never contains a secret
     # opt-in only
+    # who sent it, and what the load generator did meanwhile
+    user_id: str | None = None  # "<worker_id>/<n>" of the Locust user (None: open loop, no user)
+    client_stall_max_ms: float | None = None  # worst event-loop stall of this process that overlapped it
     prompt_text: str | None = None
     completion_text: str | None = None
     schema: int = SCHEMA_VERSION

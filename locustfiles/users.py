@@ -65,6 +65,7 @@ class LLMUser(FastHttpUser):
     def on_start(self) -> None:
         self.ctx: EnvelopeRun = self.environment.envelope
         seq = next(_user_seq)
+        self.user_id = f"{self.ctx.worker_id}/{seq}"
         stage = self.ctx.stage
         self.client_name = pick_client_name([(c.name, c.weight) for c in stage.clients], seq)
         worker_index = getattr(self.environment.runner, "worker_index", 0) or 0
@@ -102,7 +103,7 @@ class LLMUser(FastHttpUser):
         client = next((c for c in stage.clients if c.name == self.client_name), stage.clients[0])
         record = send_one(self.ctx, self.environment, stage=stage, client=client, rng=self.rng,
                           request_id=f"{self.ctx.worker_id}-{next(self._req_seq)}-{id(self) & 0xFFFF:x}",
-                          transport=self._transport(client))
+                          transport=self._transport(client), user_id=self.user_id)
         if record.error_category in UNREACHABLE:
             # Nothing is listening (the server died or restarts): retrying at once would write
             # thousands of identical records a second. Back off 50 ms, doubling to 1 s.
@@ -156,7 +157,7 @@ def build_request(ctx: EnvelopeRun, stage, client, rng: random.Random):
 
 
 def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random, request_id: str,
-             transport, t_intended_s: float | None = None) -> RequestRecord:
+             transport, t_intended_s: float | None = None, user_id: str | None = None) -> RequestRecord:
     """Send one streamed request, write its record, report it to Locust; returns the record.
 
     ``transport(spec, observer) -> Outcome`` does the network part. ``t_intended_s``
@@ -186,8 +187,9 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
         outcome = None
     finally:
         ctx.in_flight -= 1
+    t_done = perf_counter()
     fields = obs.finish(
-        perf_counter(),
+        t_done,
         error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
         error_detail="stopped by Locust mid-request" if cancelled else outcome.error_detail,
         http_status=None if cancelled else outcome.http_status,
@@ -205,6 +207,8 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
         stage_index=stage.index,
         stage_name=stage.name,
         wall_start_unix_s=wall_start,
+        user_id=user_id,
+        client_stall_max_ms=_stall_ms(ctx, t_start, t_done),
         t_intended_s=t_intended_s,
         t_start_s=t_start,
         t_first_byte_s=None if outcome is None else outcome.t_first_byte_s,
@@ -220,6 +224,12 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     if cancelled:
         raise gevent.GreenletExit()
     return record
+
+
+def _stall_ms(ctx: EnvelopeRun, t_start: float, t_done: float) -> float | None:
+    """The worst stall of this process's event loop during the request (None where nothing watches)."""
+    watcher = getattr(ctx, "loop_lag", None)
+    return None if watcher is None else round(watcher.worst_overlapping_ms(t_start, t_done), 3)
 
 
 def report(environment, rec: RequestRecord) -> None:
