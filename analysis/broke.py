@@ -35,7 +35,7 @@ import pandas as pd
 
 from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, finite, grouped_number, percent, split_key
 from analysis.load import run_start_unix_s
-from analysis.envelope import last_safe_before, server_evidence, worst_failed_slo
+from analysis.envelope import flagged_caveat, last_safe_before, server_evidence, worst_failed_slo
 from analysis.failures import ServerStop, run_server_stop
 from analysis.rows import SloResult, TableRow
 from envelope.stages import StageRecord
@@ -316,7 +316,10 @@ def what_broke_first(run: Any, rows: Sequence[TableRow]) -> BrokeFirst:
     fields = dict(events=tuple(events), first=events[0] if events else None,
                   server_metrics=_ok_metrics(metrics) is not None, saturated_stages=tuple(sorted(saturated)),
                   server_evidence=tuple(_slo_stage_server_evidence(events, rows)))
-    return BrokeFirst(**fields, sentence=broke_sentence(BrokeFirst(**fields, sentence="")))
+    sentence = broke_sentence(BrokeFirst(**fields, sentence=""))
+    # the stages the sentence names: the first event's, and the first SLO failure's
+    named = {e.stage_index for e in events[:1] + [e for e in events if e.kind == "slo"][:1]}
+    return BrokeFirst(**fields, sentence=sentence + flagged_caveat([r for r in rows if r.stage_index in named]))
 
 
 def _slo_stage_server_evidence(events: Sequence[BreakEvent], rows: Sequence[TableRow]) -> list[str]:

@@ -38,6 +38,7 @@ __all__ = [
     "find_envelopes",
     "envelope_sentence",
     "level_text",
+    "flagged_caveat",
     "server_evidence",
     "last_safe_before",
     "KV_PRESSURE_RATIO",
@@ -154,7 +155,20 @@ def find_envelope(rows: Sequence[TableRow], *, pass_name: str | None = None) -> 
 
 
 def envelope_sentence(finding: EnvelopeFinding) -> str:
-    """The envelope in one or two plain sentences."""
+    """The envelope in one or two plain sentences, and a warning when it rests on a flagged stage."""
+    return _sentence(finding) + flagged_caveat([r for r in (finding.safe_row, finding.broke_row) if r is not None])
+
+
+def flagged_caveat(rows: Sequence[TableRow]) -> str:
+    """`` Caution: …`` naming the rows among ``rows`` flagged NOT TRUSTWORTHY and why ("" when none is)."""
+    flagged = [r for r in rows if r.trust.trustworthy is False]
+    if not flagged:
+        return ""
+    which = "; ".join(f"{level_text(r)} ({r.stage_name}): {r.trust.untrustworthy_reasons}" for r in flagged)
+    return f" Caution: this rests on numbers flagged NOT TRUSTWORTHY at {which}."
+
+
+def _sentence(finding: EnvelopeFinding) -> str:
     f = finding
     stop = f.server_stopped_row
     stop_at = f"during {stop.stage_name} ({level_text(stop)})" if stop else ""

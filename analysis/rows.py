@@ -35,6 +35,7 @@ __all__ = [
     "OpenLoopCells",
     "ServerTelemetry",
     "ServerLatency",
+    "WindowIntegrity",
     "Trust",
     "SloVerdict",
     "TableRow",
@@ -214,6 +215,27 @@ class Trust:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WindowIntegrity:
+    """Whether the window holds only this stage's steady state, and how many of its requests a stall touched.
+
+    ``departing_user_requests``: requests the stage's records hold from users being stopped on a step
+    down in users (left out of every number). ``settled_at_s``: when requests in flight first fell to the
+    stage's target users (seconds from the run's start; None when the window did not wait for it).
+    ``stalled_requests``/``stalled_share``: window requests during which the load generator's event
+    loop stalled over the limit (None: the records do not say), and the percentiles without them.
+    """
+
+    departing_user_requests: int = 0
+    settled_at_s: float | None = None
+    stalled_requests: int | None = None
+    stalled_share: float | None = None
+    stall_max_ms: float | None = None
+    ttft_p95_unstalled_ms: float | None = None
+    ttft_p99_unstalled_ms: float | None = None
+    e2e_p95_unstalled_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SloVerdict:
     """The stage's SLOs: each one's result, and whether all that could be checked passed (None: none)."""
 
@@ -229,6 +251,7 @@ _PARTS: tuple[tuple[str, type], ...] = (
     ("open_loop", OpenLoopCells),
     ("server", ServerTelemetry),
     ("server_latency", ServerLatency),
+    ("integrity", WindowIntegrity),
     ("trust", Trust),
     ("slo", SloVerdict),
 )
@@ -247,6 +270,7 @@ class TableRow:
     open_loop: OpenLoopCells = field(default_factory=OpenLoopCells)
     server: ServerTelemetry = field(default_factory=ServerTelemetry)
     server_latency: ServerLatency = field(default_factory=ServerLatency)
+    integrity: WindowIntegrity = field(default_factory=WindowIntegrity)
     trust: Trust = field(default_factory=Trust)
     slo: SloVerdict = field(default_factory=SloVerdict)
 
@@ -312,5 +336,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "ttft_mean_ms", "e2e_mean_ms",
     *(f"server_{m}_{s}_ms" for m in ("ttft", "queue", "prefill", "decode", "e2e") for s in ("mean", "p50", "p95")),
     "server_requests_finished", "server_ttft_mean_bucket_ms", "outside_engine_ttft_mean_ms",
+    "departing_user_requests", "settled_at_s", "stalled_requests", "stalled_share", "stall_max_ms",
+    "ttft_p95_unstalled_ms", "ttft_p99_unstalled_ms", "e2e_p95_unstalled_ms",
 )
 assert set(TABLE_COLUMNS) == set(_PART_OF), "every column is a field of exactly one part"

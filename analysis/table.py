@@ -61,6 +61,7 @@ from analysis.rows import (
     TableRow,
     Throughput,
     Trust,
+    WindowIntegrity,
 )
 from analysis.workers import ending_reason, stage_endings, worker_endings
 from envelope import metrics
@@ -78,6 +79,7 @@ __all__ = [
     "envelope_table",
     "evaluate_slos",
     "trust_reasons",
+    "stalls_matter",
     "few_sample_percentiles",
     "table_totals",
     "write_table_csv",
@@ -99,6 +101,10 @@ class WindowRule:
 RATE_SHORTFALL_LIMIT = 0.02  # an open-loop stage that sent more than 2% fewer requests than asked
 CLIENT_CPU_LIMIT_PERCENT = 90.0  # a load-generator process this busy limits the load it offers
 CLIENT_LOOP_LAG_LIMIT_MS = 50.0  # a stall this long delays every chunk read meanwhile
+STALLED_SHARE_P95 = 0.05  # stalled requests above this share can set the p95 ...
+STALLED_SHARE_P99 = 0.01  # ... and above this one the p99
+STALL_SHIFT_LIMIT = 0.10  # leaving stalled requests out moves a reported percentile by more than this
+IN_FLIGHT_SLACK = 0.5  # mean in flight above target users + this: the window held another stage's requests
 
 
 def steady_window(stage: StageRecord, *, rule: WindowRule = WindowRule()) -> tuple[float, float, str]:
@@ -141,6 +147,10 @@ class _Columns:
     chunk_unix_s: np.ndarray
     chunk_output_tokens: np.ndarray
     chunk_ok: np.ndarray
+    user_id: np.ndarray  # object: "<worker>/<n>", or None (open loop, or runs before user ids were recorded)
+    stall_ms: np.ndarray  # the worst load-generator stall during each request (NaN: not recorded)
+    flight_t: np.ndarray  # sorted start and end times of every request ...
+    flight_n: np.ndarray  # ... and the requests in flight just after each of them
 
     @classmethod
     def of(cls, run: Any) -> "_Columns":
@@ -163,7 +173,23 @@ class _Columns:
             chunk_unix_s=run.chunk_unix_s,
             chunk_output_tokens=run.chunk_output_tokens,
             chunk_ok=np.repeat(ok, run.chunk_counts),
+            user_id=(frame["user_id"].to_numpy(dtype=object) if n and "user_id" in frame.columns
+                     else np.full(n, None, dtype=object)),
+            stall_ms=_num(frame, "client_stall_max_ms"),
+            **_in_flight_steps(frame),
         )
+
+
+def _in_flight_steps(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Requests in flight as a step function: sorted event times and the count just after each."""
+    if not len(frame):
+        return {"flight_t": np.empty(0), "flight_n": np.empty(0, dtype=np.int64)}
+    starts = frame["wall_start_unix_s"].to_numpy(dtype=float)
+    ends = frame["in_flight_end_unix_s"].to_numpy(dtype=float)
+    t = np.concatenate([starts, ends])
+    step = np.concatenate([np.ones(len(starts), dtype=np.int64), -np.ones(len(ends), dtype=np.int64)])
+    order = np.lexsort((step, t))  # at one instant an end counts before a start
+    return {"flight_t": t[order], "flight_n": np.cumsum(step[order])}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +201,7 @@ class _Selection:
     cancelled: np.ndarray  # ... stopped by the load generator itself: neither success nor error
     counted: np.ndarray  # in the window and not cancelled
     ok: np.ndarray  # in the window and successful: the latency population
+    departing: np.ndarray  # the stage's requests from users being stopped (left out of all the above)
 
 
 def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[TableRow]:
@@ -183,21 +210,29 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[TableRo
     ``run`` is an :class:`analysis.load.Run` (anything with the same attributes).
     """
     cols = _Columns.of(run)
+    departing = _departing_requests(run.stages, cols)
     run_start = run_start_unix_s(run)
     endings = worker_endings(run, zero_unix_s=run_start)
     stop = run_server_stop(run) if len(run.frame) else None
     stopped_in = set(stop.affected_stage_indices) if stop is not None else set()
     telemetry = getattr(run, "telemetry", {}) or {}
     return [_stage_row(stage, run, cols, telemetry, rule=rule, run_start=run_start, endings=endings,
+                       departing=departing,
                        # a stage the server died in (or after) measured the outage, not the envelope
                        server_stopped=stage.stage_index in stopped_in)
             for stage in run.stages]
 
 
 def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[str, pd.DataFrame], *,
-               rule: WindowRule, run_start: float, endings: Sequence[Any], server_stopped: bool) -> TableRow:
+               rule: WindowRule, run_start: float, endings: Sequence[Any], server_stopped: bool,
+               departing: np.ndarray) -> TableRow:
     ws, we, note = steady_window(stage, rule=rule)
-    sel = _select(stage, cols, ws, we)
+    settled = _settled_at(stage, cols) if not stage.derived else None
+    if settled is not None and settled > ws:
+        # a step down in users: the window waits until the departing users' requests have drained
+        ws = settled
+        note = "; ".join(filter(None, [note, f"opened when in flight fell to {stage.target_users}"]))
+    sel = _select(stage, cols, ws, we, departing)
     window = _window(stage, cols, ws, we, note, run_start)
     host_cpu, saturated = _host_cells(telemetry, ws, we)
     latency = _latency(cols, sel)
@@ -209,6 +244,7 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
         open_loop=_open_loop(stage, cols, sel),
         server=_server_telemetry(telemetry, ws, we),
         server_latency=_server_latency(telemetry, ws, we, latency.ttft_mean_ms),
+        integrity=_integrity(cols, sel, latency, settled_at_s=None if settled is None else settled - run_start),
         trust=Trust(host_cpu_max_core_ratio=host_cpu, client_saturated=saturated, server_stopped=server_stopped,
                     client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
                     client_cpu_max_percent=stage.client_cpu_max_percent,
@@ -220,15 +256,85 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
     return row.replace(slo_results=results, slo_pass=_overall(results))
 
 
-def _select(stage: StageRecord, cols: _Columns, ws: float, we: float) -> _Selection:
-    """Latency, counts and errors: the stage's requests that *started* inside the window."""
+def _select(stage: StageRecord, cols: _Columns, ws: float, we: float, departing: np.ndarray) -> _Selection:
+    """Latency, counts and errors: the stage's requests that *started* inside the window, less those of
+    departing users."""
     mine = cols.stage_index == stage.stage_index
-    in_window = mine & (cols.start_unix_s >= ws) & (cols.start_unix_s < we)
+    leaving = mine & departing
+    in_window = mine & ~leaving & (cols.start_unix_s >= ws) & (cols.start_unix_s < we)
     # Requests the load generator itself stopped (run ended or interrupted) are neither
     # successes nor server errors: they are counted apart and left out of the error rate.
     cancelled = in_window & (cols.category == ErrorCategory.CANCELLED)
     return _Selection(mine=mine, in_window=in_window, cancelled=cancelled, counted=in_window & ~cancelled,
-                      ok=in_window & cols.ok)
+                      ok=in_window & cols.ok, departing=leaving)
+
+
+def _departing_requests(stages: Sequence[StageRecord], cols: _Columns) -> np.ndarray:
+    """Requests sent in a stage by the users Locust is stopping on a step down in users.
+
+    Locust stops surplus users after the stage has begun; each finishes its current request and may
+    send one more, already with the new stage's workload. On a step down from P to T users, the
+    P - T users of the stage that send nothing in a later stage and whose last request in it started
+    earliest are the departing ones. Records without user ids (older runs) name none.
+    """
+    out = np.zeros(len(cols.ok), dtype=bool)
+    known = ~pd.isna(cols.user_id)
+    if not known.any():
+        return out
+    ordered = sorted((s for s in stages if not s.derived), key=lambda s: s.start_unix_s)
+    for i, stage in enumerate(ordered[1:], 1):
+        previous = ordered[i - 1]
+        if stage.open_loop or previous.open_loop or not stage.target_users or not previous.target_users:
+            continue
+        leaving = previous.target_users - stage.target_users
+        if leaving <= 0:
+            continue
+        mine = (cols.stage_index == stage.stage_index) & known
+        later = {s.stage_index for s in ordered[i + 1:]}
+        stays = set(cols.user_id[np.isin(cols.stage_index, list(later))]) if later else set()
+        last_start: dict[str, float] = {}
+        for user, t in zip(cols.user_id[mine], cols.start_unix_s[mine]):
+            if user not in stays:
+                last_start[user] = max(t, last_start.get(user, -math.inf))
+        gone = sorted(last_start, key=last_start.get)[:leaving]
+        out |= mine & np.isin(cols.user_id, gone)
+    return out
+
+
+def _settled_at(stage: StageRecord, cols: _Columns) -> float | None:
+    """Closed loop: the first time from the stage's start at which requests in flight were at most its
+    target users (its start when they already were); None for open loop or when they never fell."""
+    if stage.open_loop or not stage.target_users or not len(cols.flight_t):
+        return None
+    start = float(stage.start_unix_s)
+    i = int(np.searchsorted(cols.flight_t, start, side="right"))
+    before = int(cols.flight_n[i - 1]) if i > 0 else 0
+    if before <= stage.target_users:
+        return start
+    after = np.flatnonzero(cols.flight_n[i:] <= stage.target_users)
+    if not after.size or cols.flight_t[i + after[0]] > float(stage.end_unix_s):
+        return None
+    return float(cols.flight_t[i + after[0]])
+
+
+def _integrity(cols: _Columns, sel: _Selection, latency: LatencyPercentiles, *,
+               settled_at_s: float | None) -> WindowIntegrity:
+    """Departing users' requests, and the window's requests touched by a load-generator stall."""
+    departing = int(sel.departing.sum())
+    stall = cols.stall_ms[sel.counted]
+    if not stall.size or np.isnan(stall).all():
+        return WindowIntegrity(departing_user_requests=departing, settled_at_s=settled_at_s)
+    stalled = np.nan_to_num(cols.stall_ms, nan=0.0) > CLIENT_LOOP_LAG_LIMIT_MS
+    clean = sel.ok & ~stalled
+    cells = {}
+    for metric, q in (("ttft", 95), ("ttft", 99), ("e2e", 95)):
+        values = cols.latency_ms[metric][clean]
+        values = values[~np.isnan(values)]
+        cells[f"{metric}_p{q}_unstalled_ms"] = float(np.percentile(values, q)) if values.size else None
+    n_stalled = int((sel.counted & stalled).sum())
+    return WindowIntegrity(departing_user_requests=departing, settled_at_s=settled_at_s,
+                           stalled_requests=n_stalled, stalled_share=n_stalled / int(sel.counted.sum()),
+                           stall_max_ms=float(np.nanmax(stall)), **cells)
 
 
 def _window(stage: StageRecord, cols: _Columns, ws: float, we: float, note: str, run_start: float) -> StageWindow:
@@ -321,11 +427,49 @@ def trust_reasons(row: TableRow) -> list[str]:
     cpu = trust.client_cpu_max_percent
     if trust.client_saturated or (cpu is not None and cpu >= CLIENT_CPU_LIMIT_PERCENT):
         reasons.append("load generator CPU-saturated" + (f" ({cpu:.0f}% of a core)" if cpu is not None else ""))
-    lag = trust.client_loop_lag_max_ms
-    if lag is not None and lag > CLIENT_LOOP_LAG_LIMIT_MS:
-        reasons.append(f"load generator stalled up to {lag:.0f} ms (latencies measured meanwhile are late by up to that)")
+    integrity = row.integrity
+    if integrity.stalled_share is not None:  # the records say which requests a stall touched
+        if stalls_matter(row):
+            with_, without = row.latency.ttft_p95_ms, integrity.ttft_p95_unstalled_ms
+            reasons.append(
+                f"load generator stalled over {CLIENT_LOOP_LAG_LIMIT_MS:.0f} ms during {integrity.stalled_requests} "
+                f"of {row.counts.requests} requests ({100 * integrity.stalled_share:.0f}%, up to "
+                f"{integrity.stall_max_ms:.0f} ms): p95 TTFT {_ms_text(with_)} with them, {_ms_text(without)} without")
+    else:  # older records: only the stage's worst stall is known
+        lag = trust.client_loop_lag_max_ms
+        if lag is not None and lag > CLIENT_LOOP_LAG_LIMIT_MS:
+            reasons.append(f"load generator stalled up to {lag:.0f} ms "
+                           "(latencies measured meanwhile are late by up to that)")
+    target, in_flight = row.window.target_users, row.window.mean_in_flight
+    if row.window.kind == "users" and target and in_flight > target + IN_FLIGHT_SLACK:
+        reasons.append(f"mean in flight {in_flight:.2f} exceeds the {target} users asked "
+                       "(requests of another stage's users were still running)")
     reasons += [ending_reason(item) for item in trust.load_generators_ended]
     return reasons
+
+
+def stalls_matter(row: TableRow) -> bool:
+    """Whether the requests a load-generator stall touched can move the stage's reported percentiles.
+
+    True when they are more than 5% of the window's requests (they can set p95), more than 1% where p99
+    has the samples to be reported, or when leaving them out moves p95/p99 TTFT or p95 E2E by over 10%.
+    """
+    integrity = row.integrity
+    share = integrity.stalled_share
+    if not share:
+        return False
+    if share > STALLED_SHARE_P95 or (share > STALLED_SHARE_P99 and "p99" not in row.counts.few_samples.split(",")):
+        return True
+    for with_, without in ((row.latency.ttft_p95_ms, integrity.ttft_p95_unstalled_ms),
+                           (row.latency.ttft_p99_ms, integrity.ttft_p99_unstalled_ms),
+                           (row.latency.e2e_p95_ms, integrity.e2e_p95_unstalled_ms)):
+        if without and math.isfinite(with_) and abs(with_ - without) > STALL_SHIFT_LIMIT * without:
+            return True
+    return False
+
+
+def _ms_text(ms: float | None) -> str:
+    return "-" if ms is None or not math.isfinite(ms) else f"{ms:.0f} ms"
 
 
 def evaluate_slos(row: TableRow, slos: Mapping[str, Any]) -> list[SloResult]:
