@@ -426,6 +426,10 @@ def _limits(rows: Sequence[TableRow]) -> list[str]:
                           "the stage is not judged.")
         if r.window.window_note:
             limits.append(f"{level_text(r)}: {r.window.window_note}.")
+        share = r.integrity.coalesced_chunk_share
+        if share is not None and share > 0.2:
+            limits.append(f"At {level_text(r)} {adaptive_percent(share)} of chunk gaps were 0 (chunks timestamped by one "
+                          "socket read): its ITL percentiles, marked read-batched, measure reads, not the server.")
         cpu = r.trust.host_cpu_max_core_ratio
         if r.trust.trustworthy is False:
             limits.append(

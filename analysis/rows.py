@@ -223,6 +223,8 @@ class WindowIntegrity:
     stage's target users (seconds from the run's start; None when the window did not wait for it).
     ``stalled_requests``/``stalled_share``: window requests during which the load generator's event
     loop stalled over the limit (None: the records do not say), and the percentiles without them.
+    ``coalesced_chunk_share``: the share of the window's ITL values that are exactly 0 (two chunks
+    timestamped by one socket read); when it is high, ITL percentiles measure read batching.
     """
 
     departing_user_requests: int = 0
@@ -233,6 +235,7 @@ class WindowIntegrity:
     ttft_p95_unstalled_ms: float | None = None
     ttft_p99_unstalled_ms: float | None = None
     e2e_p95_unstalled_ms: float | None = None
+    coalesced_chunk_share: float | None = None  # ITL gaps of exactly 0: chunks that came in one socket read
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,6 +340,6 @@ TABLE_COLUMNS: tuple[str, ...] = (
     *(f"server_{m}_{s}_ms" for m in ("ttft", "queue", "prefill", "decode", "e2e") for s in ("mean", "p50", "p95")),
     "server_requests_finished", "server_ttft_mean_bucket_ms", "outside_engine_ttft_mean_ms",
     "departing_user_requests", "settled_at_s", "stalled_requests", "stalled_share", "stall_max_ms",
-    "ttft_p95_unstalled_ms", "ttft_p99_unstalled_ms", "e2e_p95_unstalled_ms",
+    "ttft_p95_unstalled_ms", "ttft_p99_unstalled_ms", "e2e_p95_unstalled_ms", "coalesced_chunk_share",
 )
 assert set(TABLE_COLUMNS) == set(_PART_OF), "every column is a field of exactly one part"

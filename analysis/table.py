@@ -104,6 +104,7 @@ CLIENT_LOOP_LAG_LIMIT_MS = 50.0  # a stall this long delays every chunk read mea
 STALLED_SHARE_P95 = 0.05  # stalled requests above this share can set the p95 ...
 STALLED_SHARE_P99 = 0.01  # ... and above this one the p99
 STALL_SHIFT_LIMIT = 0.10  # leaving stalled requests out moves a reported percentile by more than this
+COALESCED_CHUNK_LIMIT = 0.2  # more ITL gaps than this at exactly 0: ITL percentiles describe socket reads
 IN_FLIGHT_SLACK = 0.5  # mean in flight above target users + this: the window held another stage's requests
 
 
@@ -321,9 +322,12 @@ def _integrity(cols: _Columns, sel: _Selection, latency: LatencyPercentiles, *,
                settled_at_s: float | None) -> WindowIntegrity:
     """Departing users' requests, and the window's requests touched by a load-generator stall."""
     departing = int(sel.departing.sum())
+    itl = cols.itl_ms[np.repeat(sel.ok, cols.itl_counts)]
+    coalesced = float((itl == 0).mean()) if itl.size else None
     stall = cols.stall_ms[sel.counted]
     if not stall.size or np.isnan(stall).all():
-        return WindowIntegrity(departing_user_requests=departing, settled_at_s=settled_at_s)
+        return WindowIntegrity(departing_user_requests=departing, settled_at_s=settled_at_s,
+                               coalesced_chunk_share=coalesced)
     stalled = np.nan_to_num(cols.stall_ms, nan=0.0) > CLIENT_LOOP_LAG_LIMIT_MS
     clean = sel.ok & ~stalled
     cells = {}
@@ -334,7 +338,7 @@ def _integrity(cols: _Columns, sel: _Selection, latency: LatencyPercentiles, *,
     n_stalled = int((sel.counted & stalled).sum())
     return WindowIntegrity(departing_user_requests=departing, settled_at_s=settled_at_s,
                            stalled_requests=n_stalled, stalled_share=n_stalled / int(sel.counted.sum()),
-                           stall_max_ms=float(np.nanmax(stall)), **cells)
+                           stall_max_ms=float(np.nanmax(stall)), coalesced_chunk_share=coalesced, **cells)
 
 
 def _window(stage: StageRecord, cols: _Columns, ws: float, we: float, note: str, run_start: float) -> StageWindow:
@@ -560,7 +564,15 @@ def row_cell(row: TableRow, column: str) -> str:
         return SERVER_STOPPED_CELL
     if column == "trustworthy" and row.trust.trustworthy is False:
         return f"NOT TRUSTWORTHY: {row.trust.untrustworthy_reasons}"
+    if column.startswith("itl_p") and itl_read_batched(row):
+        return f"{format_cell(column, row.value(column))} (read-batched)"
     return format_cell(column, row.value(column))
+
+
+def itl_read_batched(row: TableRow) -> bool:
+    """Whether so many of the stage's chunk gaps are 0 (one socket read) that its ITL describes reads."""
+    share = row.integrity.coalesced_chunk_share
+    return share is not None and share > COALESCED_CHUNK_LIMIT
 
 
 def format_cell(column: str, value: Any) -> str:

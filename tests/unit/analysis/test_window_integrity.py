@@ -103,3 +103,22 @@ def test_the_headline_says_when_it_rests_on_a_flagged_stage(builders, tmp_path):
     row = _stall_run(builders, tmp_path, 40)
     sentence = envelope_sentence(find_envelope([row]))
     assert "NOT TRUSTWORTHY" in sentence and "stalled" in sentence
+
+
+def test_itl_from_chunks_read_together_is_marked(builders, tmp_path):
+    """Half the chunk gaps are 0 (pairs of chunks in one read): the share is reported and ITL cells marked."""
+    from analysis.table import row_cell
+
+    make_stage, make_record, write_run = builders
+    st = make_stage(0, 1, 1000.0, 1060.0)
+    recs = []
+    for i in range(20):
+        rec = make_record(st, 1010.0 + 2 * i, 0.1, tokens=11)
+        rec["chunk_offsets_s"] = [0.1 + 0.05 * (k // 2) for k in range(11)]  # 2 chunks per read
+        rec["t_first_token_s"], rec["t_last_token_s"] = (rec["t_start_s"] + rec["chunk_offsets_s"][0],
+                                                         rec["t_start_s"] + rec["chunk_offsets_s"][-1])
+        recs.append(rec)
+    (row,) = envelope_table(load_run(write_run(tmp_path / "reads", stages=[st], records=recs)))
+    assert row.integrity.coalesced_chunk_share == pytest.approx(0.5)
+    assert row_cell(row, "itl_p50_ms").endswith("(read-batched)") and row_cell(row, "ttft_p50_ms") == "100"
+    assert any("chunk gaps were 0" in line for line in find_envelope([row]).limits)
