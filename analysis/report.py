@@ -239,7 +239,12 @@ def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Ta
         DATA_NOTE,
         f"Steady-state window of a stage: from stage start + ramp (target users / spawn rate; 0 for "
         f"rate stages) + {rule.settle_s:g} s settle, to stage end; when less than "
-        f"{rule.min_window_s:g} s remains, the second half of the stage.",
+        f"{rule.min_window_s:g} s remains, the second half of the stage. On a step down in users the window "
+        f"opens no earlier than when requests in flight fell to the stage's users, and the requests of the "
+        f"users Locust was stopping (by user id) are left out.",
+        f"Load-generator stalls: each record carries the longest stall of its process's event loop during "
+        f"it; a stage is flagged only when the requests a stall over 50 ms touched can move a reported "
+        f"percentile (over 5% of them for p95, 1% for p99, or a shift of more than 10% without them).",
         "Latency percentiles, request and error counts: requests of the stage that started inside "
         "the window (latencies over successful requests only).",
         "Aggregate output tokens/s: tokens of successful requests whose content chunks arrived inside "

@@ -12,7 +12,8 @@ states that zero. ``envelope.md`` and ``summary.txt`` were regenerated for that 
 files were not: their cells have not changed). And one added section: ``envelope.md`` gained "Where the
 time goes (server-side, per stage)" from the simulator's latency histograms, and nothing else changed.
 And the open pass's envelope sentence now ends with a caution naming its stage flagged NOT TRUSTWORTHY
-(the open-loop stage sent 11% fewer requests than asked): a headline no longer hides the flag.
+(the open-loop stage sent 11% fewer requests than asked): a headline no longer hides the flag; and the
+method notes say how step-down windows and load-generator stalls are handled.
 
 Columns renamed since then are mapped in ``RENAMED`` (old name -> new name); a column dropped
 because another one already said the same is mapped to that one, so its values are still checked.
