@@ -121,7 +121,7 @@ _LEADER = textwrap.dedent(
 )
 
 
-def _wait_for(predicate, timeout_s=10.0):
+def _wait_for(predicate, timeout_s=30.0):  # generous: a loaded 2-core box starts Python slowly
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -161,7 +161,9 @@ def test_every_thread_of_the_engine_processes_reaches_the_nice_value_including_l
 
         _wait_for(all_niced)
         assert sum(len(v.thread_ids) for v in engines) == 8
-        assert keeper.threads_reniced >= 7  # 3 + the second process's 4; the first's late thread inherits 19
+        # 3, plus at least the second process's main thread (born at 0); threads it starts
+        # after that pass inherit 19, as does the first process's late thread
+        assert keeper.threads_reniced >= 4
         leader_threads = os.listdir(f"/proc/{leader.pid}/task")
         assert len(leader_threads) == 2
         assert {thread_nice(int(t)) for t in leader_threads} == {0}  # the API server stays at nice 0
