@@ -10,11 +10,19 @@ from helpers.locust_runs import REPO, generation_tokens_total, run_locust
 
 @pytest.fixture(scope="session")
 def capstone_run(vllm_server, tmp_path_factory):
-    """(run_dir, server_generation_tokens_delta) of ``scenarios/capstone.yaml --quick``."""
+    """(run_dir, server_generation_tokens_delta) of ``scenarios/capstone.yaml --quick``.
+
+    The server's ``/metrics`` is recorded to ``telemetry/metrics.jsonl`` meanwhile, every second, as
+    ``envelope run`` does (no GPU or host streams: Locust runs here as a plain child process).
+    """
+    from envelope.telemetry import MetricsSampler, TelemetryRecorder
+
     run_dir = tmp_path_factory.mktemp("capstone") / "run"
     before = generation_tokens_total(vllm_server.metrics_url)
-    proc = run_locust(vllm_server.base_url, vllm_server.api_key.get(), REPO / "scenarios" / "capstone.yaml",
-                      run_dir, "--quick", timeout_s=900)
+    with TelemetryRecorder(run_dir / "telemetry", {"metrics": MetricsSampler(vllm_server.metrics_url)},
+                           interval_s=1.0):
+        proc = run_locust(vllm_server.base_url, vllm_server.api_key.get(), REPO / "scenarios" / "capstone.yaml",
+                          run_dir, "--quick", timeout_s=900)
     if proc.returncode != 0:
         pytest.fail(f"capstone run failed (exit {proc.returncode}): {proc.stderr[-3000:]}", pytrace=False)
     after = generation_tokens_total(vllm_server.metrics_url)

@@ -77,3 +77,29 @@ def test_the_envelope_sentence_agrees_with_the_table(report_dir, capstone_run):
             broke = finding.broke_row
             assert broke.slo.slo_pass is False and level_text(broke) in sentence
             assert finding.broke_slo in broke.slo.slo_results and finding.broke_slo.passed is False
+
+
+def test_the_report_says_where_the_time_goes_in_every_stage(report_dir, capstone_run):
+    # vLLM's own histograms, delta over each window: every stage has them, and the client never saw a mean TTFT
+    # below the server's by more than the histogram can resolve (the bucket holding the server's mean)
+    run_dir, _ = capstone_run
+    rows = envelope_table(load_run(run_dir))
+    text = (report_dir / "envelope.md").read_text()
+    section = text.split("## Where the time goes (server-side, per stage)\n", 1)[1].split("\n## ", 1)[0]
+    for r in rows:
+        s = r.server_latency
+        print(f"{r.stage_name}: client mean TTFT {r.latency.ttft_mean_ms:.1f} ms, server {s.server_ttft_mean_ms} ms "
+              f"(bucket {s.server_ttft_mean_bucket_ms} ms), queue {s.server_queue_mean_ms}, prefill "
+              f"{s.server_prefill_mean_ms}, decode {s.server_decode_mean_ms}, E2E client "
+              f"{r.latency.e2e_mean_ms:.1f} server {s.server_e2e_mean_ms}, finished {s.server_requests_finished}")
+        assert f"### {r.pass_name} / {r.stage_name} (" in section, r.stage_name
+        assert s.server_requests_finished, r.stage_name
+        for stem in ("ttft", "queue", "prefill", "decode", "e2e"):
+            assert getattr(s, f"server_{stem}_mean_ms") is not None, (r.stage_name, stem)
+        if not r.counts.ok_requests:
+            continue  # no client mean TTFT to compare (the long-context stage can end with none in its window)
+        assert s.outside_engine_ttft_mean_ms is not None, r.stage_name
+        assert s.outside_engine_ttft_mean_ms >= -s.server_ttft_mean_bucket_ms, (
+            f"{r.stage_name}: client mean TTFT {r.latency.ttft_mean_ms:.1f} ms is below the server's "
+            f"{s.server_ttft_mean_ms:.1f} ms by more than its {s.server_ttft_mean_bucket_ms:.0f} ms bucket")
+    assert section.count("| TTFT mean |") == len(rows)
