@@ -80,6 +80,32 @@ def test_requests_without_the_key_are_refused(vllm_server):
     assert httpx.get(url, headers={"Authorization": f"Bearer {vllm_server.api_key.get()}"}).status_code == 200
 
 
+def _assert_engine_niced(pgid, info):
+    """cpu-tiny's engine_nice: every thread of the engine processes at 19, the API server's at 0."""
+    from server.cpu_arrangement import is_engine_process, snapshot_group, thread_nice
+
+    assert info["cpu_arrangement"]["engine_nice"] == 19
+    assert info["cpu_arrangement"]["threads_reniced"] > 0
+    views = snapshot_group(pgid)
+    engines = [v for v in views if is_engine_process(v.name, v.cmdline)]
+    assert {v.name for v in engines} == {"VLLM::EngineCore", "VLLM::Worker"}
+    assert {thread_nice(t) for v in engines for t in v.thread_ids} == {19}
+    (api,) = [v for v in views if v.pid == pgid]
+    assert {thread_nice(t) for t in api.thread_ids} == {0}
+
+
+def _wait_gone(pid, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        assert time.monotonic() < deadline, f"process {pid} is still alive"
+        time.sleep(0.1)
+
+
 def test_envelope_server_up_status_down_with_one_run_dir(tmp_path):
     """The installed ``envelope server`` command: ``up``, ``status`` and ``down`` given only the same ``--run-dir``.
 
@@ -113,6 +139,7 @@ def test_envelope_server_up_status_down_with_one_run_dir(tmp_path):
         chunks, content = _stream_chat(base_url, "tiny-qwen3", key, n_tokens=8)
         assert chunks[-1]["usage"]["completion_tokens"] == 8
         assert group_members(saved["pgid"])  # the server and its engine processes are alive
+        _assert_engine_niced(saved["pgid"], json.loads(Path(server_json).read_text()))
     finally:
         down = subprocess.run(cmd + ["down", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
@@ -123,6 +150,7 @@ def test_envelope_server_up_status_down_with_one_run_dir(tmp_path):
             leftovers.append(proc.pid)
     assert leftovers == []
     assert not state.exists()
+    _wait_gone(saved["engine_nice_pid"])  # the keeper ends with the server's group
     assert Path(server_json).resolve() == (run_dir / "server.json").resolve()
     assert (run_dir / "server.log").stat().st_size > 0
     text = Path(server_json).read_text()
