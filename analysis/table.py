@@ -230,9 +230,14 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
     ws, we, note = steady_window(stage, rule=rule)
     settled = _settled_at(stage, cols) if not stage.derived else None
     if settled is not None and settled > ws:
-        # a step down in users: the window waits until the departing users' requests have drained
-        ws = settled
-        note = "; ".join(filter(None, [note, f"opened when in flight fell to {stage.target_users}"]))
+        if we - settled >= rule.min_window_s:
+            # a step down in users: the window waits until the departing users' requests have drained
+            ws = settled
+            note = "; ".join(filter(None, [note, f"opened when in flight fell to {stage.target_users}"]))
+        else:  # too late to leave a window: keep the usual one, which the in-flight rule then flags
+            note = "; ".join(filter(None, [note, f"in flight fell to {stage.target_users} only "
+                                                 f"{max(we - settled, 0.0):.1f} s before the end"]))
+            settled = None
     sel = _select(stage, cols, ws, we, departing)
     window = _window(stage, cols, ws, we, note, run_start)
     host_cpu, saturated = _host_cells(telemetry, ws, we)

@@ -122,3 +122,17 @@ def test_itl_from_chunks_read_together_is_marked(builders, tmp_path):
     assert row.integrity.coalesced_chunk_share == pytest.approx(0.5)
     assert row_cell(row, "itl_p50_ms").endswith("(read-batched)") and row_cell(row, "ttft_p50_ms") == "100"
     assert any("chunk gaps were 0" in line for line in find_envelope([row]).limits)
+
+
+def test_in_flight_that_falls_too_late_keeps_the_usual_window_and_flags_it(builders, tmp_path):
+    make_stage, make_record, write_run = builders
+    big = make_stage(0, 4, 1000.0, 1030.0, spawn_rate=4.0)
+    small = make_stage(1, 1, 1030.0, 1050.0, spawn_rate=1.0)
+    # three long requests of the 4-user stage end 2 s before the 1-user stage does
+    recs = [make_record(big, 1029.0 + 0.1 * i, 0.1, tokens=190, gap_s=0.1) for i in range(3)]
+    recs += [make_record(small, 1030.0 + i, 0.1) for i in range(19)]
+    run = load_run(write_run(tmp_path / "late", stages=[big, small], records=recs))
+    _, row = envelope_table(run, rule=WindowRule(settle_s=1.0, min_window_s=5.0))
+    assert "before the end" in row.window.window_note and row.integrity.settled_at_s is None
+    assert row.counts.ok_requests > 0  # still a window with requests in it ...
+    assert not row.trust.trustworthy and "mean in flight" in row.trust.untrustworthy_reasons  # ... flagged
