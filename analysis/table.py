@@ -279,9 +279,9 @@ def _departing_requests(stages: Sequence[StageRecord], cols: _Columns) -> np.nda
     """Requests sent in a stage by the users Locust is stopping on a step down in users.
 
     Locust stops surplus users after the stage has begun; each finishes its current request and may
-    send one more, already with the new stage's workload. On a step down from P to T users, the
-    P - T users of the stage that send nothing in a later stage and whose last request in it started
-    earliest are the departing ones. Records without user ids (older runs) name none.
+    send one more, already with the new stage's workload. On a step down from P to T users, of the U
+    users that sent in the stage, the min(P - T, U - T) that send nothing in a later stage and whose
+    last request in it started earliest are the departing ones. Records without user ids (older runs) name none.
     """
     out = np.zeros(len(cols.ok), dtype=bool)
     known = ~pd.isna(cols.user_id)
@@ -302,7 +302,10 @@ def _departing_requests(stages: Sequence[StageRecord], cols: _Columns) -> np.nda
         for user, t in zip(cols.user_id[mine], cols.start_unix_s[mine]):
             if user not in stays:
                 last_start[user] = max(t, last_start.get(user, -math.inf))
-        gone = sorted(last_start, key=last_start.get)[:leaving]
+        # the stage's own users keep sending to its end: at most (users seen - target) of them left, whatever
+        # the step (a departing user may have been stopped before it sent anything in this stage)
+        users_seen = len(set(cols.user_id[mine]))
+        gone = sorted(last_start, key=last_start.get)[:max(0, min(leaving, users_seen - stage.target_users))]
         out |= mine & np.isin(cols.user_id, gone)
     return out
 

@@ -9,7 +9,7 @@ from analysis.load import load_run
 from analysis.table import WindowRule, envelope_table
 
 
-def _step_down_run(builders, tmp_path):
+def _step_down_run(builders, tmp_path, *, silent_departures: int = 0):
     """20 users for 60 s, then 6 users with a longer workload; the 14 departing users each send one more
     (long) request tagged with the new stage before Locust stops them, as Locust's users do."""
     make_stage, make_record, write_run = builders
@@ -23,6 +23,8 @@ def _step_down_run(builders, tmp_path):
             rec["user_id"] = f"h:1/{u}"
             recs.append(rec)
             t += 1.001
+        if u >= 20 - silent_departures:  # stopped before it sent anything in the new stage
+            continue
         if u >= 6:  # departing: one more request, already with the new stage's workload, then stopped
             rec = make_record(small, t, 4.0, tokens=21)
             rec["user_id"] = f"h:1/{u}"
@@ -48,6 +50,15 @@ def test_a_step_down_window_holds_no_request_of_a_departing_user(builders, tmp_p
     # so its latency is the six users' own: TTFT 200 ms, none of the departing users' 4 s
     assert row.latency.ttft_p99_ms == pytest.approx(200.0)
     assert row.trust.trustworthy, row.trust.untrustworthy_reasons
+
+
+def test_departing_users_that_sent_nothing_new_do_not_make_staying_ones_departing(builders, tmp_path):
+    """The last stage of a run: no later stage tells who stayed. Six of the 14 departing users were stopped
+    before they sent in it, so only 8 requests are departing and the 6 staying users are measured."""
+    run = _step_down_run(builders, tmp_path, silent_departures=6)
+    _, row = envelope_table(run, rule=WindowRule(settle_s=2.0))
+    assert row.integrity.departing_user_requests == 8
+    assert row.counts.requests > 0 and row.latency.ttft_p99_ms == pytest.approx(200.0)
 
 
 def test_without_user_ids_the_departing_requests_stay_and_the_window_says_so(builders, tmp_path):
