@@ -163,7 +163,10 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     ``transport(spec, observer) -> Outcome`` does the network part. ``t_intended_s``
     (open loop) is when the schedule meant it to go; the record keeps both times.
     If Locust kills the greenlet mid-request, what was measured is recorded as
-    cancelled and the kill goes on.
+    cancelled and the kill goes on. So does a Ctrl-C or SIGTERM whose
+    ``KeyboardInterrupt``/``SystemExit`` lands in this greenlet (a signal is
+    raised in whichever greenlet is running): the server has the request, so
+    the record must exist before the interrupt goes on to stop the process.
 
     A stream that ended properly without any ``usage`` although the request
     asked for it (``stream_options.include_usage``) fails as ``missing_usage``,
@@ -177,21 +180,22 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     wall_start = time.time() + ctx.clock_offset_s  # on the master's clock (0 unless a worker)
     t_start = perf_counter()
     obs = StreamObserver(t_start, keep_text=ctx.record_text)
-    cancelled = False
+    interrupt: BaseException | None = None
     ctx.in_flight += 1
     try:
         outcome = transport(spec, obs)
-    except gevent.GreenletExit:
-        # Locust is stopping this user mid-request: keep what was measured, then let it stop.
-        cancelled = True
+    except (gevent.GreenletExit, KeyboardInterrupt, SystemExit) as exc:
+        # Locust is stopping this user (or the process) mid-request: keep what was measured, then let it stop.
+        interrupt = exc
         outcome = None
     finally:
         ctx.in_flight -= 1
     t_done = perf_counter()
+    cancelled = interrupt is not None
     fields = obs.finish(
         t_done,
         error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
-        error_detail="stopped by Locust mid-request" if cancelled else outcome.error_detail,
+        error_detail=_cancel_detail(interrupt) if cancelled else outcome.error_detail,
         http_status=None if cancelled else outcome.http_status,
         usage_expected=ctx.server_gave_usage and _asks_for_usage(spec.body),
     )
@@ -221,9 +225,15 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     ctx.record_writer().write(record)
     report(environment, record)
     ctx.note_result(record)
-    if cancelled:
-        raise gevent.GreenletExit()
+    if interrupt is not None:
+        raise interrupt
     return record
+
+
+def _cancel_detail(interrupt: BaseException) -> str:
+    if isinstance(interrupt, gevent.GreenletExit):
+        return "stopped by Locust mid-request"
+    return f"interrupted mid-request ({type(interrupt).__name__})"
 
 
 def _stall_ms(ctx: EnvelopeRun, t_start: float, t_done: float) -> float | None:
