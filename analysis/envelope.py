@@ -40,6 +40,8 @@ __all__ = [
     "level_text",
     "flagged_caveat",
     "server_evidence",
+    "cause_of",
+    "worst_failed_slo",
     "last_safe_before",
     "KV_PRESSURE_RATIO",
 ]
@@ -140,7 +142,7 @@ def find_envelope(rows: Sequence[TableRow], *, pass_name: str | None = None) -> 
     failed = tuple(s for s in broke.slo.slo_results if s.passed is False)
     first = worst_failed_slo(failed)
     baseline = safe if safe is not None else None
-    cause, evidence = _cause(first, broke, baseline)
+    cause, evidence = cause_of(first, broke, baseline)
     return EnvelopeFinding(
         status="broke" if safe is not None else "none_pass",
         safe_row=safe,
@@ -239,6 +241,12 @@ def _broke_text(f: EnvelopeFinding) -> str:
             f"{adaptive_percent(threshold)} SLO"
         )
         name = "errors"
+    elif key == "attainment_min":
+        head = (f"only {adaptive_percent(measured)} of requests met every latency threshold"
+                f"{' (' + slo.note + ')' if slo is not None and slo.note else ''}, under the "
+                f"{adaptive_percent(threshold)} target" if measured is not None else
+                "no request could be judged against the latency thresholds, so the attainment SLO failed")
+        name = "SLO attainment"
     elif key == "min_output_tokens_per_s":
         head = (
             f"aggregate output was {_tps(measured)} tokens/s, under the "
@@ -282,14 +290,18 @@ def worst_failed_slo(failed: Sequence[SloResult]) -> SloResult | None:
         m, t = s.measured, s.threshold or 0.0
         if m is None:
             return math.inf
-        if s.key == "min_output_tokens_per_s":
+        if s.op == ">=":  # a floor (tokens/s, attainment): how far under it
             return t / m if m > 0 else math.inf
         return m / t if t > 0 else math.inf
 
-    return max(failed, key=over)
+    # a failed percentile names the metric that broke; attainment (all thresholds at once) only when none did
+    named = [s for s in failed if s.key != "attainment_min"] or list(failed)
+    return max(named, key=over)
 
 
-def _cause(slo: SloResult | None, broke: TableRow, base: TableRow | None) -> tuple[str, list[str]]:
+def cause_of(slo: SloResult | None, broke: TableRow, base: TableRow | None) -> tuple[str, list[str]]:
+    """Why ``broke`` failed ``slo`` where ``base`` (the last stage that met its SLOs) did not: the cause
+    (see the module docstring) and its evidence phrases."""
     cause, evidence = _client_cause(slo, broke, base)
     if cause == "errors":
         return cause, evidence

@@ -28,6 +28,7 @@ from analysis.workers import PLACEMENT_SLACK_S, placement_tolerance_s, read_work
 from envelope import metrics
 from envelope.records import iter_record_files, read_records
 from envelope.rundir import RunInfo
+from envelope.search_log import SearchEntry, read_search_log
 from envelope.stages import StageKind, StageRecord, StagesFileError, read_stages
 
 __all__ = [
@@ -87,6 +88,7 @@ class Run:
     workers_info: dict = field(default_factory=dict)
     placement_tolerance_s: float = PLACEMENT_SLACK_S
     records_outside_stage: int = 0
+    searches: list[SearchEntry] = field(default_factory=list)  # search.json: the search passes as they ran
 
     @property
     def name(self) -> str:
@@ -114,6 +116,11 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
     server = _read_json_object(root / "server.json", missing, "server.json")
     stages = _read_stages(root, missing)
     workers, workers_info = read_workers(root, missing)
+    try:
+        searches = read_search_log(root)
+    except ValueError as exc:
+        searches = []
+        missing.append(f"search.json: {exc}; the search passes are reported as plain stages")
 
     files = iter_record_files(root)
     if not files:
@@ -159,6 +166,7 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
         workers_info=workers_info,
         placement_tolerance_s=tolerance_s,
         records_outside_stage=outside,
+        searches=searches,
     )
 
 

@@ -10,6 +10,7 @@ names are the table's column names (so a column is named once, here):
 * :class:`OpenLoopCells`: what an open-loop stage sent against what it asked, and how late;
 * :class:`ServerTelemetry`: the server's own gauges and counters over the window;
 * :class:`ServerLatency`: the server's own latency histograms over the window, and the time outside the engine;
+* :class:`Goodput`: SLO attainment (good requests / judged, Wilson interval) and goodput;
 * :class:`Trust`: whether the numbers describe the server or the load generator;
 * :class:`SloVerdict`: each SLO's :class:`SloResult` and the stage's overall pass.
 
@@ -36,6 +37,7 @@ __all__ = [
     "ServerTelemetry",
     "ServerLatency",
     "WindowIntegrity",
+    "Goodput",
     "Trust",
     "SloVerdict",
     "TableRow",
@@ -239,6 +241,28 @@ class WindowIntegrity:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Goodput:
+    """SLO attainment and goodput over the window (see :mod:`envelope.attainment`); None without thresholds.
+
+    ``good_requests``: the window's requests (cancelled ones apart) that succeeded and met every
+    per-request threshold; ``attainment`` = good / requests, with its Wilson interval
+    (``attainment_low``/``attainment_high``, 95%); goodput = good requests, and their output
+    tokens, per second of window. ``over_capacity``: an open-loop stage whose in-flight count and
+    TTFT kept rising through the window (no steady state; see :mod:`analysis.saturation`).
+    """
+
+    good_requests: int | None = None
+    attainment: float | None = None
+    attainment_low: float | None = None
+    attainment_high: float | None = None
+    attainment_target: float | None = None
+    goodput_requests_per_s: float | None = None
+    goodput_output_tokens_per_s: float | None = None
+    over_capacity: bool | None = None
+    over_capacity_note: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SloVerdict:
     """The stage's SLOs: each one's result, and whether all that could be checked passed (None: none)."""
 
@@ -255,6 +279,7 @@ _PARTS: tuple[tuple[str, type], ...] = (
     ("server", ServerTelemetry),
     ("server_latency", ServerLatency),
     ("integrity", WindowIntegrity),
+    ("goodput", Goodput),
     ("trust", Trust),
     ("slo", SloVerdict),
 )
@@ -274,6 +299,7 @@ class TableRow:
     server: ServerTelemetry = field(default_factory=ServerTelemetry)
     server_latency: ServerLatency = field(default_factory=ServerLatency)
     integrity: WindowIntegrity = field(default_factory=WindowIntegrity)
+    goodput: Goodput = field(default_factory=Goodput)
     trust: Trust = field(default_factory=Trust)
     slo: SloVerdict = field(default_factory=SloVerdict)
 
@@ -341,5 +367,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "server_requests_finished", "server_ttft_mean_bucket_ms", "outside_engine_ttft_mean_ms",
     "departing_user_requests", "settled_at_s", "stalled_requests", "stalled_share", "stall_max_ms",
     "ttft_p95_unstalled_ms", "ttft_p99_unstalled_ms", "e2e_p95_unstalled_ms", "coalesced_chunk_share",
+    "good_requests", "attainment", "attainment_low", "attainment_high", "attainment_target",
+    "goodput_requests_per_s", "goodput_output_tokens_per_s", "over_capacity", "over_capacity_note",
 )
 assert set(TABLE_COLUMNS) == set(_PART_OF), "every column is a field of exactly one part"

@@ -35,6 +35,7 @@ Which requests count:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ import pandas as pd
 
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
 from analysis.failures import run_server_stop
+from analysis.saturation import over_capacity
 from analysis.load import run_start_unix_s
 from analysis.server_latency import server_latency, window_deltas
 from analysis.rows import (
@@ -54,6 +56,7 @@ from analysis.rows import (
     LatencyPercentiles,
     OpenLoopCells,
     RequestCounts,
+    Goodput,
     ServerLatency,
     ServerTelemetry,
     SloResult,
@@ -65,8 +68,12 @@ from analysis.rows import (
 )
 from analysis.workers import ending_reason, stage_endings, worker_endings
 from envelope import metrics
+from envelope.attainment import Attainment, attainment_target, good_mask, thresholds_from_slos
 from envelope.records import ErrorCategory
 from envelope.stages import StageRecord
+
+# SLO keys that set per-request thresholds (judged through attainment, not checked on their own)
+PER_REQUEST_KEYS = frozenset({"ttft_ms", "tpot_ms", "e2e_ms", "attainment_min"})
 
 __all__ = [
     "WindowRule",
@@ -256,6 +263,9 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
                     client_cpu_max_percent=stage.client_cpu_max_percent,
                     load_generators_ended=tuple(stage_endings(endings, stage))),
     )
+    row = dataclasses.replace(row, goodput=_goodput(stage, cols, sel, window.window_s))
+    if stage.open_loop:
+        row = dataclasses.replace(row, goodput=dataclasses.replace(row.goodput, **_saturation(stage, cols, sel, ws, we)))
     reasons = trust_reasons(row)
     row = row.replace(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
     results = tuple(evaluate_slos(row, stage.slos))
@@ -391,6 +401,44 @@ def _latency(cols: _Columns, sel: _Selection) -> LatencyPercentiles:
     return LatencyPercentiles(**cells)
 
 
+def _goodput(stage: StageRecord, cols: _Columns, sel: _Selection, window_s: float) -> Goodput:
+    """Attainment of the stage's per-request thresholds over the window's requests, and goodput."""
+    thresholds = thresholds_from_slos(stage.slos)
+    if not thresholds.any:
+        return Goodput()
+    ttft, e2e = cols.latency_ms["ttft"], cols.latency_ms["e2e"]
+    if stage.open_loop:  # judged from when the request was meant to go (its user was waiting from then)
+        intended_ttft, intended_e2e = cols.from_intended_ms["ttft_from_intended"], cols.from_intended_ms["e2e_from_intended"]
+        ttft = np.where(np.isnan(intended_ttft), ttft, intended_ttft)
+        e2e = np.where(np.isnan(intended_e2e), e2e, intended_e2e)
+    good = sel.counted & good_mask(cols.ok, ttft, cols.latency_ms["tpot"], e2e, thresholds)
+    judged, n_good = int(sel.counted.sum()), int(good.sum())
+    share = Attainment.of(n_good, judged)
+    per_s = (lambda v: v / window_s) if window_s > 0 else (lambda v: float("nan"))
+    return Goodput(
+        good_requests=n_good,
+        attainment=share.share if judged else None,
+        attainment_low=share.low if judged else None,
+        attainment_high=share.high if judged else None,
+        attainment_target=attainment_target(stage.slos),
+        goodput_requests_per_s=per_s(n_good),
+        goodput_output_tokens_per_s=per_s(float(np.nansum(cols.output_tokens[good]))),
+    )
+
+
+def _saturation(stage: StageRecord, cols: _Columns, sel: _Selection, ws: float, we: float) -> dict[str, Any]:
+    """Open loop: whether in flight and TTFT kept rising through the window (:mod:`analysis.saturation`)."""
+    if we - ws < 3.0 or not len(cols.flight_t):
+        return {}
+    t = np.arange(ws + 0.5, we, 1.0)
+    i = np.searchsorted(cols.flight_t, t, side="right")
+    in_flight = np.where(i > 0, cols.flight_n[np.maximum(i - 1, 0)], 0)
+    ttft = cols.from_intended_ms["ttft_from_intended"][sel.ok]
+    found = over_capacity(t - ws, in_flight, cols.start_unix_s[sel.ok] - ws, ttft,
+                          rate_per_s=stage.target_rate_per_s)
+    return {"over_capacity": found.over_capacity, "over_capacity_note": found.reason}
+
+
 def _throughput(cols: _Columns, ws: float, we: float, mean_in_flight: float) -> Throughput:
     """Tokens of successful requests whose chunks *arrived* inside the window, per second of it."""
     window_s = max(we - ws, 0.0)
@@ -492,7 +540,7 @@ def evaluate_slos(row: TableRow, slos: Mapping[str, Any]) -> list[SloResult]:
     """
     results = []
     for key, threshold in slos.items():
-        if threshold is None:
+        if threshold is None or key in PER_REQUEST_KEYS:
             continue
         threshold = float(threshold)
         note = ""
@@ -518,7 +566,24 @@ def evaluate_slos(row: TableRow, slos: Mapping[str, Any]) -> list[SloResult]:
         passed = measured <= threshold if op == "<=" else measured >= threshold
         results.append(SloResult(key=key, threshold=threshold, measured=float(measured), passed=bool(passed), op=op,
                                  note=note))
-    return results
+    attained = _attainment_result(row, slos)
+    return results + ([attained] if attained is not None else [])
+
+
+def _attainment_result(row: TableRow, slos: Mapping[str, Any]) -> SloResult | None:
+    """The share of good requests against its target (0.95 unless ``attainment_min`` says otherwise)."""
+    g = row.goodput
+    if g.attainment_target is None:  # not judged: no per-request thresholds (or a row built by hand)
+        return None
+    target = attainment_target(slos)
+    if g.attainment is None:
+        return SloResult(key="attainment_min", threshold=target, measured=None, passed=False, op=">=",
+                         note="no data")
+    note = f"95% CI {100 * g.attainment_low:.1f}-{100 * g.attainment_high:.1f}%"
+    if g.attainment_low < target <= g.attainment_high:
+        note += ", not resolved at 95% confidence"
+    return SloResult(key="attainment_min", threshold=target, measured=float(g.attainment),
+                     passed=bool(g.attainment >= target), op=">=", note=note)
 
 
 def table_totals(run: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ __all__ = [
     "STAGES_FILE",
     "SERVER_FILE",
     "WORKERS_FILE",
+    "SEARCH_FILE",
     "RECORDS_DIR",
     "SCENARIO_COPY",
     "RUN_SCHEMA_VERSION",
@@ -47,6 +48,7 @@ RUN_FILE = "run.json"
 STAGES_FILE = "stages.json"
 SERVER_FILE = "server.json"
 WORKERS_FILE = "workers.json"
+SEARCH_FILE = "search.json"  # envelope.search_log
 RECORDS_DIR = "records"
 SCENARIO_COPY = "scenario.yaml"
 

@@ -28,12 +28,14 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, Self, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from envelope.attainment import thresholds_from_slos
 from envelope.config import ConfigError, FieldError, StrictModel, load_yaml_model
+from envelope.search import SearchSpec
 from envelope.stages import StageKind, StageRecord, WorkloadSummary
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "ResolvedClient",
     "ResolvedStage",
     "load_scenario",
+    "probe_stage_name",
     "check_against_server",
     "ConfigError",
 ]
@@ -236,6 +239,13 @@ class Slos(_Mergeable):
     e2e_p99_ms: PositiveFloat | None = None
     error_rate_max: Annotated[float, Field(ge=0, le=1)] | None = None
     min_output_tokens_per_s: PositiveFloat | None = None
+    # per-request thresholds (see envelope.attainment): a request is good when it meets all of them;
+    # unset, a metric's percentile SLO gives its threshold
+    ttft_ms: PositiveFloat | None = None
+    tpot_ms: PositiveFloat | None = None
+    e2e_ms: PositiveFloat | None = None
+    # the share of good requests a stage must reach (None: 0.95 when any threshold is set)
+    attainment_min: Annotated[float, Field(gt=0, le=1)] | None = None
 
     def as_dict(self) -> dict[str, float]:
         """The targets that are set, as a plain dict."""
@@ -383,21 +393,35 @@ class Stage(StrictModel):
 
 
 class Pass(StrictModel):
-    """A group of stages that answers one question."""
+    """A group of stages that answers one question, or a search for the highest load that meets the SLOs.
+
+    Exactly one of ``stages`` (fixed levels) and ``search`` (levels chosen from
+    the probes before them, see :mod:`envelope.search`).
+    """
 
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
     workload: Workload | None = None
     slos: Slos | None = None
     timeouts: Timeouts | None = None
-    stages: list[Stage]
+    stages: list[Stage] | None = None
+    search: SearchSpec | None = None
 
     @field_validator("stages")
     @classmethod
-    def _not_empty(cls, stages: list[Stage]) -> list[Stage]:
-        if not stages:
+    def _not_empty(cls, stages: list[Stage] | None) -> list[Stage] | None:
+        if stages is not None and not stages:
             raise ValueError("a pass needs at least one stage")
         return stages
+
+    @model_validator(mode="after")
+    def _stages_or_search(self) -> Pass:
+        if self.stages is None and self.search is None:
+            raise FieldError("a pass needs 'stages' (fixed levels) or 'search' (find the highest level that meets "
+                             "the SLOs)", at=())
+        if self.stages is not None and self.search is not None:
+            raise FieldError("a pass takes 'stages' or 'search', not both", at=("search",))
+        return self
 
 
 class Quick(StrictModel):
@@ -436,9 +460,16 @@ class Scenario(StrictModel):
         _check_unique([p.name for p in self.passes], "pass", lambda i: ("passes", i, "name"))
         seen: dict[str, tuple[str | int, ...]] = {}
         for pi, pass_ in enumerate(self.passes):
-            for si, stage in enumerate(pass_.stages):
+            if pass_.search is not None:
+                slos = self.defaults.slos.merged(pass_.slos).as_dict()
+                if not thresholds_from_slos(slos).any:
+                    raise FieldError(f"pass {pass_.name!r}: a search judges each request, so it needs a latency SLO "
+                                     "(ttft_ms, tpot_ms, e2e_ms, or a percentile such as ttft_p95_ms)",
+                                     at=("passes", pi, "search"))
+            for si, stage in enumerate(_pass_stages(pass_)):
                 name = _stage_name(pass_, stage)
-                at: tuple[str | int, ...] = ("passes", pi, "stages", si) + (("name",) if stage.name else ())
+                at: tuple[str | int, ...] = ((("passes", pi, "search") if pass_.search is not None
+                                              else ("passes", pi, "stages", si)) + (("name",) if stage.name else ()))
                 if name in seen:
                     raise FieldError(f"duplicate stage name {name!r}", at=at)
                 seen[name] = at
@@ -469,9 +500,12 @@ class Scenario(StrictModel):
         scale = duration_scale if duration_scale is not None else (self.quick.duration_scale if quick else None)
         stages: list[ResolvedStage] = []
         for pi, pass_ in enumerate(self.passes):
-            for stage in pass_.stages:
+            search = pass_.search
+            if search is not None and scale is not None:
+                search = search.scaled(scale, min_probe_s=self.quick.min_stage_s)
+            for stage in _pass_stages(pass_, search):
                 duration_s = float(stage.duration_s)
-                if scale is not None:
+                if scale is not None and search is None:
                     duration_s = min(duration_s, max(self.quick.min_stage_s, duration_s * scale))
                 clients = tuple(
                     ResolvedClient(
@@ -499,9 +533,29 @@ class Scenario(StrictModel):
                         slos=self.defaults.slos.merged(pass_.slos).merged(stage.slos).as_dict(),
                         timeouts=self.defaults.timeouts.merged(pass_.timeouts).merged(stage.timeouts),
                         clients=clients,
+                        search=search,
                     )
                 )
         return stages
+
+
+def _pass_stages(pass_: Pass, search: SearchSpec | None = None) -> list[Stage]:
+    """A pass's stages; a search pass has one, its first probe, held up to the longest a probe may run
+    (the search ends each probe when it has judged it, see ``locustfiles/search_driver.py``)."""
+    if pass_.stages is not None:
+        return pass_.stages
+    spec = search or pass_.search
+    assert spec is not None
+    if spec.over == "users":
+        return [Stage(users=int(spec.start), duration_s=spec.probe_cap_s)]
+    return [Stage(rate_per_s=spec.start, arrival=spec.arrival, max_concurrency=spec.max_concurrency,
+                  duration_s=spec.probe_cap_s)]
+
+
+def probe_stage_name(pass_name: str, level: float, *, over: str, repeat: int = 1) -> str:
+    """``chat-search-8u`` (``-2`` on a level's second probe), or ``...-2.5rps`` for a rate."""
+    base = f"{pass_name}-{int(level)}u" if over == "users" else f"{pass_name}-{_num(level)}rps"
+    return base if repeat <= 1 else f"{base}-{repeat}"
 
 
 def _stage_name(pass_: Pass, stage: Stage) -> str:
@@ -554,10 +608,24 @@ class ResolvedStage:
     arrival: str | None = None
     burstiness: float | None = None
     max_concurrency: int | None = None
+    search: SearchSpec | None = None  # set on the probes of a search pass
 
     @property
     def open_loop(self) -> bool:
         return self.rate_per_s is not None
+
+    @property
+    def level(self) -> float:
+        """Users (closed loop) or requests/s (open loop)."""
+        return float(self.rate_per_s) if self.open_loop else float(self.users)
+
+    def probe(self, level: float, *, index: int, name: str) -> ResolvedStage:
+        """This search probe's settings at another level (a new stage at ``index``)."""
+        if self.search is None:
+            raise ValueError(f"stage {self.name!r} is not a search probe")
+        if self.open_loop:
+            return replace(self, rate_per_s=float(level), index=index, name=name)
+        return replace(self, users=int(level), spawn_rate=float(int(level)), index=index, name=name)
 
     def record(self, *, max_model_len: int | None = None) -> StageRecord:
         """This stage as a :class:`envelope.stages.StageRecord`, not yet started.

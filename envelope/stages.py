@@ -263,6 +263,9 @@ def schedule_completed(log: Sequence[StageRecord], planned: Sequence[Any], *, sl
     """
     if not log or len(log) < len(planned):
         return False
+    # a search pass runs as many probes as it needs: every planned pass must have run, whatever its stage count
+    if {p.pass_name for p in planned if hasattr(p, "pass_name")} - {s.pass_name for s in log}:
+        return False
     if any(s.end_unix_s is None or s.start_unix_s is None for s in log):
         return False
     last = log[-1]

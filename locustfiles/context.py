@@ -23,8 +23,9 @@ import gevent.event
 
 from envelope.prompts import PromptFactory
 from envelope.records import RecordWriter
-from envelope.rundir import RunStatus
+from envelope.rundir import RECORDS_DIR, RunStatus
 from envelope.scenario import ResolvedStage, Scenario, load_scenario
+from envelope.search_log import write_search_log
 from envelope.secrets import REDACTED, Secret, resolve_api_key
 from envelope.stages import StageRecord
 from locustfiles.cluster import (
@@ -37,6 +38,7 @@ from locustfiles.cluster import (
 )
 from locustfiles.health import EarlyStop, LoopLagWatcher
 from locustfiles.run_files import RunFiles, run_dir_from_options
+from locustfiles.search_driver import SearchDriver, announced_stage
 from locustfiles.server_probe import probe_server
 from locustfiles.stage_clock import ManualStage, StageClock
 
@@ -141,6 +143,13 @@ class EnvelopeRun:
         # Without a scenario, or with --manual, the operator drives the user count from the web UI.
         manual = not self.scenario_path or bool(getattr(options, "manual", False))
         self.stage_clock = StageClock(stages, manual=manual, on_change=self.files.write_stages)
+        # the master (or the one local process) steers search passes; workers follow its announcements
+        self.search: SearchDriver | None = None
+        if not manual and not self.is_worker and any(s.search is not None for s in stages):
+            self.search = SearchDriver(
+                self.stage_clock,
+                records_dir=lambda: None if self.run_dir is None else self.run_dir / RECORDS_DIR,
+                write=lambda entries: write_search_log(self.ensure_run_dir(), entries))
 
     def adopt_master_options(self, options) -> None:
         """Worker, at test start: run the master's scenario and options, whatever this host was given.
@@ -255,7 +264,11 @@ class EnvelopeRun:
             # concurrency cap (Locust's worker indexes keep gaps where a worker was lost)
             live = sorted((node_id for node_id, node in runner.clients.items() if node.state != "missing"),
                           key=runner.get_worker_index)
+            stage = self.stage_clock.stage
             runner.send_message(STAGE_MESSAGE, {"run_dir": str(self.run_dir), "stage_index": self.current_index,
+                                                "stage_name": stage.name,
+                                                "probe": ({"pass_name": stage.pass_name, "level": stage.level}
+                                                          if getattr(stage, "search", None) is not None else None),
                                                 "ended": ended, "processes": max(len(live), 1),
                                                 "ranks": {node_id: i for i, node_id in enumerate(live)}})
 
@@ -263,7 +276,8 @@ class EnvelopeRun:
         """Worker: the master says which run directory and stage are current (or that the stages ended)."""
         self.files.adopt(data.get("run_dir"))
         index = int(data.get("stage_index", 0))
-        changed = self.stage_clock.follow(index) or not self._seen_stage
+        stage = None if self.manual else announced_stage(self.stage_clock.stages, data)
+        changed = self.stage_clock.follow(index, stage) or not self._seen_stage
         self._seen_stage = True
         if self.open_loop is None or self.manual:
             return
@@ -273,7 +287,8 @@ class EnvelopeRun:
             runner = self.environment.runner
             rank = (data.get("ranks") or {}).get(getattr(runner, "client_id", None))
             worker_index = rank if rank is not None else (getattr(runner, "worker_index", 0) or 0)
-            self.open_loop.enter(self.stages[index], processes=int(data.get("processes") or 1), index=worker_index)
+            self.open_loop.enter(stage or self.stages[index], processes=int(data.get("processes") or 1),
+                                 index=worker_index)
 
     # -- the load generator's own health, per stage ----------------------------------------------
     def watch_event_loop(self) -> None:

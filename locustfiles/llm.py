@@ -70,6 +70,11 @@ class ScenarioShape(LoadTestShape):
             self._started_at_s = waited
         self._sample_client_health(ctx)
         at = None if ctx.aborted else stage_at(ctx.stages, self.get_run_time() - self._started_at_s)
+        if ctx.search is not None and not ctx.aborted and ctx.search.step(
+                stage_index=None if at is None else at.index,
+                stage_elapsed_s=None if at is None else at.stage_elapsed_s, now_unix_s=time.time()):
+            # the search ended its probe here (and maybe inserted the next one)
+            at = stage_at(ctx.stages, self.get_run_time() - self._started_at_s)
         if at is not None:
             if not ctx.stage_log or at.index != ctx.current_index:
                 # Ticks come once a second, later on a busy machine: a stage entered late still

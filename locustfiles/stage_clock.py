@@ -42,12 +42,15 @@ class StageClock:
         self.current_index = 0
         self.log: list[StageRecord] = []
         self.on_change = on_change
+        self.followed: ResolvedStage | None = None  # worker: the stage the master last announced
 
     @property
     def stage(self) -> ResolvedStage | ManualStage:
         """The stage requests are sent for now."""
         if self.manual:
             return ManualStage(index=0, pass_index=0, pass_name="manual", name="manual", base=self.stages[0])
+        if self.followed is not None:
+            return self.followed
         return self.stages[min(self.current_index, len(self.stages) - 1)]
 
     @property
@@ -83,11 +86,24 @@ class StageClock:
         self._changed()
         return True
 
-    def follow(self, index: int) -> bool:
-        """Worker: the master says stage ``index`` is current; True when that is a change."""
+    def follow(self, index: int, stage: ResolvedStage | None = None) -> bool:
+        """Worker: the master says stage ``index`` (``stage``, when known) is current; True when that is a change.
+
+        A search inserts its probes as it goes, so a worker takes the stage the
+        master announced rather than its own list's entry at that index.
+        """
         changed = index != self.current_index
         self.current_index = index
+        if stage is not None:
+            self.followed = stage
         return changed
+
+    def set_running_duration(self, duration_s: float) -> None:
+        """A search ended its running probe: the stage lasted ``duration_s``, not the most it could have."""
+        running = self.running
+        if running is not None:
+            self.log[-1] = running.replace(duration_s=round(float(duration_s), 3))
+            self._changed()
 
     def note_client_health(self, *, loop_lag_ms: float | None = None, cpu_percent: float | None = None) -> None:
         """Keep the worst event-loop lag and CPU use of any load generator in the running stage."""

@@ -160,8 +160,9 @@ def test_open_loop_shares_follow_the_rank_among_live_workers():
     master_runner = SimpleNamespace(
         clients={"a": Node("running"), "b": Node(locust.runners.STATE_MISSING), "c": Node("running")},
         get_worker_index=indexes.__getitem__, send_message=lambda kind, data: sent.append(data))
+    stages = [SimpleNamespace(name=f"p-{n}u", pass_name="p", index=n - 1, search=None) for n in (1, 2)]
     master = SimpleNamespace(is_master=True, environment=SimpleNamespace(runner=master_runner),
-                             run_dir="runs/x", current_index=1)
+                             run_dir="runs/x", current_index=1, stage_clock=SimpleNamespace(stage=stages[1]))
     EnvelopeRun._broadcast(master)
 
     entered = []
@@ -170,8 +171,8 @@ def test_open_loop_shares_follow_the_rank_among_live_workers():
     from pathlib import Path
     from locustfiles.run_files import RunFiles
     from locustfiles.stage_clock import StageClock
-    worker = SimpleNamespace(files=RunFiles(Path("runs/x"), name="x"), stage_clock=StageClock([None, None], manual=False),
-                             _seen_stage=False, manual=False, open_loop=loop, stages=[None, None],
+    worker = SimpleNamespace(files=RunFiles(Path("runs/x"), name="x"), stage_clock=StageClock(stages, manual=False),
+                             _seen_stage=False, manual=False, open_loop=loop, stages=stages,
                              environment=SimpleNamespace(runner=SimpleNamespace(client_id="c", worker_index=2)))
     EnvelopeRun.on_stage_message(worker, sent[0])
     print(json.dumps({"message": sent[0], "entered": entered}))
