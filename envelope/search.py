@@ -69,6 +69,8 @@ from envelope.attainment import Attainment
 from envelope.config import FieldError, StrictModel
 
 __all__ = [
+    "requests_to_pass",
+    "min_requests_for",
     "SearchSpec",
     "Verdict",
     "ProbeResult",
@@ -104,7 +106,9 @@ class SearchSpec(StrictModel):
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
     precision_abs: Annotated[float, Field(gt=0)] | None = None  # default: 1 user, or 0.1 requests/s
     precision_rel: Annotated[float, Field(ge=0, lt=1)] = 0.10
-    min_requests: Annotated[int, Field(ge=1)] = 20
+    # None: as many as a probe needs to pass with confidence when every request is good (73 at a 0.95
+    # target and 95% confidence; see requests_to_pass); fewer can only ever be unresolved or fail
+    min_requests: Annotated[int, Field(ge=1)] | None = None
     probe_s: Annotated[float, Field(gt=0)] = 20.0
     max_probe_s: Annotated[float, Field(gt=0)] | None = None  # default: 3 x probe_s
     settle_s: Annotated[float, Field(ge=0)] | None = None  # default: probe_s / 4
@@ -540,3 +544,22 @@ def next_probe(spec: SearchSpec, probes: Sequence[ProbeResult], *, target: float
                         reason=f"time budget spent ({elapsed_s:.0f} s of budget_s {spec.budget_s:g} used and a probe "
                                f"takes {spec.probe_s:g} s), so {skipped}: the answer so far is {so_far}")
     return plan
+
+
+def requests_to_pass(target: float, confidence: float = 0.95) -> int:
+    """The fewest judged requests whose Wilson interval, all of them good, lies wholly at or above ``target``.
+
+    With every request good the lower bound is n / (n + z²), so n >= z² t / (1 - t).
+    """
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    n = max(1, math.ceil(z * z * target / (1.0 - target))) if target < 1 else 10**9
+    while Attainment.of(n, n, confidence=confidence).low < target:  # guard the rounding
+        n += 1
+    return n
+
+
+def min_requests_for(spec: SearchSpec, target: float) -> int:
+    """The judged requests a probe waits for: the scenario's ``min_requests``, else :func:`requests_to_pass`."""
+    return spec.min_requests if spec.min_requests is not None else requests_to_pass(target, spec.confidence)

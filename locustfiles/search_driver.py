@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from envelope.attainment import Attainment, attainment_target, judge_record, thresholds_from_slos
 from envelope.progress import RecordTailer
 from envelope.scenario import ResolvedStage, probe_stage_name
-from envelope.search import ProbeResult, bracket, next_probe
+from envelope.search import ProbeResult, bracket, min_requests_for, next_probe
 from envelope.search_log import ProbeEntry, SearchEntry
 
 from locustfiles.stage_clock import StageClock
@@ -77,7 +77,8 @@ class SearchDriver:
         since = running.start_unix_s + spec.settle_for_s
         verdicts = [good for done, good in self._judged.get(running.stage_index, ()) if since <= done <= now_unix_s]
         judged, good = len(verdicts), sum(verdicts)
-        if not overdue and judged < spec.min_requests and held_s < spec.probe_cap_s - 1.0:
+        if not overdue and judged < min_requests_for(spec, attainment_target(stage.slos)) \
+                and held_s < spec.probe_cap_s - 1.0:
             return False
         duration_s = min(held_s, stage.duration_s) if overdue else held_s
         self._decided.add(running.stage_index)

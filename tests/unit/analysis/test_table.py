@@ -118,3 +118,23 @@ def test_cancelled_requests_are_not_server_errors(tmp_path, builders):
     assert row["requests"] == 5 and row["errors"] == 1  # 4 ok + 1 server error; the cancelled one apart
     assert row["error_rate"] == pytest.approx(1 / 5)
     assert row["errors_by_category"] == "http_500:1"
+
+
+def test_attainment_and_goodput_count_errors_as_not_good_and_leave_cancellations_out(builders, tmp_path):
+    """Window [1010, 1060): 6 successes (TTFT 100..600 ms), 1 error, 1 cancelled; threshold TTFT <= 350 ms."""
+    make_stage, make_record, write_run = builders
+    st = make_stage(0, 2, 1000.0, 1060.0, slos={"ttft_ms": 350, "attainment_min": 0.5})
+    recs = [make_record(st, 1010.0 + 5 * i, 0.1 * (i + 1)) for i in range(6)]
+    recs.append(make_record(st, 1045.0, 0.0, error="http_500"))
+    recs.append(make_record(st, 1050.0, 0.0, error="cancelled"))
+    run = load_run(write_run(tmp_path / "att", stages=[st], records=recs))
+    (row,) = envelope_table(run, rule=WindowRule(settle_s=8.0))
+    g = row.goodput
+    assert (g.good_requests, row.counts.requests, row.counts.cancelled) == (3, 7, 1)
+    assert g.attainment == pytest.approx(3 / 7)
+    assert g.attainment_low < 3 / 7 < g.attainment_high
+    assert g.goodput_requests_per_s == pytest.approx(3 / 50)
+    assert g.goodput_output_tokens_per_s == pytest.approx(3 * 11 / 50)
+    (result,) = [r for r in row.slo.slo_results if r.key == "attainment_min"]
+    assert result.passed is False and result.op == ">=" and "95% CI" in result.note
+    assert {r.key for r in row.slo.slo_results} == {"attainment_min"}  # ttft_ms is a threshold, not a check

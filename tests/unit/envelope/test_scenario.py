@@ -553,3 +553,51 @@ def test_open_loop_stages_resolve_and_describe(tmp_path):
     plain = load_scenario(path).resolve()[-1]
     assert (plain.arrival, plain.burstiness, plain.max_concurrency) == ("poisson", None, None)
     assert not load_scenario(path).resolve()[0].open_loop
+
+
+# --- search passes ----------------------------------------------------------
+
+SEARCH = "  - name: p2\n    stages:\n      - {users: 2, duration_s: 10}\n"
+
+
+@pytest.mark.parametrize(
+    ("new", "expected"),
+    [
+        ("  - name: p2\n    search: {start: 3.5}\n", ":19: passes[1].search.start: 'start' counts users: a whole number"),
+        ("  - name: p2\n    search: {start: 50, max: 32}\n",
+         ":19: passes[1].search.start: 'start' must lie between 'min' and 'max'"),
+        ("  - name: p2\n    search: {probe_s: 10, settle_s: 10}\n",
+         ":19: passes[1].search.settle_s: 'settle_s' must be shorter than 'probe_s'"),
+        ("  - name: p2\n    search: {arrival: constant}\n",
+         ":19: passes[1].search.arrival: 'arrival' applies to 'over: rate' searches"),
+        ("  - name: p2\n    search: {start: 4}\n    stages: [{users: 2, duration_s: 10}]\n",
+         ":19: passes[1].search: a pass takes 'stages' or 'search', not both"),
+        ("  - name: p2\n    description: nothing\n",
+         ":18: passes[1]: a pass needs 'stages' (fixed levels) or 'search' (find the highest level that meets the "
+         "SLOs)"),
+        ("  - name: p2\n    slos: {ttft_p95_ms: null, e2e_p95_ms: null}\n    search: {start: 4}\n",
+         ":20: passes[1].search: pass 'p2': a search judges each request, so it needs a latency SLO "
+         "(ttft_ms, tpot_ms, e2e_ms, or a percentile such as ttft_p95_ms)"),
+    ],
+)
+def test_search_pass_errors(tmp_path, new, expected):
+    assert _error(tmp_path, _replace(SEARCH, new)) == expected
+
+
+def test_a_search_pass_resolves_to_its_first_probe_held_at_most_max_probe_s():
+    text = _replace(SEARCH, "  - name: p2\n    slos: {tpot_ms: 20}\n    search: {start: 4, probe_s: 20, budget_s: 200}\n"
+                            "  - name: p3\n    search: {over: rate, start: 2.5, max: 40, arrival: constant}\n")
+    scenario = load_scenario("t.yaml", text=text)
+    stages = scenario.resolve()
+    first, rate = stages[2], stages[3]
+    assert (first.name, first.users, first.duration_s, first.search.probe_s) == ("p2-4u", 4, 60.0, 20.0)
+    assert first.slos["tpot_ms"] == 20 and first.slos["ttft_p95_ms"] == 1000  # inherited SLOs stay
+    assert (rate.name, rate.rate_per_s, rate.arrival, rate.users) == ("p3-2.5rps", 2.5, "constant", 0)
+    probe = first.probe(12, index=3, name="p2-12u")
+    assert (probe.users, probe.spawn_rate, probe.index, probe.search) == (12, 12.0, 3, first.search)
+    assert rate.probe(5.0, index=4, name="x").rate_per_s == 5.0
+    with pytest.raises(ValueError):
+        stages[0].probe(2, index=0, name="x")  # a fixed stage is not a probe
+    # --quick: shorter probes (never under min_stage_s) and budget, same rules
+    quick = scenario.resolve(quick=True)[2].search
+    assert (quick.probe_s, quick.budget_s) == (10.0, 50.0)

@@ -82,3 +82,19 @@ def test_client_health_keeps_the_worst():
     assert s.client_loop_lag_max_ms == 12.346 and s.client_cpu_max_percent is None
     assert s.with_client_health(loop_lag_ms=3.0) is s
     assert s.with_client_health(loop_lag_ms=20.0, cpu_percent=55.0).client_cpu_max_percent == 55.0
+
+
+def test_a_schedule_with_a_search_is_complete_only_once_every_pass_ran():
+    from envelope.scenario import load_scenario
+    from envelope.stages import schedule_completed
+
+    planned = load_scenario("s.yaml", text=(
+        "name: s\ndefaults: {slos: {ttft_ms: 100}}\npasses:\n"
+        "  - {name: find, search: {start: 4, probe_s: 10}}\n"
+        "  - {name: after, stages: [{users: 1, duration_s: 10}]}\n")).resolve()
+    probes = [StageRecord(stage_index=i, stage_name=f"find-{n}u", pass_name="find", start_unix_s=10.0 * i,
+                          end_unix_s=10.0 * i + 10, duration_s=10.0) for i, n in enumerate((4, 8, 6))]
+    after = StageRecord(stage_index=3, stage_name="after-1u", pass_name="after", start_unix_s=30.0,
+                        end_unix_s=40.0, duration_s=10.0)
+    assert schedule_completed(probes + [after], planned)  # more stages than planned: the probes
+    assert not schedule_completed(probes, planned)  # the pass after the search never ran

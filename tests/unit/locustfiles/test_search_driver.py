@@ -1,0 +1,94 @@
+"""The search driver: ends a probe once judged, inserts the next, logs why; workers rebuild what the master announced."""
+
+from __future__ import annotations
+
+import orjson
+
+from envelope.scenario import load_scenario
+from envelope.search_log import read_search_log, write_search_log
+from locustfiles.search_driver import SearchDriver, announced_stage
+from locustfiles.stage_clock import StageClock
+
+SCENARIO = """\
+name: s
+defaults:
+  slos: {ttft_ms: 200}
+passes:
+  - name: find
+    search: {start: 4, probe_s: 20, settle_s: 5, min_requests: 10, budget_s: 200}
+  - name: after
+    stages: [{users: 1, duration_s: 10}]
+"""
+
+
+def _setup(tmp_path):
+    stages = load_scenario("s.yaml", text=SCENARIO).resolve()
+    logged = []
+    clock = StageClock(stages, manual=False, on_change=lambda log: logged.append(list(log)))
+    records = tmp_path / "records"
+    records.mkdir()
+    driver = SearchDriver(clock, records_dir=lambda: records, write=lambda e: write_search_log(tmp_path, e))
+    return clock, driver, records / "h_1.jsonl"
+
+
+def _write(path, stage_index, done_unix_s, *, ttft_s=0.1, error=None, pass_name="find"):
+    rec = {"stage_index": stage_index, "pass_name": pass_name, "wall_start_unix_s": done_unix_s - 1.0,
+           "t_start_s": 10.0, "t_first_token_s": 10.0 + ttft_s, "t_last_token_s": 10.9, "t_done_s": 11.0,
+           "output_tokens": 10, "error_category": error}
+    with open(path, "ab") as fh:
+        fh.write(orjson.dumps(rec) + b"\n")
+
+
+def test_a_probe_ends_once_judged_and_the_next_is_inserted(tmp_path):
+    clock, driver, path = _setup(tmp_path)
+    clock.enter(0, now_unix_s=1000.0)
+    for i in range(100):  # 100 good requests completing through the probe, 2 before its settle time
+        _write(path, 0, 1003.0 + 0.17 * i)
+    _write(path, 0, 1010.0, error="cancelled")  # not judged
+    _write(path, 1, 1010.0, pass_name="after")  # another stage's: ignored
+    assert not driver.step(stage_index=0, stage_elapsed_s=19.0, now_unix_s=1019.0)  # before probe_s
+    assert driver.step(stage_index=0, stage_elapsed_s=20.0, now_unix_s=1020.0)
+    # the probe lasted what it ran; 8 users come next; the fixed stage moved one place on
+    assert [(s.name, s.index, s.users) for s in clock.stages] == [("find-4u", 0, 4), ("find-8u", 1, 8),
+                                                                  ("after-1u", 2, 1)]
+    assert clock.stages[0].duration_s == 20.0 and clock.log[-1].duration_s == 20.0
+    (entry,) = read_search_log(tmp_path)
+    (probe,) = entry.probes
+    judged = sum(1 for i in range(100) if 1005.0 <= 1003.0 + 0.17 * i <= 1020.0)
+    assert (probe.good, probe.judged, probe.verdict) == (judged, judged, "pass")
+    assert probe.next_level == 8 and entry.running_level == 8 and not entry.done
+    assert entry.thresholds == {"ttft_ms": 200.0} and entry.target == 0.95
+    assert not driver.step(stage_index=0, stage_elapsed_s=20.5, now_unix_s=1020.5)  # judged once only
+
+
+def test_a_probe_with_too_few_requests_is_held_until_it_has_them_or_its_cap(tmp_path):
+    clock, driver, path = _setup(tmp_path)
+    clock.enter(0, now_unix_s=1000.0)
+    for i in range(5):
+        _write(path, 0, 1006.0 + i, ttft_s=0.5)  # all over the threshold
+    assert not driver.step(stage_index=0, stage_elapsed_s=25.0, now_unix_s=1025.0)  # 5 < min_requests 10
+    assert driver.step(stage_index=0, stage_elapsed_s=59.5, now_unix_s=1059.5)  # the cap (60 s) less a tick
+    (entry,) = read_search_log(tmp_path)
+    assert (entry.probes[0].good, entry.probes[0].judged, entry.probes[0].verdict) == (0, 5, "fail")
+    assert clock.stages[1].users == 2  # failed at the start: shrink
+
+
+def test_an_overdue_probe_is_judged_when_the_schedule_already_left_it(tmp_path):
+    clock, driver, path = _setup(tmp_path)
+    clock.enter(0, now_unix_s=1000.0)
+    for i in range(80):
+        _write(path, 0, 1006.0 + 0.5 * i)
+    # a late tick: the schedule is already in the next stage (60 s held); the probe still gets judged
+    assert driver.step(stage_index=1, stage_elapsed_s=2.0, now_unix_s=1062.0)
+    assert clock.stages[0].duration_s == 60.0
+    assert clock.stages[1].name == "find-8u"
+
+
+def test_workers_rebuild_the_announced_probe_and_find_later_stages_by_name():
+    static = load_scenario("s.yaml", text=SCENARIO).resolve()
+    probe = announced_stage(static, {"stage_index": 3, "stage_name": "find-6u",
+                                     "probe": {"pass_name": "find", "level": 6}})
+    assert (probe.name, probe.index, probe.users, probe.search is not None) == ("find-6u", 3, 6, True)
+    after = announced_stage(static, {"stage_index": 4, "stage_name": "after-1u", "probe": None})
+    assert (after.name, after.index, after.users) == ("after-1u", 4, 1)
+    assert announced_stage(static, {"stage_index": 0, "stage_name": "nothing"}) is None
