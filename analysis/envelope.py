@@ -44,6 +44,7 @@ __all__ = [
     "worst_failed_slo",
     "last_safe_before",
     "KV_PRESSURE_RATIO",
+    "CAUSE_PHRASES",
 ]
 
 QUEUE_GROWTH_FACTOR = 2.0  # TTFT growth / TPOT growth that reads as queueing
@@ -51,6 +52,18 @@ MIN_GROWTH = 1.5
 MIN_SERVER_GROWTH_MS = 10.0  # a server phase's mean must also grow by this much to count
 OUTSIDE_ENGINE_SHARE = 0.5  # more than this share of the client's mean TTFT outside the engine ...
 OUTSIDE_ENGINE_MIN_MS = 50.0  # ... and more than this: the measurement setup is the limit
+
+# cause -> how a sentence says it (", because ..."; empty where the SLO's own words say it)
+CAUSE_PHRASES: dict[str, str] = {
+    "queueing": ", because requests queued in the server",
+    "kv_cache": ", because the server's KV cache ran full",
+    "decode_slowdown": ", because every output token got slower as the batch grew",
+    "long_prompts": ", because the server took longer to process the prompts (prefill)",
+    "measurement": (", because most of the time to first token was spent outside the engine: "
+                    "the measurement setup (front end, network, load generator), not the server, is the limit"),
+    "errors": "",
+    "throughput": "",
+}
 
 # server phase -> the cause its growth points to
 _SERVER_PHASES = (("queue", "queueing", "server queue time"), ("prefill", "long_prompts", "server prefill time"),
@@ -264,16 +277,7 @@ def _broke_text(f: EnvelopeFinding) -> str:
                 f"{_seconds(threshold)} s SLO"
             )
         name = METRIC_NAMES.get(metric, metric.upper())
-    because = {
-        "queueing": ", because requests queued in the server",
-        "kv_cache": ", because the server's KV cache ran full",
-        "decode_slowdown": ", because every output token got slower as the batch grew",
-        "long_prompts": ", because the server took longer to process the prompts (prefill)",
-        "measurement": (", because most of the time to first token was spent outside the engine: "
-                        "the measurement setup (front end, network, load generator), not the server, is the limit"),
-        "errors": "",
-        "throughput": "",
-    }.get(f.cause or "", "")
+    because = CAUSE_PHRASES.get(f.cause or "", "")
     evidence = f" ({'; '.join(f.evidence)})" if f.evidence else ""
     return f"{head}{because}{evidence}: {name} broke first."
 
