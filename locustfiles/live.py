@@ -30,6 +30,7 @@ Definitions (the page states them too):
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ import numpy as np
 
 from envelope import metrics
 from envelope.records import ErrorCategory
+from envelope.search_log import SearchEntry, read_search_log
 
 __all__ = [
     "WINDOW_S",
@@ -55,6 +57,8 @@ __all__ = [
     "counter_increase",
     "json_safe",
     "tab_rows",
+    "search_section",
+    "search_pass_view",
     "format_rate",
     "format_ms",
 ]
@@ -392,6 +396,47 @@ def counter_increase(samples: Sequence[tuple[float, float]], start_unix_s: float
     for a, b in zip(upto[base:], upto[base + 1:]):
         total += b - a if b >= a else b
     return total
+
+
+def search_section(run_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The tab's ``search`` section from ``RUN/search.json``: every search pass, or why the file could not be read.
+
+    ``{"passes": [...], "error": None}``; no run directory or no file yet gives no passes,
+    and a damaged file gives no passes and an error sentence, never an exception.
+    """
+    if run_dir is None:
+        return {"passes": [], "error": None}
+    try:
+        entries = read_search_log(run_dir)
+        passes = [search_pass_view(e) for e in entries]
+    except Exception as exc:  # a damaged file must not stop the tab; say what is wrong instead
+        return {"passes": [], "error": str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"}
+    return {"passes": json_safe(passes), "error": None}
+
+
+def search_pass_view(entry: SearchEntry) -> dict[str, Any]:
+    """One search pass as the tab shows it: the probe running, the probes so far, the bracket or the final reason."""
+    spec = dict(entry.spec)
+    return {
+        "pass_name": str(entry.pass_name),
+        "over": str(entry.over),
+        "unit": "users" if entry.over == "users" else "requests/s",
+        "confidence": spec.get("confidence"),
+        "target": entry.target,
+        "thresholds": dict(entry.thresholds),
+        "running_level": entry.running_level,
+        "done": bool(entry.done),
+        "status": str(entry.status),
+        "bracket": str(entry.bracket),
+        "reason": str(entry.reason),
+        "highest_pass": entry.highest_pass,
+        "lowest_fail": entry.lowest_fail,
+        "probes": [{
+            "stage_name": str(p.stage_name), "level": p.level, "good": p.good, "judged": p.judged,
+            "attainment": p.attainment, "attainment_low": p.attainment_low, "attainment_high": p.attainment_high,
+            "verdict": str(p.verdict), "decision": str(p.decision), "next_level": p.next_level,
+        } for p in entry.probes],
+    }
 
 
 def json_safe(obj: Any) -> Any:

@@ -9,6 +9,9 @@ that serves the web UI (the master, or the single local process; workers and
   file into the run directory, so with ``--processes N`` (or workers sharing
   the run directory) the master shows the whole load; the numbers come from
   :mod:`locustfiles.live`;
+- reads ``RUN/search.json`` (:mod:`envelope.search_log`) on the same tick: for
+  each search pass the tab shows the probe running, the probes so far and the
+  bracket (or, once done, why the search ended);
 - scrapes the target server's ``/metrics`` every 2 s (requests waiting,
   KV-cache usage, preemptions) when it answers;
 - adds an "LLM" tab with Locust's extension points: ``extended_tabs`` and
@@ -227,6 +230,7 @@ class LiveConsole:
             "slo_results": results,
             "slo_pass": slo_pass,
             "server": server,
+            "search": live.search_section(ctx.run_dir),
         }
         self._snapshot = live.json_safe(snapshot)
         if state in _ACTIVE_STATES:

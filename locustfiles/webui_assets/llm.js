@@ -99,6 +99,87 @@
     renderSlo(d, stageText);
     renderServer(d.server || {});
     renderErrors(w, d.totals || {});
+    renderSearch(d.search || {});
+  }
+
+  // ---- SLO search: one block per search pass, built with textContent only (the file's text is never HTML) ----
+  function el(tag, className, text) {
+    const e = document.createElement(tag);
+    if (className) e.className = className;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function fmtLevel(v, unit) {
+    if (!finite(v)) return "-";
+    return (Number.isInteger(v) ? String(v) : String(Number(v.toFixed(2)))) + " " + unit;
+  }
+  function fmtShare(ratio) { return finite(ratio) ? (ratio * 100).toFixed(1) + "%" : "-"; }
+  function thresholdText(thresholds) {
+    return Object.keys(thresholds || {}).map((k) => {
+      const m = /^(ttft|tpot|itl|e2e)_ms$/.exec(k);
+      return (m ? m[1].toUpperCase() : k) + " ≤ " + fmtMs(thresholds[k]);
+    }).join(", ");
+  }
+
+  function renderSearch(search) {
+    const passes = search.passes || [];
+    const section = $("search");
+    section.hidden = !passes.length && !search.error;
+    $("search-error").hidden = !search.error;
+    $("search-error").textContent = search.error ? "search.json could not be read: " + search.error : "";
+    const box = $("search-passes");
+    box.textContent = "";
+    for (const s of passes) box.appendChild(searchBlock(s));
+  }
+
+  function searchBlock(s) {
+    const unit = s.unit || s.over || "";
+    const div = el("div", "search-pass");
+    div.dataset.pass = s.pass_name;
+    div.dataset.done = s.done ? "true" : "false";
+    const conf = finite(s.confidence) ? Math.round(s.confidence * 100) + "% " : "";
+    div.appendChild(el("h3", "", "Pass " + s.pass_name + " · searching " + (s.over === "rate" ? "the request rate" : "users") +
+      (finite(s.target) ? " · target: " + fmtShare(s.target) + " of requests within " + (thresholdText(s.thresholds) || "the thresholds") : "")));
+    const running = el("p", "search-running");
+    running.textContent = s.done ? "Finished." : finite(s.running_level) ? "Probing now: " + fmtLevel(s.running_level, unit)
+      : "Waiting for the first probe.";
+    running.dataset.level = finite(s.running_level) && !s.done ? String(s.running_level) : "";
+    div.appendChild(running);
+
+    const table = el("table", "search-probes");
+    const head = table.createTHead().insertRow();
+    for (const [t, num] of [["Level", true], ["Judged", true], ["Good", true],
+                            ["Attainment (" + conf + "CI)", true], ["Verdict", false], ["Decision", false]]) {
+      head.appendChild(el("th", num ? "num" : "", t));
+    }
+    const body = table.createTBody();
+    const probes = s.probes || [];
+    if (!probes.length) {
+      const cell = body.insertRow().insertCell();
+      cell.colSpan = 6;
+      cell.className = "muted";
+      cell.textContent = "no probe judged yet";
+    }
+    for (const p of probes) {
+      const row = body.insertRow();
+      row.dataset.level = String(p.level);
+      row.dataset.verdict = p.verdict;
+      const cells = [
+        [fmtLevel(p.level, unit), "num"], [fmtInt(p.judged), "num"], [fmtInt(p.good), "num"],
+        [fmtShare(p.attainment) + " (" + fmtShare(p.attainment_low) + "–" + fmtShare(p.attainment_high) + ")", "num"],
+        [p.verdict, "verdict-" + (["pass", "fail", "unresolved"].includes(p.verdict) ? p.verdict : "unresolved")],
+        [p.decision || "", "decision"],
+      ];
+      for (const [text, cls] of cells) { const c = row.insertCell(); c.className = cls; c.textContent = text; }
+    }
+    div.appendChild(table);
+
+    if (s.done) {
+      div.appendChild(el("p", "search-reason", "Search over: " + (s.reason || "done")));
+    }
+    div.appendChild(el("p", "search-bracket", s.bracket ? (s.done ? "Result: " : "So far: ") + s.bracket
+      : "No bracket yet."));
+    return div;
   }
 
   function renderSlo(d, stageText) {
