@@ -44,11 +44,32 @@ def _x_label(table: Sequence[TableRow]) -> str:
     return "mean requests in flight"
 
 
+def _workload_key(rows: Sequence[TableRow]) -> tuple[str, float, float] | None:
+    """A pass's load kind and median prompt and output tokens (rounded to whole tokens); None if unknown."""
+    prompts = sorted(r.counts.prompt_tokens_p50 for r in rows if _finite(r.counts.prompt_tokens_p50))
+    outs = sorted(r.counts.output_tokens_p50 for r in rows if _finite(r.counts.output_tokens_p50))
+    if not prompts or not outs:
+        return None
+    return rows[0].window.kind, round(prompts[len(prompts) // 2]), round(outs[len(outs) // 2])
+
+
 def _by_pass(table: Sequence[TableRow]) -> dict[str, list[TableRow]]:
-    out: dict[str, list[TableRow]] = {}
+    """One series per pass, sorted by level; passes that share a workload (same load kind, prompt and
+    output tokens) are one series, so fixed passes of one stage each draw a line, not lone dots."""
+    passes: dict[str, list[TableRow]] = {}
     for r in table:
-        out.setdefault(r.pass_name, []).append(r)
-    return {k: sorted(v, key=_x) for k, v in out.items()}
+        passes.setdefault(r.pass_name, []).append(r)
+    groups: dict[Any, list[str]] = {}
+    for name, rows in passes.items():
+        groups.setdefault(_workload_key(rows) or ("pass", name), []).append(name)
+    out: dict[str, list[TableRow]] = {}
+    for names in groups.values():
+        out[" + ".join(names)] = sorted((r for n in names for r in passes[n]), key=_x)
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def plot_throughput_vs_concurrency(ax: Any, table: Sequence[TableRow], *, label_prefix: str = "") -> None:

@@ -10,6 +10,8 @@ Rendering choices, all for a page that works offline and shows the text as writt
 - raw HTML in the text is not passed through (it shows as written, escaped);
 - links, autolinks and link references are off: the report writes none, and a value that looks like
   one (a URL in the server's description) stays plain text, so the page never points at the network;
+- every table sits in a ``div.scroll`` box that scrolls sideways, so a wide table stays readable on a
+  laptop screen (~1280 px) without cutting off columns;
 - an image names a PNG given to :func:`markdown_page` and is embedded as a ``data:`` URI, drawn as a
   figure with its alt text as caption.
 
@@ -27,7 +29,9 @@ from typing import Any, Mapping, Sequence
 __all__ = ["Marks", "markdown_page", "PAGE_CSS"]
 
 PAGE_CSS = (
-    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    # a wide table scrolls inside its box instead of cutting off columns or widening the page
+    ".scroll{overflow-x:auto;max-width:100%;margin:0.5em 0}.scroll table{margin:0}"
     "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px;"
     "text-align:right}th{background:#eee}td.fail{color:#b00;font-weight:bold}img{max-width:100%}"
     ".sentence{font-size:1.1em;background:#f4f8ff;padding:0.6em;border-left:4px solid #36c}"
@@ -73,6 +77,9 @@ def markdown_page(markdown: str, *, title: str, images: Mapping[str, bytes], mar
                 f"<figcaption>{alt}</figcaption></figure>\n")
 
     md.add_render_rule("image", figure)
+    md.add_render_rule("table_open", lambda self, tokens, idx, options, env:
+                       '<div class="scroll"><table>\n')
+    md.add_render_rule("table_close", lambda self, tokens, idx, options, env: "</table></div>\n")
     tokens = md.parse(markdown)
     _mark(tokens, marks)
     body = md.renderer.render(tokens, md.options, {})

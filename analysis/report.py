@@ -24,9 +24,12 @@ from analysis import envelope as env
 from analysis import failures as fail
 from analysis import plots
 from analysis import render
+from analysis import search_report as sr
 from analysis import tokens
 from analysis import workers as wk
-from analysis.common import finite, percent
+from analysis.common import METRIC_NAMES, adaptive_percent, finite, percent, split_key
+from analysis.envelope_graph import plot_envelope
+from analysis.search import SearchFinding, search_findings
 from analysis.load import Completeness, completeness, run_start_unix_s
 from analysis.rows import TableRow
 from analysis.table import (
@@ -41,7 +44,8 @@ from analysis.table import (
     write_table_markdown,
 )
 
-__all__ = ["write_report", "render_figure_png", "summary_lines", "DATA_NOTE"]
+__all__ = ["write_report", "render_figure_png", "summary_lines", "summary_table", "envelope_graph_name",
+           "DATA_NOTE", "SUMMARY_COLUMNS"]
 
 DATA_NOTE = (
     "Percentiles are exact, computed from the per-request records with numpy's linear "
@@ -50,14 +54,14 @@ DATA_NOTE = (
 
 
 def render_figure_png(draw: Callable[[Any], None], *, ncols: int = 1, nrows: int = 1,
-                      size_in: tuple[float, float] = (8.0, 4.5)) -> bytes:
-    """Call ``draw(axes)`` on a fresh Agg figure and return it as PNG bytes."""
+                      size_in: tuple[float, float] = (8.0, 4.5), sharex: bool = False) -> bytes:
+    """Call ``draw(axes)`` on a fresh Agg figure and return it as PNG bytes (``sharex``: one x axis)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size_in, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex).ravel().tolist()
     draw(axes if len(axes) > 1 else axes[0])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -78,6 +82,7 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     primary = env.find_envelope(rows) if rows else None
     if primary is not None:
         findings = [primary] + [f for f in findings if f.pass_name != primary.pass_name]
+    searches = search_findings(rows, getattr(run, "searches", None) or [])
     written: dict[str, Path] = {}
 
     with open(out / "table.csv", "w", encoding="utf-8", newline="") as fh:
@@ -88,12 +93,12 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     (out / "table.md").write_text(md_table.getvalue(), encoding="utf-8")
     written["table.md"] = out / "table.md"
 
-    graphs = _graphs(run, rows)
+    graphs = {**_envelope_graphs(searches), **_graphs(run, rows)}
     for name, (_, png) in graphs.items():
         (out / name).write_bytes(png)
         written[name] = out / name
 
-    sentences = [(f.pass_name, env.envelope_sentence(f), f) for f in findings]
+    sentences = _sentences(run, rows, findings, searches)
     notes = _method_notes(rule, totals, rows)
     first = broke.what_broke_first(run, rows)
     check = broke.token_cross_check(run.frame, run.telemetry.get("metrics"))
@@ -101,7 +106,8 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     with open(out / "failures.csv", "w", encoding="utf-8", newline="") as fh:
         fail.write_failures_csv(extra.failures, fh)
     written["failures.csv"] = out / "failures.csv"
-    document = _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check, extra)
+    document = _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check, extra,
+                         searches=searches)
     (out / "envelope.md").write_text(document, encoding="utf-8")
     written["envelope.md"] = out / "envelope.md"
     page = render.markdown_page(document, title=_title(run, extra), marks=_marks(),
@@ -194,12 +200,49 @@ def summary_lines(run: Any, rows: Sequence[TableRow]) -> list[str]:
     if rows:
         primary = env.find_envelope(rows)
         findings = [primary] + [f for f in env.find_envelopes(rows) if f.pass_name != primary.pass_name]
-        lines += [f"{f.pass_name}: {env.envelope_sentence(f)}" for f in findings]
+        searches = search_findings(rows, getattr(run, "searches", None) or [])
+        lines += [f"{name}: {sentence}" for name, sentence, _ in _sentences(run, rows, findings, searches)]
     lines.append(f"What broke first: {broke.what_broke_first(run, rows).sentence}")
     if extra.stop_sentence:
         lines.append(extra.stop_sentence)
     lines.append(extra.failure_intro)
     return lines
+
+
+def _sentences(run: Any, rows: Sequence[TableRow], findings: Sequence[env.EnvelopeFinding],
+               searches: Sequence[SearchFinding]) -> list[tuple[str, str, env.EnvelopeFinding]]:
+    """The envelope in words, one entry per pass: search passes first (their paragraph), then the other
+    passes' sentences; a pass with open-loop stages over capacity says so."""
+    by_name = {f.pass_name: f for f in findings}
+    out = []
+    for s in searches:
+        if s.pass_name in by_name:
+            out.append((s.pass_name, sr.search_paragraph(s, server=run.server), by_name[s.pass_name]))
+    searched = {s.pass_name for s in searches}
+    for f in findings:
+        if f.pass_name in searched:
+            continue
+        sentence = env.envelope_sentence(f)
+        over = [r for r in rows if r.pass_name == f.pass_name and r.goodput.over_capacity]
+        if over:
+            sentence += " " + sr.over_capacity_text(over)
+        out.append((f.pass_name, sentence, f))
+    return out
+
+
+def envelope_graph_name(finding: SearchFinding, searches: Sequence[SearchFinding]) -> str:
+    """``envelope_graph.png`` for a run's one search; ``envelope_graph_<pass>.png`` when it has several."""
+    if len(searches) == 1:
+        return "envelope_graph.png"
+    return "envelope_graph_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", finding.pass_name or "search") + ".png"
+
+
+def _envelope_graphs(searches: Sequence[SearchFinding]) -> dict[str, tuple[str, bytes]]:
+    return {envelope_graph_name(s, searches): (
+        f"The envelope of {s.pass_name}: latency, throughput and attainment against load, "
+        "with where it is safe, bending and over",
+        render_figure_png(lambda axes, f=s: plot_envelope(axes, f), nrows=3, size_in=(9.0, 9.0), sharex=True),
+    ) for s in searches}
 
 
 def _graphs(run: Any, rows: Sequence[TableRow]) -> dict[str, tuple[str, bytes]]:
@@ -304,6 +347,17 @@ def _title(run: Any, extra: _Extra | None) -> str:
 _ENVELOPE = "Envelope"
 _STOPPED = "Server stopped answering"
 _TABLE = "Table"
+_SUMMARY = "Summary"
+_RUN = "Run"
+_SEARCH = "Search: how the boundary was found"
+SEARCH_NOTE = (
+    "Each probe is an ordinary stage. Its attainment here is over the stage's steady-state window (the "
+    "table's), with its 95% Wilson interval; the verdict is this probe's alone (the answer pools the probes "
+    "at a level). The decision is what the search logged in search.json when it chose the next probe, from "
+    "its own live counts."
+)
+SUMMARY_COLUMNS = ("pass", "stage", "load", "out tok/s", "TTFT p50 ms", "E2E p95 ms", "errors",
+                   "attainment (95% CI)", "verdict")
 
 
 def _marks() -> render.Marks:
@@ -313,6 +367,51 @@ def _marks() -> render.Marks:
     document's block quote."""
     return render.Marks(sentence_sections=(_ENVELOPE, _STOPPED),
                         fail_cell=(_TABLE, dict(MARKDOWN_COLUMNS)["slo_pass"], format_cell("slo_pass", False)))
+
+
+def summary_table(rows: Sequence[TableRow]) -> list[tuple[str, ...]]:
+    """The compact table of the first screen: per stage its load, throughput, two latencies, errors,
+    attainment and verdict (what broke first where it failed); header first."""
+    out = [SUMMARY_COLUMNS]
+    for r in rows:
+        g = r.goodput
+        if g.attainment is not None and g.attainment_low is not None and g.attainment_high is not None:
+            att = f"{adaptive_percent(g.attainment)} ({g.attainment_low * 100:.0f}-{g.attainment_high * 100:.0f}%)"
+        else:
+            att = "-"
+        errors = f"{r.counts.errors:,}" + (f" ({adaptive_percent(r.counts.error_rate)})" if r.counts.errors else "")
+        out.append((r.pass_name, r.stage_name, env.level_text(r),
+                    format_cell("aggregate_output_tokens_per_s", r.throughput.aggregate_output_tokens_per_s),
+                    format_cell("ttft_p50_ms", r.latency.ttft_p50_ms), format_cell("e2e_p95_ms", r.latency.e2e_p95_ms),
+                    errors, att, _verdict(r)))
+    return out
+
+
+def _verdict(r: TableRow) -> str:
+    if r.trust.server_stopped:
+        return SERVER_STOPPED_CELL
+    parts = []
+    if r.goodput.over_capacity:
+        parts.append("over capacity: no steady state")
+    if r.slo.slo_pass is True:
+        parts.append("pass")
+    elif r.slo.slo_pass is False:
+        worst = env.worst_failed_slo(tuple(x for x in r.slo.slo_results if x.passed is False))
+        parts.append("FAIL" + (f": {_slo_name(worst.key)}" if worst is not None else ""))
+    elif not r.slo.slo_results:
+        parts.append("no SLOs")
+    if r.trust.trustworthy is False:
+        parts.append("NOT TRUSTWORTHY")
+    return "; ".join(parts) or "-"
+
+
+def _slo_name(key: str) -> str:
+    names = {"error_rate_max": "errors", "attainment_min": "attainment",
+             "min_output_tokens_per_s": "throughput"}
+    if key in names:
+        return names[key]
+    metric, pct = split_key(key)
+    return f"{pct} {METRIC_NAMES.get(metric, metric.upper())}".strip()
 
 
 def _md_table(rows: Sequence[Sequence[str]]) -> str:
@@ -325,11 +424,13 @@ def _md_table(rows: Sequence[Sequence[str]]) -> str:
 def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
               sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
               rows: Sequence[TableRow], first: broke.BrokeFirst | None = None,
-              check: broke.TokenCrossCheck | None = None, extra: _Extra | None = None) -> str:
+              check: broke.TokenCrossCheck | None = None, extra: _Extra | None = None, *,
+              searches: Sequence[SearchFinding] = ()) -> str:
+    # The first screen answers the question: the envelope in words, its graph, a compact table;
+    # then what the run was, and the detail.
     parts = [f"# {_md_escape(_title(run, extra))}\n"]
     if extra is not None and extra.banner:
         parts.append(f"> **{_md_escape(extra.banner)}**\n")
-    parts += ["\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
     parts.append(f"## {_ENVELOPE}\n")
     if not sentences:
         parts.append("No stages to analyse.\n")
@@ -337,6 +438,19 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append(f"**{_md_escape(name or 'run')}**: {_md_escape(sentence)}\n")
     if first is not None:
         parts.append(f"**What broke first**: {_md_escape(first.sentence)}\n")
+    envelope_graphs = [name for name in graphs if name.startswith("envelope_graph")]
+    for fname in envelope_graphs:
+        parts.append(f"![{_md_escape(graphs[fname][0])}]({fname})\n")
+    if rows:
+        parts.append(f"## {_SUMMARY}\n")
+        parts.append(_md_table(summary_table(rows)) + "\n")
+    parts.append(f"## {_RUN}\n")
+    parts += ["\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
+    for finding in searches:
+        parts.append(f"## {_SEARCH}" + (f" ({_md_escape(finding.pass_name)})" if len(searches) > 1 else "") + "\n")
+        parts.append(_md_escape(SEARCH_NOTE) + "\n")
+        parts.append(_md_table(sr.probe_table(finding)) + "\n")
+        parts.append(_md_escape(sr.live_difference(finding)) + "\n")
     if extra is not None and extra.stop_sentence:
         parts.append(f"## {_STOPPED}\n")
         parts.append(_md_escape(extra.stop_sentence) + "\n")
@@ -376,6 +490,8 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append("\n".join(f"- {_md_escape(line)}" for line in extra.audit_lines) + "\n")
     parts.append("\n## Graphs\n")
     for fname, (title, _) in graphs.items():
+        if fname in envelope_graphs:
+            continue
         parts.append(f"![{_md_escape(title)}]({fname})\n")
     parts.append("## How the numbers were computed\n")
     parts.append("\n".join(f"- {_md_escape(n)}" for n in notes) + "\n")
