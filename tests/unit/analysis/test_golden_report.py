@@ -15,6 +15,17 @@ And the open pass's envelope sentence now ends with a caution naming its stage f
 (the open-loop stage sent 11% fewer requests than asked): a headline no longer hides the flag; and the
 method notes say how step-down windows and load-generator stalls are handled.
 
+Deliberate changes with the SLO search (all expected files regenerated, checked by hand first):
+
+- ``slo_results``: every stage gains the attainment SLO (``attainment_min>=0.95``, the share of requests
+  that met every per-request threshold); the SLOs it held before read the same.
+- ``table.csv``: the columns added since it was recorded are appended (``ttft_mean_ms`` ... and the goodput
+  columns ``good_requests`` ... ``over_capacity_note``); now every column is compared cell by cell,
+  those that existed before with the values they had.
+- ``envelope.md``: reordered so that the first screen answers the question: the envelope sentences, then a
+  compact summary table (load, output tokens/s, p50 TTFT, p95 E2E, errors, attainment with its interval,
+  verdict), then the run metadata (now under "Run"), then the detail as before.
+
 Columns renamed since then are mapped in ``RENAMED`` (old name -> new name); a column dropped
 because another one already said the same is mapped to that one, so its values are still checked.
 """
