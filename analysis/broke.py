@@ -404,6 +404,11 @@ def _slo_text(slo: SloResult) -> str:
     if key == "min_output_tokens_per_s":
         return (f"aggregate output was {grouped_number(measured)} tokens/s, "
                 f"under its {grouped_number(limit)} tokens/s SLO")
+    if key == "attainment_min":
+        if measured is None:
+            return f"no request could be judged, failing its {percent(limit)} attainment SLO"
+        return (f"only {percent(measured)} of requests met every latency threshold, under its "
+                f"{percent(limit)} attainment SLO")
     metric, pct = split_key(key)
     name = f"{pct} {METRIC_NAMES.get(metric, metric.upper())}"
     if measured is None:
@@ -417,6 +422,8 @@ def _slo_label(slo: SloResult) -> str:
         return "errors"
     if key == "min_output_tokens_per_s":
         return "throughput"
+    if key == "attainment_min":
+        return "SLO attainment"
     metric, _ = split_key(key)
     return METRIC_NAMES.get(metric, metric.upper())
 

@@ -354,6 +354,10 @@ def server_evidence(broke: TableRow, base: TableRow | None) -> tuple[str | None,
     return (causes[0] if causes else None), evidence
 
 
+def _requests(n: float) -> str:
+    return "request" if n == 1 else "requests"
+
+
 def _ms(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2g}"
 
@@ -379,7 +383,7 @@ def _client_cause(slo: SloResult | None, broke: TableRow, base: TableRow | None)
             f"from {level_text(base)}, TTFT p50 x{ttft_g:.1f} while TPOT p50 x{tpot_g:.1f}"
         )
     if waiting is not None and waiting > 0:
-        evidence.append(f"up to {plain_number(waiting)} requests waiting in the server")
+        evidence.append(f"up to {plain_number(waiting)} {_requests(waiting)} waiting in the server")
         return "queueing", evidence
     if ttft_g is not None and tpot_g is not None:
         if ttft_g >= MIN_GROWTH and ttft_g >= QUEUE_GROWTH_FACTOR * tpot_g:
@@ -402,7 +406,7 @@ def _first_pressure(rows: Sequence[TableRow]) -> str | None:
         if pre:
             parts.append(f"{plain_number(pre)} preemptions")
         if waiting:
-            parts.append(f"up to {plain_number(waiting)} requests waiting")
+            parts.append(f"up to {plain_number(waiting)} {_requests(waiting)} waiting")
         if parts:
             return f"{', '.join(parts)} from {level_text(r)} on"
     return None

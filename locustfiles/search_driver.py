@@ -13,6 +13,9 @@ Which requests a probe judges: those sent in the probe (its ``stage_index``)
 that completed after its first ``settle_s`` and before the decision, cancelled
 ones excepted. Selecting by completion time in a steady state samples requests
 without favouring short ones, and needs no wait for the requests still in flight.
+Requests sent before the previous stage's last request finished are left out
+too: after a step down (17 users to 2, say) the departing users' requests still
+load the server, and a probe must measure its own level only.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ class SearchDriver:
         self._records_dir = records_dir
         self._write = write
         self._tailer: RecordTailer | None = None
-        # stage_index -> [(completion unix s, good?)] for the probes' judged requests
-        self._judged: dict[int, list[tuple[float, bool]]] = {}
+        # stage_index -> [(start unix s, completion unix s, good?)] for the probes' judged requests
+        self._judged: dict[int, list[tuple[float, float, bool]]] = {}
+        # the latest completion of any request sent before each stage_index began (drained by then)
+        self._last_done_before: dict[int, float] = {}
         self._probes: dict[str, list[ProbeResult]] = {}
         self._entries: dict[str, SearchEntry] = {}
         self._decided: set[int] = set()  # stage indexes of probes already judged
@@ -75,7 +80,9 @@ class SearchDriver:
         if not overdue and held_s < spec.probe_s:
             return False
         since = running.start_unix_s + spec.settle_for_s
-        verdicts = [good for done, good in self._judged.get(running.stage_index, ()) if since <= done <= now_unix_s]
+        drained = self._last_done_before.get(running.stage_index, 0.0)
+        verdicts = [good for start, done, good in self._judged.get(running.stage_index, ())
+                    if since <= done <= now_unix_s and start >= drained]
         judged, good = len(verdicts), sum(verdicts)
         if not overdue and judged < min_requests_for(spec, attainment_target(stage.slos)) \
                 and held_s < spec.probe_cap_s - 1.0:
@@ -136,15 +143,23 @@ class SearchDriver:
             self._tailer = RecordTailer(records_dir)
         wanted = {index: self.clock.stages[index] for index in range(len(self.clock.stages))
                   if self.clock.stages[index].search is not None}
+        running = self.clock.running
         for rec in self._tailer.poll():
+            done = _completion_unix_s(rec)
+            if done is None:
+                continue
+            if running is not None and running.stage_index in wanted and rec.get("stage_index") != running.stage_index \
+                    and rec.get("wall_start_unix_s", done) < running.start_unix_s:
+                # an earlier stage's request, still running when the probe began
+                key = running.stage_index
+                self._last_done_before[key] = max(self._last_done_before.get(key, 0.0), done)
             stage = wanted.get(rec.get("stage_index"))
             if stage is None or rec.get("pass_name") != stage.pass_name:
                 continue
             good = judge_record(rec, thresholds_from_slos(stage.slos))
-            done = _completion_unix_s(rec)
-            if good is None or done is None:
+            if good is None:
                 continue
-            self._judged.setdefault(rec["stage_index"], []).append((done, good))
+            self._judged.setdefault(rec["stage_index"], []).append((rec["wall_start_unix_s"], done, good))
 
     def _end_probe(self, index: int, duration_s: float) -> None:
         stages = self.clock.stages

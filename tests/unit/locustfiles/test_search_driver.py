@@ -31,9 +31,10 @@ def _setup(tmp_path):
     return clock, driver, records / "h_1.jsonl"
 
 
-def _write(path, stage_index, done_unix_s, *, ttft_s=0.1, error=None, pass_name="find"):
-    rec = {"stage_index": stage_index, "pass_name": pass_name, "wall_start_unix_s": done_unix_s - 1.0,
-           "t_start_s": 10.0, "t_first_token_s": 10.0 + ttft_s, "t_last_token_s": 10.9, "t_done_s": 11.0,
+def _write(path, stage_index, done_unix_s, *, ttft_s=0.1, error=None, pass_name="find", took_s=1.0):
+    rec = {"stage_index": stage_index, "pass_name": pass_name, "wall_start_unix_s": done_unix_s - took_s,
+           "t_start_s": 10.0, "t_first_token_s": 10.0 + ttft_s, "t_last_token_s": 10.0 + took_s - 0.1,
+           "t_done_s": 10.0 + took_s,
            "output_tokens": 10, "error_category": error}
     with open(path, "ab") as fh:
         fh.write(orjson.dumps(rec) + b"\n")
@@ -92,3 +93,18 @@ def test_workers_rebuild_the_announced_probe_and_find_later_stages_by_name():
     after = announced_stage(static, {"stage_index": 4, "stage_name": "after-1u", "probe": None})
     assert (after.name, after.index, after.users) == ("after-1u", 4, 1)
     assert announced_stage(static, {"stage_index": 0, "stage_name": "nothing"}) is None
+
+
+def test_requests_sent_while_an_earlier_stage_drains_are_not_judged(tmp_path):
+    """A step down: the earlier stage's last request ends 12 s into the probe; what was sent before then
+    ran beside it and is left out, whatever its verdict."""
+    clock, driver, path = _setup(tmp_path)
+    clock.enter(0, now_unix_s=1000.0)
+    _write(path, 7, 1012.0, pass_name="before", took_s=13.0)  # sent at 999 s, before the probe: drains at 1012 s
+    for i in range(20):  # sent 1005..1010.7 s (before the drain), all too slow
+        _write(path, 0, 1006.0 + 0.3 * i, ttft_s=0.5)
+    for i in range(80):  # sent from 1012 s on (done 1013..1019.3 s), all good
+        _write(path, 0, 1013.0 + 0.08 * i)
+    assert driver.step(stage_index=0, stage_elapsed_s=20.0, now_unix_s=1020.0)
+    (entry,) = read_search_log(tmp_path)
+    assert (entry.probes[0].good, entry.probes[0].judged) == (80, 80)
