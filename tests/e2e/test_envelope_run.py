@@ -1,4 +1,9 @@
-"""End to end: ``envelope run`` launches the real vLLM (cpu-tiny), runs the quick capstone, and writes the report."""
+"""End to end: ``envelope run`` launches the real vLLM (cpu-tiny), runs the quick capstone, and writes the report.
+
+The capstone ends with two SLO searches: the chat search must end with a bracket
+(the highest level that passed and the lowest that failed, both with confidence)
+and name why it bends there from the server's own telemetry.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,22 @@ def test_envelope_run_capstone_quick(tmp_path):
     assert first.sentence in section
     assert f"{first.first.label} broke first" in first.sentence or "first limit reached" in first.sentence
     assert f"What broke first: {first.sentence}" in proc.stdout
+
+    from analysis.search import search_findings
+
+    findings = {f.pass_name: f for f in search_findings(envelope_table(run), run.searches)}
+    assert set(findings) == {"chat-search", "long-context-search"}
+    chat = findings["chat-search"]
+    assert chat.done, chat.live
+    b = chat.bracket
+    assert b.highest_pass is not None and b.lowest_fail is not None and b.highest_pass < b.lowest_fail, b
+    assert chat.cause not in (None, "unknown"), (chat.cause, chat.evidence)
+    assert any("server" in e for e in chat.evidence), chat.evidence  # the server's own evidence
+    assert (run_dir / "report" / "envelope_graph_chat-search.png").is_file() or \
+        (run_dir / "report" / "envelope_graph.png").is_file()
+    first_screen = report.split("\n## Run", 1)[0]
+    assert f"up to {int(b.highest_pass)} concurrent users" in first_screen, first_screen[:2000]
+    print(chat.bracket.describe("users"), chat.cause, chat.evidence)
 
     assert [p for p in run_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()] == []
     assert key not in proc.stdout and key not in proc.stderr
