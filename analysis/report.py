@@ -29,7 +29,7 @@ from analysis import tokens
 from analysis import workers as wk
 from analysis.common import METRIC_NAMES, adaptive_percent, finite, percent, split_key
 from analysis.envelope_graph import plot_envelope
-from analysis.search import SearchFinding, search_findings
+from analysis.search import SearchFinding, search_findings, workload_knees
 from analysis.load import Completeness, completeness, run_start_unix_s
 from analysis.rows import TableRow
 from analysis.table import (
@@ -227,6 +227,11 @@ def _sentences(run: Any, rows: Sequence[TableRow], findings: Sequence[env.Envelo
         if over:
             sentence += " " + sr.over_capacity_text(over)
         out.append((f.pass_name, sentence, f))
+    for found in workload_knees(getattr(run, "stages", None) or [], rows, skip_passes=tuple(searched)):
+        users = ", ".join(f"{v:g}" for v in found.levels)
+        text = (f"Throughput against users for {found.workload} (measured at {users} users): "
+                f"{found.knee.reason if found.knee is not None else found.reason}.")
+        out.append(("knee", text, None))
     return out
 
 
@@ -495,7 +500,7 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append(f"![{_md_escape(title)}]({fname})\n")
     parts.append("## How the numbers were computed\n")
     parts.append("\n".join(f"- {_md_escape(n)}" for n in notes) + "\n")
-    limits = [lim for _, _, f in sentences for lim in f.limits]
+    limits = [lim for _, _, f in sentences if f is not None for lim in f.limits]
     if limits:
         parts.append("## Limits\n")
         parts.append("\n".join(f"- {_md_escape(lim)}" for lim in limits) + "\n")

@@ -25,8 +25,9 @@ from analysis.rows import SloResult, TableRow
 from envelope.attainment import Thresholds, thresholds_from_slos
 from envelope.search import Bracket, ProbeResult, SearchSpec, bracket
 from envelope.search_log import SearchEntry
+from envelope.stages import StageRecord
 
-__all__ = ["SearchFinding", "search_findings", "probe_rows"]
+__all__ = ["SearchFinding", "WorkloadKnee", "search_findings", "probe_rows", "workload_knees"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -100,3 +101,43 @@ def _finding(entry: SearchEntry, rows: list[TableRow]) -> SearchFinding:
         bracket=result, safe_row=safe, fail_row=fail, cause=cause, evidence=evidence, failed_slo=failed,
         knee=knee, knee_note=knee_note, live=entry, done=entry.done,
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkloadKnee:
+    """The knee of throughput against users for one workload's fixed closed-loop stages (any passes)."""
+
+    workload: str  # "300-token prompts, 128 output tokens"
+    levels: tuple[float, ...]  # the distinct user counts measured
+    knee: Knee | None
+    reason: str
+
+
+def workload_knees(stages: Sequence[StageRecord], rows: Sequence[TableRow], *,
+                   skip_passes: Sequence[str] = ()) -> list[WorkloadKnee]:
+    """For every workload measured closed loop at 4 or more user counts outside a search: its knee.
+
+    Stages share a workload when their requested prompt and output tokens are the same
+    (:class:`envelope.stages.WorkloadSummary`), whichever pass they belong to.
+    """
+    by_index = {r.stage_index: r for r in rows}
+    groups: dict[tuple, list[TableRow]] = {}
+    for stage in stages:
+        row = by_index.get(stage.stage_index)
+        if (row is None or stage.open_loop or not stage.target_users or stage.pass_name in skip_passes
+                or stage.clients or row.counts.ok_requests == 0):
+            continue
+        w = stage.workload
+        groups.setdefault((w.prompt_tokens, w.output_tokens, w.long_context), []).append(row)
+    out = []
+    for (prompt, output, long_context), members in groups.items():
+        levels = sorted({float(r.window.target_users) for r in members})
+        if len(levels) < 4:
+            continue
+        knee, reason = find_knee([float(r.window.target_users) for r in members],
+                                 [r.throughput.aggregate_output_tokens_per_s for r in members])
+        what = f"{prompt}-token prompts, {output if output is not None else 'free-length'} output tokens"
+        out.append(WorkloadKnee(workload=what + (" (long context)" if long_context else ""), levels=tuple(levels),
+                                knee=knee, reason=reason))
+    return out
+

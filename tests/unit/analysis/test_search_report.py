@@ -173,3 +173,26 @@ def test_html_tables_scroll_in_a_container(searched_report):
     tables = page.count("<table>")
     assert tables >= 3 and page.count('<div class="scroll"><table>') == tables
     assert ".scroll{overflow-x:auto" in page
+
+
+def test_a_workload_measured_at_four_user_counts_gets_its_knee_in_the_report():
+    """Fixed closed-loop stages of one workload across passes: 1, 2, 4, 8, 16 users, throughput rising then flat."""
+    from analysis.search import workload_knees
+    from envelope.stages import StageRecord, WorkloadSummary
+
+    tps = {1: 100.0, 2: 200.0, 4: 400.0, 8: 420.0, 16: 425.0}
+    stages, rows = [], []
+    for i, (users, out) in enumerate(tps.items()):
+        stages.append(StageRecord(stage_index=i, stage_name=f"p{i}-{users}u", pass_name=f"p{i}", target_users=users,
+                                  workload=WorkloadSummary(prompt_tokens=300, output_tokens=128)))
+        rows.append(TableRow.from_cells(pass_name=f"p{i}", stage_name=f"p{i}-{users}u", stage_index=i,
+                                        target_users=users, ok_requests=50, aggregate_output_tokens_per_s=out))
+    # another workload at only two user counts: no knee asked of it
+    stages.append(StageRecord(stage_index=9, stage_name="long-1u", pass_name="long", target_users=1,
+                              workload=WorkloadSummary(prompt_tokens=3000, output_tokens=256, long_context=True)))
+    rows.append(TableRow.from_cells(pass_name="long", stage_name="long-1u", stage_index=9, target_users=1,
+                                    ok_requests=5, aggregate_output_tokens_per_s=90.0))
+    (found,) = workload_knees(stages, rows)
+    assert found.workload == "300-token prompts, 128 output tokens" and found.levels == (1, 2, 4, 8, 16)
+    assert found.knee is not None and found.knee.level == 4, found.reason
+    assert workload_knees(stages, rows, skip_passes=("p0", "p1")) == []  # three user counts left: too few
