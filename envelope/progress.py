@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from envelope.records import upgrade_record
+from envelope.search_log import read_search_log
 from envelope.stages import read_stages
 
 __all__ = [
@@ -165,6 +166,7 @@ class StageInfo:
     start_unix_s: float
     duration_s: float | None
     ended: bool = False  # the last stage has an end time: the schedule is done, Locust is draining
+    search_note: str | None = None  # a search probe: which one, and the answer so far (search.json)
 
 
 def current_stage(run_dir: str | os.PathLike[str]) -> StageInfo | None:
@@ -176,6 +178,7 @@ def current_stage(run_dir: str | os.PathLike[str]) -> StageInfo | None:
     if not stages:
         return None
     s = stages[-1]
+    note = _search_note(run_dir, s.pass_name)
     return StageInfo(
         pass_name=s.pass_name,
         stage_name=s.stage_name,
@@ -183,9 +186,30 @@ def current_stage(run_dir: str | os.PathLike[str]) -> StageInfo | None:
         target_users=s.target_users,
         target_rate_per_s=s.target_rate_per_s,
         start_unix_s=float(s.start_unix_s),
-        duration_s=s.duration_s,
+        duration_s=None if note is not None else s.duration_s,  # a probe's duration is only its longest
         ended=s.end_unix_s is not None,
+        search_note=note,
     )
+
+
+def _search_note(run_dir: str | os.PathLike[str], pass_name: str) -> str | None:
+    """``probe 3 of the search; so far between 8 and 16 users`` for a search pass (None otherwise)."""
+    try:
+        searches = read_search_log(run_dir)
+    except ValueError:
+        return None
+    entry = next((e for e in searches if e.pass_name == pass_name), None)
+    if entry is None:
+        return None
+    unit = "users" if entry.over == "users" else "req/s"
+    note = f"probe {len(entry.probes) + (0 if entry.done else 1)} of the search"
+    if entry.highest_pass is not None and entry.lowest_fail is not None:
+        note += f"; so far between {entry.highest_pass:g} and {entry.lowest_fail:g} {unit}"
+    elif entry.highest_pass is not None:
+        note += f"; so far passes at {entry.highest_pass:g} {unit}"
+    elif entry.lowest_fail is not None:
+        note += f"; so far fails at {entry.lowest_fail:g} {unit}"
+    return note
 
 
 def format_line(snap: LiveSnapshot, stage: StageInfo | None, *, now_unix_s: float, elapsed_s: float) -> str:
@@ -198,7 +222,8 @@ def format_line(snap: LiveSnapshot, stage: StageInfo | None, *, now_unix_s: floa
     else:
         into = now_unix_s - stage.start_unix_s
         of = f"/{stage.duration_s:.0f}" if stage.duration_s else ""
-        parts.append(f"{stage.pass_name} / {stage.stage_name} ({into:.0f}{of} s)")
+        parts.append(f"{stage.pass_name} / {stage.stage_name} ({into:.0f}{of} s"
+                     + (f", {stage.search_note})" if stage.search_note else ")"))
         if stage.target_users is not None:
             parts.append(f"target {stage.target_users} users")
         elif stage.target_rate_per_s is not None:

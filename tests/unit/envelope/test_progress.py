@@ -86,6 +86,25 @@ def test_current_stage_and_line(tmp_path):
     assert "schedule done after queueing / queueing-20u" in done
 
 
+def test_a_search_probe_shows_its_number_and_the_answer_so_far(tmp_path):
+    from envelope.search_log import ProbeEntry, SearchEntry, write_search_log
+
+    stages = [{"pass_name": "find", "stage_name": f"find-{n}u", "target_users": n, "start_unix_s": 1000.0 + 20 * i,
+               "duration_s": 20.0 if i < 2 else 60.0, "end_unix_s": 1020.0 + 20 * i if i < 2 else None}
+              for i, n in enumerate((4, 8, 6))]
+    (tmp_path / "stages.json").write_bytes(orjson.dumps(stages))
+    probe = dict(good=80, judged=80, duration_s=20.0, attainment=1.0, attainment_low=0.95, attainment_high=1.0)
+    write_search_log(tmp_path, [SearchEntry(
+        pass_name="find", over="users", spec={}, target=0.95, thresholds={"ttft_ms": 100},
+        probes=(ProbeEntry(stage_index=0, stage_name="find-4u", level=4, verdict="pass", **probe),
+                ProbeEntry(stage_index=1, stage_name="find-8u", level=8, verdict="fail", **probe)),
+        running_level=6, highest_pass=4, lowest_fail=8)])
+    stage = current_stage(tmp_path)
+    line = format_line(LiveWindow(window_s=10.0).snapshot(1045.0), stage, now_unix_s=1045.0, elapsed_s=50.0)
+    # the probe's 60 s is only the longest it may be held: not shown as its length
+    assert "find / find-6u (5 s, probe 3 of the search; so far between 4 and 8 users) | target 6 users" in line
+
+
 def test_plain_display_prints_at_most_every_interval(tmp_path):
     out = io.StringIO()
     display = ProgressDisplay(tmp_path, stream=out, tty=False, plain_interval_s=10.0)
