@@ -224,16 +224,33 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[TableRo
     stop = run_server_stop(run) if len(run.frame) else None
     stopped_in = set(stop.affected_stage_indices) if stop is not None else set()
     telemetry = getattr(run, "telemetry", {}) or {}
-    return [_stage_row(stage, run, cols, telemetry, rule=rule, run_start=run_start, endings=endings,
-                       departing=departing,
+    probes = {entry.pass_name: _probe_rule(entry, rule) for entry in getattr(run, "searches", None) or ()}
+    return [_stage_row(stage, run, cols, telemetry, rule=_ramped(probes[stage.pass_name], stage)
+                       if stage.pass_name in probes else rule, run_start=run_start, endings=endings,
+                       departing=departing, probe=stage.pass_name in probes,
                        # a stage the server died in (or after) measured the outage, not the envelope
                        server_stopped=stage.stage_index in stopped_in)
             for stage in run.stages]
 
 
+def _probe_rule(entry: Any, rule: WindowRule) -> WindowRule:
+    """A search probe's window opens after the search's own ``settle_s`` (the time its live judge skipped)."""
+    settle = entry.spec.get("settle_s")
+    probe_s = entry.spec.get("probe_s")
+    if settle is None and probe_s:
+        settle = float(probe_s) / 4.0
+    return rule if settle is None else WindowRule(settle_s=float(settle), min_window_s=rule.min_window_s)
+
+
+def _ramped(rule: WindowRule, stage: StageRecord) -> WindowRule:
+    """``rule`` with the stage's ramp counted inside its settle time, as the search counts it."""
+    ramp = float(stage.target_users) / float(stage.spawn_rate) if stage.target_users and stage.spawn_rate else 0.0
+    return WindowRule(settle_s=max(rule.settle_s - ramp, 0.0), min_window_s=min(rule.min_window_s, 2.0))
+
+
 def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[str, pd.DataFrame], *,
                rule: WindowRule, run_start: float, endings: Sequence[Any], server_stopped: bool,
-               departing: np.ndarray) -> TableRow:
+               departing: np.ndarray, probe: bool = False) -> TableRow:
     ws, we, note = steady_window(stage, rule=rule)
     settled = _settled_at(stage, cols) if not stage.derived else None
     if settled is not None and settled > ws:
@@ -245,7 +262,10 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
             note = "; ".join(filter(None, [note, f"in flight fell to {stage.target_users} only "
                                                  f"{max(we - settled, 0.0):.1f} s before the end"]))
             settled = None
-    sel = _select(stage, cols, ws, we, departing)
+    # a search probe is short and the next one runs at another level: a request that ran past the probe's end
+    # measured that level too, so a probe counts only the requests that ended inside it (as its live judge did)
+    sel = _select(stage, cols, ws, we, departing,
+                  ended_by=float(stage.end_unix_s) if probe and stage.end_unix_s is not None else None)
     window = _window(stage, cols, ws, we, note, run_start)
     host_cpu, saturated = _host_cells(telemetry, ws, we)
     latency = _latency(cols, sel)
@@ -272,12 +292,15 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
     return row.replace(slo_results=results, slo_pass=_overall(results))
 
 
-def _select(stage: StageRecord, cols: _Columns, ws: float, we: float, departing: np.ndarray) -> _Selection:
+def _select(stage: StageRecord, cols: _Columns, ws: float, we: float, departing: np.ndarray, *,
+            ended_by: float | None = None) -> _Selection:
     """Latency, counts and errors: the stage's requests that *started* inside the window, less those of
-    departing users."""
+    departing users (and, with ``ended_by``, less those still in flight then)."""
     mine = cols.stage_index == stage.stage_index
     leaving = mine & departing
     in_window = mine & ~leaving & (cols.start_unix_s >= ws) & (cols.start_unix_s < we)
+    if ended_by is not None:
+        in_window &= cols.end_unix_s <= ended_by
     # Requests the load generator itself stopped (run ended or interrupted) are neither
     # successes nor server errors: they are counted apart and left out of the error rate.
     cancelled = in_window & (cols.category == ErrorCategory.CANCELLED)

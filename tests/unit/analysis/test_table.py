@@ -138,3 +138,22 @@ def test_attainment_and_goodput_count_errors_as_not_good_and_leave_cancellations
     (result,) = [r for r in row.slo.slo_results if r.key == "attainment_min"]
     assert result.passed is False and result.op == ">=" and "95% CI" in result.note
     assert {r.key for r in row.slo.slo_results} == {"attainment_min"}  # ttft_ms is a threshold, not a check
+
+
+def test_a_search_probe_counts_only_requests_that_ended_inside_it_from_its_own_settle_time(builders, tmp_path):
+    """A probe [1000, 1020) with settle_s 4: requests from 1004 s count (not the 5 s ramp-and-settle rule),
+    and one that started at 1019 s but ran into the next probe (a heavier level) does not."""
+    from envelope.search_log import SearchEntry, write_search_log
+
+    make_stage, make_record, write_run = builders
+    st = make_stage(0, 1, 1000.0, 1020.0, pass_name="find", slos={"ttft_ms": 350})
+    nxt = make_stage(1, 2, 1020.0, 1040.0, pass_name="find", slos={"ttft_ms": 350})
+    recs = [make_record(st, 1004.5 + i, 0.1) for i in range(14)]  # 1004.5 .. 1017.5 s, each ends 0.6 s later
+    recs.append(make_record(st, 1019.0, 0.1, tokens=40))  # ends at 1021 s, inside the next probe
+    recs += [make_record(nxt, 1025.0 + i, 0.1) for i in range(10)]
+    root = write_run(tmp_path / "probe", stages=[st, nxt], records=recs)
+    write_search_log(root, [SearchEntry(pass_name="find", over="users", spec={"probe_s": 20, "settle_s": 4},
+                                        target=0.95, thresholds={"ttft_ms": 350})])
+    first, _ = envelope_table(load_run(root))
+    assert first.window.window_start_s == pytest.approx(4.0)
+    assert (first.counts.requests, first.goodput.good_requests) == (14, 14)
