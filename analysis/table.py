@@ -70,6 +70,7 @@ from analysis.workers import ending_reason, stage_endings, worker_endings
 from envelope import metrics
 from envelope.attainment import Attainment, attainment_target, good_mask, thresholds_from_slos
 from envelope.records import ErrorCategory
+from envelope.search import probe_sample
 from envelope.stages import StageRecord
 
 # SLO keys that set per-request thresholds (judged through attainment, not checked on their own)
@@ -299,8 +300,12 @@ def _select(stage: StageRecord, cols: _Columns, ws: float, we: float, departing:
     mine = cols.stage_index == stage.stage_index
     leaving = mine & departing
     in_window = mine & ~leaving & (cols.start_unix_s >= ws) & (cols.start_unix_s < we)
-    if ended_by is not None:
-        in_window &= cols.end_unix_s <= ended_by
+    if ended_by is not None:  # a search probe: what its live judge judged (see envelope.search.probe_sample)
+        mine_in = np.flatnonzero(in_window)
+        chosen = probe_sample(cols.start_unix_s[mine_in], cols.end_unix_s[mine_in], opens_unix_s=ws,
+                              closes_unix_s=ended_by)
+        in_window = np.zeros_like(in_window)
+        in_window[mine_in[chosen]] = True
     # Requests the load generator itself stopped (run ended or interrupted) are neither
     # successes nor server errors: they are counted apart and left out of the error rate.
     cancelled = in_window & (cols.category == ErrorCategory.CANCELLED)

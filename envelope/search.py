@@ -69,6 +69,7 @@ from envelope.attainment import Attainment
 from envelope.config import FieldError, StrictModel
 
 __all__ = [
+    "probe_sample",
     "requests_to_pass",
     "min_requests_for",
     "SearchSpec",
@@ -563,3 +564,25 @@ def requests_to_pass(target: float, confidence: float = 0.95) -> int:
 def min_requests_for(spec: SearchSpec, target: float) -> int:
     """The judged requests a probe waits for: the scenario's ``min_requests``, else :func:`requests_to_pass`."""
     return spec.min_requests if spec.min_requests is not None else requests_to_pass(target, spec.confidence)
+
+
+def probe_sample(start_unix_s: "np.ndarray", end_unix_s: "np.ndarray", *, opens_unix_s: float,
+                 closes_unix_s: float, tail_q: float = 95.0) -> "np.ndarray":
+    """Which of a probe's requests it judges (a boolean mask): the same rule live and in the analysis.
+
+    Those that started after ``opens_unix_s`` (the probe's settle time, or later when an earlier
+    stage's requests were still running) and ended by ``closes_unix_s`` (the decision, or the probe's
+    end: a request that ran on into the next probe measured that level too), less those that started
+    in the last stretch before it, as long as the probe's p95 request: there, only the fast ones
+    would have ended in time, and judging them alone would flatter the probe.
+    """
+    import numpy as np
+
+    start = np.asarray(start_unix_s, dtype=float)
+    end = np.asarray(end_unix_s, dtype=float)
+    ended = (start >= opens_unix_s) & (end <= closes_unix_s)
+    if not ended.any():
+        return ended
+    tail_s = float(np.percentile(end[ended] - start[ended], tail_q))
+    return ended & (start < closes_unix_s - tail_s)
+

@@ -9,13 +9,14 @@ what comes next, ends the probe there (its duration becomes what it ran) and
 inserts the next probe after it, or lets the scenario go on when the search is
 over. ``search.json`` (:mod:`envelope.search_log`) says what it did and why.
 
-Which requests a probe judges: those sent in the probe (its ``stage_index``)
-that completed after its first ``settle_s`` and before the decision, cancelled
-ones excepted. Selecting by completion time in a steady state samples requests
-without favouring short ones, and needs no wait for the requests still in flight.
-Requests sent before the previous stage's last request finished are left out
-too: after a step down (17 users to 2, say) the departing users' requests still
-load the server, and a probe must measure its own level only.
+Which requests a probe judges (:func:`envelope.search.probe_sample`, the same
+rule the analysis applies to the probe's records): those sent in the probe (its
+``stage_index``) after its first ``settle_s`` and ended by the decision, less
+those sent in the last stretch before it (as long as the probe's p95 request,
+where only fast requests could have ended), cancelled ones excepted. Requests
+sent before the previous stage's last request finished are left out too: after
+a step down (17 users to 2, say) the departing users' requests still load the
+server, and a probe must measure its own level only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 from envelope.attainment import Attainment, attainment_target, judge_record, thresholds_from_slos
 from envelope.progress import RecordTailer
 from envelope.scenario import ResolvedStage, probe_stage_name
-from envelope.search import ProbeResult, bracket, min_requests_for, next_probe
+from envelope.search import ProbeResult, bracket, min_requests_for, next_probe, probe_sample
 from envelope.search_log import ProbeEntry, SearchEntry
 
 from locustfiles.stage_clock import StageClock
@@ -79,11 +80,11 @@ class SearchDriver:
         held_s = now_unix_s - running.start_unix_s if overdue or stage_elapsed_s is None else stage_elapsed_s
         if not overdue and held_s < spec.probe_s:
             return False
-        since = running.start_unix_s + spec.settle_for_s
-        drained = self._last_done_before.get(running.stage_index, 0.0)
-        verdicts = [good for start, done, good in self._judged.get(running.stage_index, ())
-                    if since <= done <= now_unix_s and start >= drained]
-        judged, good = len(verdicts), sum(verdicts)
+        opens = max(running.start_unix_s + spec.settle_for_s, self._last_done_before.get(running.stage_index, 0.0))
+        seen = self._judged.get(running.stage_index, [])
+        chosen = probe_sample([t for t, _, _ in seen], [t for _, t, _ in seen], opens_unix_s=opens,
+                              closes_unix_s=now_unix_s)
+        judged, good = int(chosen.sum()), sum(g for (_, _, g), c in zip(seen, chosen) if c)
         if not overdue and judged < min_requests_for(spec, attainment_target(stage.slos)) \
                 and held_s < spec.probe_cap_s - 1.0:
             return False

@@ -1,5 +1,8 @@
 """End to end: ``envelope run`` launches the real vLLM (cpu-tiny), runs the quick capstone, and writes the report.
 
+It runs at ``--duration-scale 0.25`` (fixed stages of 20-30 s, search budgets of a quarter) to keep CI short;
+``make demo`` runs the same scenario at ``--quick`` (0.4).
+
 The capstone ends with two SLO searches: the chat search must end with a bracket
 (the highest level that passed and the lowest that failed, both with confidence)
 and name why it bends there from the server's own telemetry.
@@ -37,7 +40,7 @@ def test_envelope_run_capstone_quick(tmp_path):
     env["ENVELOPE_API_KEY"] = key
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from envelope.cli import main; sys.exit(main())", "run",
-         "--scenario", "scenarios/capstone.yaml", "--profile", "cpu-tiny", "--quick", "--out", str(out)],
+         "--scenario", "scenarios/capstone.yaml", "--profile", "cpu-tiny", "--quick", "--duration-scale", "0.25", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1150,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"

@@ -512,3 +512,20 @@ def test_rate_levels_at_bounds_with_more_digits_stay_inside_on_three_digits():
     assert snap_level(spec, 1000.0) == 146.0
     assert snap_level(spec, 0.1) == 1.24
     assert snap_level(spec, 146.2) == 146.0
+
+
+def test_probe_sample_leaves_out_the_settle_time_and_the_last_stretch_where_only_fast_requests_end():
+    import numpy as np
+
+    from envelope.search import probe_sample
+
+    # requests every second from 0 to 29 s, each taking 2 s, except every fifth taking 6 s
+    start = np.arange(30.0)
+    took = np.where(np.arange(30) % 5 == 0, 6.0, 2.0)
+    chosen = probe_sample(start, start + took, opens_unix_s=5.0, closes_unix_s=30.0)
+    # p95 of the durations of those that ended is 6 s: nothing started at or after 24 s counts, fast or not
+    assert start[chosen].min() == 5.0 and start[chosen].max() < 24.0
+    assert chosen.sum() == 19 and not chosen[(start >= 24.0)].any()
+    # the slow ones in the middle are kept: leaving them out would flatter the probe
+    assert chosen[10] and chosen[15] and chosen[20]
+    assert not probe_sample(start, start + took, opens_unix_s=40.0, closes_unix_s=50.0).any()
