@@ -76,7 +76,7 @@ def _delivering(row: TableRow | None) -> str:
         parts.append(f"delivering {tps:,.0f} output tokens/s")
     good = row.goodput.goodput_requests_per_s
     if finite(good):
-        parts.append(f"(goodput {good:.2g} requests/s)" if parts else f"with goodput {good:.2g} requests/s")
+        parts.append(f"(goodput {good:.3g} requests/s)" if parts else f"with goodput {good:.3g} requests/s")
     return (", " + " ".join(parts)) if parts else ""
 
 
