@@ -290,6 +290,13 @@ def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Ta
         f"{rule.min_window_s:g} s remains, the second half of the stage. On a step down in users the window "
         f"opens no earlier than when requests in flight fell to the stage's users, and the requests of the "
         f"users Locust was stopping (by user id) are left out.",
+        "Attainment: a request is good when it succeeded and met every per-request threshold of its stage "
+        "(ttft_ms, tpot_ms, e2e_ms; else the threshold of that metric's highest percentile SLO; open-loop "
+        "requests timed from their intended send); attainment = good / the window's requests (errors count, "
+        "the load generator's cancellations do not), with its 95% Wilson interval; goodput = good requests "
+        "(and their output tokens) per second of window. A search probe's window opens after the search's "
+        "settle time and counts only the requests that ended inside the probe, less those sent in its last "
+        "stretch (as long as its p95 request), exactly as the search judged it live.",
         f"Load-generator stalls: each record carries the longest stall of its process's event loop during "
         f"it; a stage is flagged only when the requests a stall over 50 ms touched can move a reported "
         f"percentile (over 5% of them for p95, 1% for p99, or a shift of more than 10% without them).",

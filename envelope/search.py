@@ -63,6 +63,7 @@ from enum import StrEnum
 from itertools import pairwise
 from typing import Annotated, Literal, Sequence
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from envelope.attainment import Attainment
@@ -566,8 +567,8 @@ def min_requests_for(spec: SearchSpec, target: float) -> int:
     return spec.min_requests if spec.min_requests is not None else requests_to_pass(target, spec.confidence)
 
 
-def probe_sample(start_unix_s: "np.ndarray", end_unix_s: "np.ndarray", *, opens_unix_s: float,
-                 closes_unix_s: float, tail_q: float = 95.0) -> "np.ndarray":
+def probe_sample(start_unix_s: Sequence[float], end_unix_s: Sequence[float], *, opens_unix_s: float,
+                 closes_unix_s: float, tail_q: float = 95.0) -> np.ndarray:
     """Which of a probe's requests it judges (a boolean mask): the same rule live and in the analysis.
 
     Those that started after ``opens_unix_s`` (the probe's settle time, or later when an earlier
@@ -576,8 +577,6 @@ def probe_sample(start_unix_s: "np.ndarray", end_unix_s: "np.ndarray", *, opens_
     in the last stretch before it, as long as the probe's p95 request: there, only the fast ones
     would have ended in time, and judging them alone would flatter the probe.
     """
-    import numpy as np
-
     start = np.asarray(start_unix_s, dtype=float)
     end = np.asarray(end_unix_s, dtype=float)
     ended = (start >= opens_unix_s) & (end <= closes_unix_s)

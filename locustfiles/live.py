@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from envelope import metrics
+from envelope.attainment import Attainment, Thresholds, attainment_target, good_mask, thresholds_from_slos
 from envelope.records import ErrorCategory
 from envelope.search_log import SearchEntry, read_search_log
 
@@ -212,11 +213,14 @@ def check_slos(stats: WindowStats, slos: Mapping[str, Any]) -> list[dict[str, An
     requests completed but none gave the metric (every one failed).
     """
     results = []
+    thresholds = thresholds_from_slos({k: v for k, v in slos.items() if v is not None})
     for key, threshold in slos.items():
-        if threshold is None:
+        if threshold is None or key in ("ttft_ms", "tpot_ms", "e2e_ms"):  # per-request: judged via attainment
             continue
         threshold = float(threshold)
         op, measured, note = "<=", _NAN, ""
+        if key == "attainment_min":
+            continue  # checked below, with the default target when the key is absent
         if key == "error_rate_max":
             measured = stats.error_rate
         elif key == "min_output_tokens_per_s":
@@ -249,7 +253,23 @@ def check_slos(stats: WindowStats, slos: Mapping[str, Any]) -> list[dict[str, An
         passed = measured <= threshold if op == "<=" else measured >= threshold
         results.append({"key": key, "threshold": threshold, "op": op, "measured": float(measured),
                         "passed": bool(passed), "note": ""})
+    if thresholds.any:
+        results.append(_attainment(stats, thresholds, attainment_target(slos)))
     return results
+
+
+def _attainment(stats: WindowStats, thresholds: Thresholds, target: float) -> dict[str, Any]:
+    """The window's share of good requests (:mod:`envelope.attainment`; latencies from the send time)."""
+    judged = stats.requests - stats.cancelled
+    result = {"key": "attainment_min", "threshold": target, "op": ">="}
+    if judged == 0:
+        return {**result, "measured": None, "passed": None, "note": "no request completed in the window"}
+    v = stats.values_ms
+    good = int(good_mask(np.ones(len(v["ttft"]), dtype=bool), v["ttft"], v["tpot"], v["e2e"], thresholds).sum())
+    share = Attainment.of(good, judged)
+    return {**result, "measured": share.share, "passed": bool(share.share >= target),
+            "note": f"{good} of {judged} good ({thresholds.describe()}); 95% CI "
+                    f"{100 * share.low:.0f}-{100 * share.high:.0f}%"}
 
 
 def overall_slo(results: Sequence[Mapping[str, Any]]) -> bool | None:

@@ -206,12 +206,13 @@
   function sloLabel(key) {
     const m = /^(ttft|tpot|itl|e2e)_(p[\d.]+)_ms$/.exec(key);
     if (m) return m[1].toUpperCase() + " " + m[2];
+    if (key === "attainment_min") return "good requests";
     return key === "error_rate_max" ? "error rate" : key === "min_output_tokens_per_s" ? "output" : key;
   }
   function sloValue(key, v) {
     if (v === null || v === undefined) return "-";
     if (key.endsWith("_ms")) return fmtMs(v);
-    if (key === "error_rate_max") return fmtPct(v);
+    if (key === "error_rate_max" || key === "attainment_min") return fmtPct(v);
     return key === "min_output_tokens_per_s" ? fmtRate(v) : String(v);
   }
 
