@@ -293,8 +293,9 @@ def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Ta
         "Attainment: a request is good when it succeeded and met every per-request threshold of its stage "
         "(ttft_ms, tpot_ms, e2e_ms; else the threshold of that metric's highest percentile SLO; open-loop "
         "requests timed from their intended send); attainment = good / the window's requests (errors count, "
-        "the load generator's cancellations do not), with its 95% Wilson interval; goodput = good requests "
-        "(and their output tokens) per second of window. A search probe's window opens after the search's "
+        "the load generator's cancellations do not), with its 95% Wilson interval; goodput = the window's output "
+        "tokens/s times the share of the successful requests' output tokens that good requests produced (in "
+        "requests/s: divided by the good requests' mean length), so with every request good it equals throughput. A search probe's window opens after the search's "
         "settle time and counts only the requests that ended inside the probe, less those sent in its last "
         "stretch (as long as its p95 request), exactly as the search judged it live.",
         f"Load-generator stalls: each record carries the longest stall of its process's event loop during "

@@ -246,8 +246,9 @@ class Goodput:
 
     ``good_requests``: the window's requests (cancelled ones apart) that succeeded and met every
     per-request threshold; ``attainment`` = good / requests, with its Wilson interval
-    (``attainment_low``/``attainment_high``, 95%); goodput = good requests, and their output
-    tokens, per second of window. ``over_capacity``: an open-loop stage whose in-flight count and
+    (``attainment_low``/``attainment_high``, 95%); goodput = the window's output tokens/s times the
+    share of the judged successes' output tokens that good requests produced (and that in good
+    requests per second): with every request good it equals the throughput column. ``over_capacity``: an open-loop stage whose in-flight count and
     TTFT kept rising through the window (no steady state; see :mod:`analysis.saturation`).
     """
 

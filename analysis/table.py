@@ -284,7 +284,7 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
                     client_cpu_max_percent=stage.client_cpu_max_percent,
                     load_generators_ended=tuple(stage_endings(endings, stage))),
     )
-    row = dataclasses.replace(row, goodput=_goodput(stage, cols, sel, window.window_s))
+    row = dataclasses.replace(row, goodput=_goodput(stage, cols, sel, row.throughput.aggregate_output_tokens_per_s))
     if stage.open_loop:
         row = dataclasses.replace(row, goodput=dataclasses.replace(row.goodput, **_saturation(stage, cols, sel, ws, we)))
     reasons = trust_reasons(row)
@@ -429,8 +429,14 @@ def _latency(cols: _Columns, sel: _Selection) -> LatencyPercentiles:
     return LatencyPercentiles(**cells)
 
 
-def _goodput(stage: StageRecord, cols: _Columns, sel: _Selection, window_s: float) -> Goodput:
-    """Attainment of the stage's per-request thresholds over the window's requests, and goodput."""
+def _goodput(stage: StageRecord, cols: _Columns, sel: _Selection, output_tokens_per_s: float) -> Goodput:
+    """Attainment of the stage's per-request thresholds over the window's requests, and goodput.
+
+    Goodput is the window's output rate (tokens of chunks that arrived in it, as in the throughput
+    column) times the share of the judged successful requests' output tokens that good requests
+    produced, and that in requests at the good requests' mean length: so with every request good,
+    goodput equals throughput exactly, rather than a second, noisier count of the same window.
+    """
     thresholds = thresholds_from_slos(stage.slos)
     if not thresholds.any:
         return Goodput()
@@ -442,15 +448,21 @@ def _goodput(stage: StageRecord, cols: _Columns, sel: _Selection, window_s: floa
     good = sel.counted & good_mask(cols.ok, ttft, cols.latency_ms["tpot"], e2e, thresholds)
     judged, n_good = int(sel.counted.sum()), int(good.sum())
     share = Attainment.of(n_good, judged)
-    per_s = (lambda v: v / window_s) if window_s > 0 else (lambda v: float("nan"))
+    good_tokens = float(np.nansum(cols.output_tokens[good]))
+    ok_tokens = float(np.nansum(cols.output_tokens[sel.counted & cols.ok]))
+    if ok_tokens > 0 and math.isfinite(output_tokens_per_s):
+        tokens_per_s = output_tokens_per_s * good_tokens / ok_tokens
+        requests_per_s = tokens_per_s / (good_tokens / n_good) if n_good else 0.0
+    else:
+        tokens_per_s = requests_per_s = 0.0 if judged else float("nan")
     return Goodput(
         good_requests=n_good,
         attainment=share.share if judged else None,
         attainment_low=share.low if judged else None,
         attainment_high=share.high if judged else None,
         attainment_target=attainment_target(stage.slos),
-        goodput_requests_per_s=per_s(n_good),
-        goodput_output_tokens_per_s=per_s(float(np.nansum(cols.output_tokens[good]))),
+        goodput_requests_per_s=requests_per_s,
+        goodput_output_tokens_per_s=tokens_per_s,
     )
 
 

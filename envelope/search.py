@@ -71,6 +71,7 @@ from envelope.config import FieldError, StrictModel
 
 __all__ = [
     "probe_sample",
+    "probe_sends_until",
     "requests_to_pass",
     "min_requests_for",
     "SearchSpec",
@@ -578,10 +579,22 @@ def probe_sample(start_unix_s: Sequence[float], end_unix_s: Sequence[float], *, 
     would have ended in time, and judging them alone would flatter the probe.
     """
     start = np.asarray(start_unix_s, dtype=float)
+    until = probe_sends_until(start_unix_s, end_unix_s, opens_unix_s=opens_unix_s, closes_unix_s=closes_unix_s,
+                              tail_q=tail_q)
+    return (start >= opens_unix_s) & (np.asarray(end_unix_s, dtype=float) <= closes_unix_s) & (start < until)
+
+
+def probe_sends_until(start_unix_s: Sequence[float], end_unix_s: Sequence[float], *, opens_unix_s: float,
+                      closes_unix_s: float, tail_q: float = 95.0) -> float:
+    """The end of the span of send times :func:`probe_sample` judges: ``closes`` less the probe's p95 request.
+
+    Rates over a probe's judged requests (goodput) divide by ``probe_sends_until - opens``, the time
+    over which they were sent; ``opens`` when none ended in time.
+    """
+    start = np.asarray(start_unix_s, dtype=float)
     end = np.asarray(end_unix_s, dtype=float)
     ended = (start >= opens_unix_s) & (end <= closes_unix_s)
     if not ended.any():
-        return ended
-    tail_s = float(np.percentile(end[ended] - start[ended], tail_q))
-    return ended & (start < closes_unix_s - tail_s)
+        return float(opens_unix_s)
+    return float(closes_unix_s - np.percentile(end[ended] - start[ended], tail_q))
 

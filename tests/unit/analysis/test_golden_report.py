@@ -25,7 +25,9 @@ Deliberate changes with the SLO search (all expected files regenerated, checked 
 - ``envelope.md``: reordered so that the first screen answers the question: the envelope sentences, then a
   compact summary table (load, output tokens/s, p50 TTFT, p95 E2E, errors, attainment with its interval,
   verdict), then the run metadata (now under "Run"), then the detail as before. The method notes gained
-  one line defining attainment and goodput (and how a search probe's window is cut).
+  one line defining attainment and goodput (and how a search probe's window is cut). Goodput was then
+  redefined as the throughput column's output rate times the good requests' share of the successful
+  requests' output tokens (it had been a second count over the window), so its two columns moved.
 
 Columns renamed since then are mapped in ``RENAMED`` (old name -> new name); a column dropped
 because another one already said the same is mapped to that one, so its values are still checked.
