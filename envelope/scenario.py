@@ -539,6 +539,12 @@ class Scenario(StrictModel):
         return stages
 
 
+# A probe starts or stops its users all at once: it measures its level, not a ramp. Stopped at the
+# usual rate (users per second), the users leaving a step down (24 users to 4, say) went on sending
+# with the new probe's workload for many seconds, and its first judged requests queued behind theirs.
+PROBE_SPAWN_RATE = 1000.0
+
+
 def _pass_stages(pass_: Pass, search: SearchSpec | None = None) -> list[Stage]:
     """A pass's stages; a search pass has one, its first probe, held up to the longest a probe may run
     (the search ends each probe when it has judged it, see ``locustfiles/search_driver.py``)."""
@@ -547,7 +553,7 @@ def _pass_stages(pass_: Pass, search: SearchSpec | None = None) -> list[Stage]:
     spec = search or pass_.search
     assert spec is not None
     if spec.over == "users":
-        return [Stage(users=int(spec.start), duration_s=spec.probe_cap_s)]
+        return [Stage(users=int(spec.start), spawn_rate=PROBE_SPAWN_RATE, duration_s=spec.probe_cap_s)]
     return [Stage(rate_per_s=spec.start, arrival=spec.arrival, max_concurrency=spec.max_concurrency,
                   duration_s=spec.probe_cap_s)]
 
@@ -625,7 +631,7 @@ class ResolvedStage:
             raise ValueError(f"stage {self.name!r} is not a search probe")
         if self.open_loop:
             return replace(self, rate_per_s=float(level), index=index, name=name)
-        return replace(self, users=int(level), spawn_rate=float(int(level)), index=index, name=name)
+        return replace(self, users=int(level), spawn_rate=PROBE_SPAWN_RATE, index=index, name=name)
 
     def record(self, *, max_model_len: int | None = None) -> StageRecord:
         """This stage as a :class:`envelope.stages.StageRecord`, not yet started.

@@ -26,6 +26,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from envelope.attainment import Attainment, attainment_target, judge_record, thresholds_from_slos
 from envelope.progress import RecordTailer
 from envelope.scenario import ResolvedStage, probe_stage_name
@@ -52,6 +54,8 @@ class SearchDriver:
         self._judged: dict[int, list[tuple[float, float, bool]]] = {}
         # the latest completion of any request sent before each stage_index began (drained by then)
         self._last_done_before: dict[int, float] = {}
+        # stage_index -> (start, end) unix s of every request in flight at some point during that probe
+        self._spans: dict[int, list[tuple[float, float]]] = {}
         self._probes: dict[str, list[ProbeResult]] = {}
         self._entries: dict[str, SearchEntry] = {}
         self._decided: set[int] = set()  # stage indexes of probes already judged
@@ -80,7 +84,8 @@ class SearchDriver:
         held_s = now_unix_s - running.start_unix_s if overdue or stage_elapsed_s is None else stage_elapsed_s
         if not overdue and held_s < spec.probe_s:
             return False
-        opens = max(running.start_unix_s + spec.settle_for_s, self._last_done_before.get(running.stage_index, 0.0))
+        opens = max(running.start_unix_s + spec.settle_for_s, self._last_done_before.get(running.stage_index, 0.0),
+                    self._settled(running, stage, now_unix_s))
         seen = self._judged.get(running.stage_index, [])
         chosen = probe_sample([t for t, _, _ in seen], [t for _, t, _ in seen], opens_unix_s=opens,
                               closes_unix_s=now_unix_s)
@@ -149,6 +154,9 @@ class SearchDriver:
             done = _completion_unix_s(rec)
             if done is None:
                 continue
+            start = rec.get("wall_start_unix_s", done)
+            if running is not None and done > running.start_unix_s:  # in flight during the probe
+                self._spans.setdefault(running.stage_index, []).append((start, done))
             if running is not None and running.stage_index in wanted and rec.get("stage_index") != running.stage_index \
                     and rec.get("wall_start_unix_s", done) < running.start_unix_s:
                 # an earlier stage's request, still running when the probe began
@@ -161,6 +169,26 @@ class SearchDriver:
             if good is None:
                 continue
             self._judged.setdefault(rec["stage_index"], []).append((rec["wall_start_unix_s"], done, good))
+
+    def _settled(self, running, stage: ResolvedStage, now_unix_s: float) -> float:
+        """Closed loop: when requests in flight (as far as the records tell) last fell to the probe's users.
+
+        A user Locust is stopping may send once more with the new probe's workload before it stops;
+        those requests load the server like any other, so judging waits for them as the table's
+        window does (``analysis.table``: opened when in flight fell to the stage's users).
+        """
+        if stage.open_loop or not stage.users:
+            return 0.0
+        spans = self._spans.get(running.stage_index, [])
+        t = np.array([a for a, _ in spans] + [b for _, b in spans], dtype=float)
+        step = np.concatenate([np.ones(len(spans), dtype=np.int64), -np.ones(len(spans), dtype=np.int64)])
+        order = np.lexsort((step, t))  # at one instant an end counts before a start
+        t, flight = t[order], np.cumsum(step[order])
+        over = np.flatnonzero((flight > stage.users) & (t < now_unix_s))
+        if not over.size:
+            return 0.0  # never more in flight than its users
+        last = over[-1]  # judging opens when the last stretch over its users ended
+        return float(t[last + 1]) if last + 1 < len(t) else now_unix_s
 
     def _end_probe(self, index: int, duration_s: float) -> None:
         stages = self.clock.stages

@@ -43,10 +43,10 @@ def _write(path, stage_index, done_unix_s, *, ttft_s=0.1, error=None, pass_name=
 def test_a_probe_ends_once_judged_and_the_next_is_inserted(tmp_path):
     clock, driver, path = _setup(tmp_path)
     clock.enter(0, now_unix_s=1000.0)
-    for i in range(100):  # 100 good requests completing through the probe, 2 before its settle time
-        _write(path, 0, 1003.0 + 0.17 * i)
-    _write(path, 0, 1010.0, error="cancelled")  # not judged
-    _write(path, 1, 1010.0, pass_name="after")  # another stage's: ignored
+    for i in range(100):  # 100 good requests of 0.5 s completing through the probe (at most 3 in flight)
+        _write(path, 0, 1003.0 + 0.17 * i, took_s=0.5)
+    _write(path, 0, 1010.0, error="cancelled", took_s=0.1)  # not judged
+    _write(path, 1, 1030.0, pass_name="after")  # another stage's: ignored
     assert not driver.step(stage_index=0, stage_elapsed_s=19.0, now_unix_s=1019.0)  # before probe_s
     assert driver.step(stage_index=0, stage_elapsed_s=20.0, now_unix_s=1020.0)
     # the probe lasted what it ran; 8 users come next; the fixed stage moved one place on
@@ -55,8 +55,8 @@ def test_a_probe_ends_once_judged_and_the_next_is_inserted(tmp_path):
     assert clock.stages[0].duration_s == 20.0 and clock.log[-1].duration_s == 20.0
     (entry,) = read_search_log(tmp_path)
     (probe,) = entry.probes
-    # sent after the settle time (1005 s), ended by the decision, and not in the last second (the p95 request)
-    judged = sum(1 for i in range(100) if 1005.0 <= 1002.0 + 0.17 * i < 1019.0)
+    # sent after the settle time (1005 s), ended by the decision, and not in its last 0.5 s (the p95 request)
+    judged = sum(1 for i in range(100) if 1005.0 <= 1002.5 + 0.17 * i < 1019.5)
     assert (probe.good, probe.judged, probe.verdict) == (judged, judged, "pass")
     assert probe.next_level == 8 and entry.running_level == 8 and not entry.done
     assert entry.thresholds == {"ttft_ms": 200.0} and entry.target == 0.95
@@ -104,8 +104,25 @@ def test_requests_sent_while_an_earlier_stage_drains_are_not_judged(tmp_path):
     _write(path, 7, 1012.0, pass_name="before", took_s=13.0)  # sent at 999 s, before the probe: drains at 1012 s
     for i in range(20):  # sent 1005..1010.7 s (before the drain), all too slow
         _write(path, 0, 1006.0 + 0.3 * i, ttft_s=0.5)
-    for i in range(80):  # sent from 1012 s on (done 1013..1019.3 s), all good
-        _write(path, 0, 1013.0 + 0.08 * i)
+    for i in range(80):  # sent from 1012 s on (done 1012.3..1018.6 s), all good, 3.75 in flight
+        _write(path, 0, 1012.3 + 0.08 * i, took_s=0.3)
     assert driver.step(stage_index=0, stage_elapsed_s=20.0, now_unix_s=1020.0)
     (entry,) = read_search_log(tmp_path)
     assert (entry.probes[0].good, entry.probes[0].judged) == (80, 80)
+
+
+def test_judging_waits_until_requests_in_flight_fall_to_the_probes_users(tmp_path):
+    """A step down: users being stopped sent once more with the probe's workload (10 slow requests until
+    1012 s beside the probe's 4 users); requests sent before in flight fell to 4 are not judged."""
+    clock, driver, path = _setup(tmp_path)
+    clock.enter(0, now_unix_s=1000.0)
+    _write(path, 5, 1001.0, pass_name="before", took_s=2.0)  # the earlier stage: in flight at the start
+    for i in range(10):
+        _write(path, 0, 1012.0, ttft_s=0.5, took_s=11.5)  # sent at 1000.5 by users on their way out
+    for i in range(40):  # the probe's own users, one request every 0.45 s from 1005 s, 1 s each, all good
+        _write(path, 0, 1006.0 + 0.45 * i)
+    assert driver.step(stage_index=0, stage_elapsed_s=20.0, now_unix_s=1020.0)
+    (entry,) = read_search_log(tmp_path)
+    # sent from 1012 s (when the slow ones ended), ended by 1020 s, not in the last second
+    expected = sum(1 for i in range(40) if 1012.0 <= 1005.0 + 0.45 * i < 1019.0)
+    assert (entry.probes[0].good, entry.probes[0].judged) == (expected, expected)
