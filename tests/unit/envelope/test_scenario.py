@@ -594,7 +594,7 @@ def test_a_search_pass_resolves_to_its_first_probe_held_at_most_max_probe_s():
     assert first.slos["tpot_ms"] == 20 and first.slos["ttft_p95_ms"] == 1000  # inherited SLOs stay
     assert (rate.name, rate.rate_per_s, rate.arrival, rate.users) == ("p3-2.5rps", 2.5, "constant", 0)
     probe = first.probe(12, index=3, name="p2-12u")
-    assert (probe.users, probe.spawn_rate, probe.index, probe.search) == (12, 1000.0, 3, first.search)
+    assert (probe.users, probe.spawn_rate, probe.index, probe.search) == (12, 100.0, 3, first.search)
     assert rate.probe(5.0, index=4, name="x").rate_per_s == 5.0
     with pytest.raises(ValueError):
         stages[0].probe(2, index=0, name="x")  # a fixed stage is not a probe
