@@ -10,7 +10,8 @@ report's other numbers use, so the answer here is the one the report states).
 Why it bends there: the lowest failing level against the highest passing one,
 through :func:`analysis.envelope.cause_of` (the server's own evidence: queue
 time, KV cache and preemptions, prefill, decode, errors, or time outside the
-engine). The knee of throughput against the level comes from
+engine); when the metrics moved too little between those two to name a cause,
+against the lightest level that passed. The knee of throughput against the level comes from
 :func:`analysis.knee.find_knee` over the probes.
 """
 
@@ -92,6 +93,11 @@ def _finding(entry: SearchEntry, rows: list[TableRow]) -> SearchFinding:
     if fail is not None:
         failed = worst_failed_slo(tuple(s for s in fail.slo.slo_results if s.passed is False))
         cause, found = cause_of(failed, fail, safe)
+        # Next to the boundary a metric may have moved too little to name (TPOT 20 -> 21 ms from 11 to 12
+        # users); then what changed from the lightest level that passed names it.
+        lightest = best(min((lv.level for lv in result.levels if lv.verdict == "pass"), default=None))
+        if cause == "unknown" and lightest is not None and lightest is not safe:
+            cause, found = cause_of(failed, fail, lightest)
         evidence = tuple(found)
     levels = [_level(r, over) for r in rows]
     knee, knee_note = find_knee(levels, [r.throughput.aggregate_output_tokens_per_s for r in rows])

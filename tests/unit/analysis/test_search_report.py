@@ -196,3 +196,14 @@ def test_a_workload_measured_at_four_user_counts_gets_its_knee_in_the_report():
     assert found.workload == "300-token prompts, 128 output tokens" and found.levels == (1, 2, 4, 8, 16)
     assert found.knee is not None and found.knee.level == 4, found.reason
     assert workload_knees(stages, rows, skip_passes=("p0", "p1")) == []  # three user counts left: too few
+
+
+def test_the_cause_falls_back_to_the_lightest_passing_level_when_the_boundary_moved_too_little():
+    """TPOT 20 ms at 11 users, 21 ms at 12: too small a step to name; from 4 users (13 ms) it grew 1.6x."""
+    rows = [_row(0, 4, 200, 200, tps=300, ttft_p95_ms=100).replace(tpot_p50_ms=13.0),
+            _row(1, 11, 200, 200, tps=700, ttft_p95_ms=100).replace(tpot_p50_ms=20.0),
+            _row(2, 12, 0, 200, tps=720, ttft_p95_ms=100).replace(tpot_p50_ms=21.0)]
+    finding = _finding(rows, _entry())
+    assert (finding.bracket.highest_pass, finding.bracket.lowest_fail) == (11, 12)
+    assert finding.cause == "decode_slowdown"
+    assert finding.evidence == ("from 4 users, TTFT p50 x1.0 while TPOT p50 x1.6",)
