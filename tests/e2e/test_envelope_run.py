@@ -1,7 +1,7 @@
 """End to end: ``envelope run`` launches the real vLLM (cpu-tiny), runs the quick capstone, and writes the report.
 
-It runs at ``--duration-scale 0.25`` (fixed stages of 20-30 s, search budgets of a quarter) to keep CI short;
-``make demo`` runs the same scenario at ``--quick`` (0.4).
+It runs at ``--duration-scale 0.25`` (fixed stages of 20-30 s, search budgets of a quarter), without the
+long-context search, to keep CI short; ``make demo`` runs the whole scenario at ``--quick`` (0.4).
 
 The capstone ends with two SLO searches: the chat search must end with a bracket
 (the highest level that passed and the lowest that failed, both with confidence)
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,13 +35,19 @@ def test_envelope_run_capstone_quick(tmp_path):
     from analysis.load import load_run
     from analysis.table import envelope_table
 
+    # the capstone less its long-context search (the demo runs it): CI time goes to the chat search
+    scenario = yaml.safe_load((REPO / "scenarios" / "capstone.yaml").read_text())
+    scenario["passes"] = [p for p in scenario["passes"] if p["name"] != "long-context-search"]
+    capstone = tmp_path / "capstone.yaml"
+    capstone.write_text(yaml.safe_dump(scenario, sort_keys=False))
     key = f"sk-e2e-{secrets.token_hex(16)}"
     out = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
     env["ENVELOPE_API_KEY"] = key
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from envelope.cli import main; sys.exit(main())", "run",
-         "--scenario", "scenarios/capstone.yaml", "--profile", "cpu-tiny", "--quick", "--duration-scale", "0.25", "--out", str(out)],
+         "--scenario", str(capstone), "--profile", "cpu-tiny", "--quick", "--duration-scale", "0.25",
+         "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1150,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
@@ -68,7 +75,7 @@ def test_envelope_run_capstone_quick(tmp_path):
     from analysis.search import search_findings
 
     findings = {f.pass_name: f for f in search_findings(envelope_table(run), run.searches)}
-    assert set(findings) == {"chat-search", "long-context-search"}
+    assert set(findings) == {"chat-search"}
     chat = findings["chat-search"]
     assert chat.done, chat.live
     b = chat.bracket

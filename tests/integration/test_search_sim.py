@@ -26,15 +26,15 @@ from helpers.locust_runs import REPO
 pytestmark = [pytest.mark.slow]
 
 CASES = {
-    # name: (sim config, SLOs, true boundary, cause)
+    # name: (sim config, SLOs, first level, true boundary, cause)
     "decode": (dict(ttft_s=0.03, itl_s=0.01, itl_batch_alpha=0.1, batch_limit=64),
-               "{tpot_ms: 20.5}", 11, "decode_slowdown"),
+               "{tpot_ms: 20.5}", 8, 11, "decode_slowdown"),
     "batch": (dict(ttft_s=0.03, itl_s=0.01, itl_batch_alpha=0.02, batch_limit=6),
-              "{ttft_ms: 100}", 6, "queueing"),
+              "{ttft_ms: 100}", 4, 6, "queueing"),
 }
 
 
-def _scenario(tmp_path, slos: str):
+def _scenario(tmp_path, slos: str, start: int):
     path = tmp_path / "search.yaml"
     path.write_text(
         "name: search\n"
@@ -44,19 +44,19 @@ def _scenario(tmp_path, slos: str):
         f"  slos: {slos}\n"
         "passes:\n"
         "  - name: find\n"
-        "    search: {start: 4, growth: 2, max: 64, probe_s: 6, settle_s: 1.5, min_requests: 20, budget_s: 90}\n"
+        f"    search: {{start: {start}, growth: 2, max: 64, probe_s: 6, settle_s: 1.5, min_requests: 20, budget_s: 90}}\n"
     )
     return path
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_search_brackets_the_known_boundary(start_sim, tmp_path, case):
-    config, slos, truth, cause = CASES[case]
+    config, slos, start, truth, cause = CASES[case]
     url = start_sim(**config)
     out = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
     # through `envelope run`, which also scrapes the server's /metrics: the cause comes from there
-    proc = subprocess.run([sys.executable, "-m", "envelope.cli", "run", "--scenario", str(_scenario(tmp_path, slos)),
+    proc = subprocess.run([sys.executable, "-m", "envelope.cli", "run", "--scenario", str(_scenario(tmp_path, slos, start)),
                            "--host", url, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_a_rate_search_across_two_processes_follows_the_masters_probes(start_sim
         "passes:\n"
         "  - name: find\n"
         "    search: {over: rate, start: 4, growth: 2, max: 32, precision_rel: 0.25, arrival: constant,\n"
-        "             probe_s: 6, settle_s: 1.5, min_requests: 20, budget_s: 50}\n"
+        "             probe_s: 6, settle_s: 1.5, min_requests: 20, budget_s: 40}\n"
         "  - name: after\n"
         "    stages: [{rate_per_s: 2, arrival: constant, duration_s: 3}]\n"
     )
@@ -143,8 +143,8 @@ def test_an_open_loop_stage_over_capacity_is_flagged(start_sim, tmp_path):
         "passes:\n"
         "  - name: p\n"
         "    stages:\n"
-        "      - {name: under, rate_per_s: 5, arrival: constant, duration_s: 12}\n"
-        "      - {name: over, rate_per_s: 20, arrival: constant, duration_s: 12}\n"
+        "      - {name: under, rate_per_s: 5, arrival: constant, duration_s: 10}\n"
+        "      - {name: over, rate_per_s: 20, arrival: constant, duration_s: 10}\n"
     )
     run_dir = tmp_path / "run"
     proc = run_locust(url, None, path, run_dir)
