@@ -24,7 +24,7 @@ from analysis.envelope import cause_of, worst_failed_slo
 from analysis.knee import Knee, find_knee
 from analysis.rows import SloResult, TableRow
 from envelope.attainment import Thresholds, thresholds_from_slos
-from envelope.search import Bracket, ProbeResult, SearchSpec, bracket
+from envelope.search import Bracket, ProbeResult, SearchSpec, Verdict, bracket, leaning
 from envelope.search_log import SearchEntry
 from envelope.stages import StageRecord
 
@@ -94,8 +94,12 @@ def _finding(entry: SearchEntry, rows: list[TableRow]) -> SearchFinding:
         failed = worst_failed_slo(tuple(s for s in fail.slo.slo_results if s.passed is False))
         cause, found = cause_of(failed, fail, safe)
         # Next to the boundary a metric may have moved too little to name (TPOT 20 -> 21 ms from 11 to 12
-        # users); then what changed from the lightest level that passed names it.
-        lightest = best(min((lv.level for lv in result.levels if lv.verdict == "pass"), default=None))
+        # users); then what changed from the lightest level that met the target names it. Its point
+        # estimate is enough here (a level of 72 good requests out of 72 is unresolved at 0.95, and no
+        # worse a baseline for what changed).
+        lightest = best(min((lv.level for lv in result.levels
+                             if lv.level < result.lowest_fail and leaning(lv, entry.target) is Verdict.PASS),
+                            default=None))
         if cause == "unknown" and lightest is not None and lightest is not safe:
             cause, found = cause_of(failed, fail, lightest)
         evidence = tuple(found)

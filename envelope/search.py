@@ -268,7 +268,7 @@ def pooled(probes: Sequence[ProbeResult], *, target: float, confidence: float) -
     return tuple(out)
 
 
-def _leaning(result: LevelResult, target: float) -> Verdict:
+def leaning(result: LevelResult, target: float) -> Verdict:
     """The verdict, or for an unresolved level the side its point estimate falls on."""
     if result.verdict is not Verdict.UNRESOLVED:
         return result.verdict
@@ -307,7 +307,7 @@ def _leaning_said(result: LevelResult, target: float, unit: str) -> str:
     """As :func:`_judged`, saying how an unresolved level is taken."""
     text = _judged(result, unit)
     if result.verdict is Verdict.UNRESOLVED:
-        text += " and is taken as " + ("passing" if _leaning(result, target) is Verdict.PASS else "failing")
+        text += " and is taken as " + ("passing" if leaning(result, target) is Verdict.PASS else "failing")
     return text
 
 
@@ -474,14 +474,14 @@ def _plan(spec: SearchSpec, probes: Sequence[ProbeResult], target: float) -> Dec
         return Decision(level=last.level, phase="repeat",
                         reason=f"{_judged(last, unit)}, straddling the {_pct(target)} target: probing it once more")
 
-    leaning = {r.level: _leaning(r, target) for r in levels}
+    sides = {r.level: leaning(r, target) for r in levels}
     answer = bracket(spec, probes, target=target)
     hp, lf = answer.highest_pass, answer.lowest_fail
     # the ends the search works between: the confident ones, or where missing, a point estimate
     high = lf if lf is not None else min(
-        (x for x, v in leaning.items() if v is Verdict.FAIL and (hp is None or x > hp)), default=None)
+        (x for x, v in sides.items() if v is Verdict.FAIL and (hp is None or x > hp)), default=None)
     low = hp if hp is not None else max(
-        (x for x, v in leaning.items() if v is Verdict.PASS and (high is None or x < high)), default=None)
+        (x for x, v in sides.items() if v is Verdict.PASS and (high is None or x < high)), default=None)
 
     def done(why: str) -> Decision:
         return Decision(level=None, phase="done", reason=f"done, {why}: {answer.describe(unit)}")

@@ -207,3 +207,16 @@ def test_the_cause_falls_back_to_the_lightest_passing_level_when_the_boundary_mo
     assert (finding.bracket.highest_pass, finding.bracket.lowest_fail) == (11, 12)
     assert finding.cause == "decode_slowdown"
     assert finding.evidence == ("from 4 users, TTFT p50 x1.0 while TPOT p50 x1.6",)
+
+
+def test_the_fallback_baseline_may_be_a_lightest_level_that_met_the_target_without_confidence():
+    """4 users judged 72 of 72 good: unresolved at 0.95 (its lower bound is 0.949), yet no worse a
+    baseline for what changed by 12 users (a CI run's 4-user probes came out at 36 requests each)."""
+    rows = [_row(0, 4, 72, 72, tps=300, ttft_p95_ms=100).replace(tpot_p50_ms=13.0),
+            _row(1, 8, 200, 200, tps=560, ttft_p95_ms=100).replace(tpot_p50_ms=17.0),
+            _row(2, 11, 200, 200, tps=700, ttft_p95_ms=100).replace(tpot_p50_ms=20.0),
+            _row(3, 12, 0, 200, tps=720, ttft_p95_ms=100).replace(tpot_p50_ms=21.0)]
+    finding = _finding(rows, _entry())
+    assert 4 in finding.bracket.unresolved
+    assert finding.cause == "decode_slowdown"
+    assert finding.evidence == ("from 4 users, TTFT p50 x1.0 while TPOT p50 x1.6",)
