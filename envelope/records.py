@@ -122,6 +122,10 @@ class RequestRecord:
     # who sent it, and what the load generator did meanwhile
     user_id: str | None = None  # "<worker_id>/<n>" of the Locust user (None: open loop, no user)
     client_stall_max_ms: float | None = None  # worst event-loop stall of this process that overlapped it
+    # where the request came from, for workloads that are not synthetic
+    source_index: int | None = None  # the entry of the dataset or trace file it was made from (0-based)
+    conversation_id: str | None = None  # multi-turn conversation, or a trace's session
+    turn_index: int | None = None  # the turn within the conversation (0-based)
     prompt_text: str | None = None
     completion_text: str | None = None
     schema: int = SCHEMA_VERSION

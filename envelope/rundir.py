@@ -32,6 +32,7 @@ __all__ = [
     "SERVER_FILE",
     "WORKERS_FILE",
     "SEARCH_FILE",
+    "SOURCES_FILE",
     "RECORDS_DIR",
     "SCENARIO_COPY",
     "RUN_SCHEMA_VERSION",
@@ -49,6 +50,7 @@ STAGES_FILE = "stages.json"
 SERVER_FILE = "server.json"
 WORKERS_FILE = "workers.json"
 SEARCH_FILE = "search.json"  # envelope.search_log
+SOURCES_FILE = "sources.json"  # envelope.source_log
 RECORDS_DIR = "records"
 SCENARIO_COPY = "scenario.yaml"
 

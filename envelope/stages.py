@@ -107,6 +107,7 @@ class StageRecord:
     slos: Mapping[str, float] = field(default_factory=dict)
     workload: WorkloadSummary = field(default_factory=WorkloadSummary)
     clients: Mapping[str, WorkloadSummary] | None = None  # per client class, when their workloads differ
+    client_slos: Mapping[str, Mapping[str, float]] | None = None  # per client class, when their SLOs differ
     arrival: str | None = None
     burstiness: float | None = None
     max_concurrency: int | None = None
@@ -152,6 +153,8 @@ class StageRecord:
             out.update(arrival=self.arrival, burstiness=self.burstiness, max_concurrency=self.max_concurrency)
         if self.clients is not None:
             out["clients"] = {name: w.to_json() for name, w in self.clients.items()}
+        if self.client_slos is not None:
+            out["client_slos"] = {name: dict(slos) for name, slos in self.client_slos.items()}
         out.update(start_unix_s=self.start_unix_s, end_unix_s=self.end_unix_s,
                    client_loop_lag_max_ms=self.client_loop_lag_max_ms,
                    client_cpu_max_percent=self.client_cpu_max_percent)
@@ -198,6 +201,7 @@ class StageRecord:
             workload=WorkloadSummary.from_json(data.get("workload")),
             clients=({str(k): WorkloadSummary.from_json(v) for k, v in clients.items()}
                      if isinstance(clients, Mapping) else None),
+            client_slos=_client_slos(data.get("client_slos")),
             arrival=data.get("arrival") if isinstance(data.get("arrival"), str) else None,
             burstiness=num("burstiness"),
             max_concurrency=whole("max_concurrency"),
@@ -271,3 +275,11 @@ def schedule_completed(log: Sequence[StageRecord], planned: Sequence[Any], *, sl
     last = log[-1]
     duration = last.duration_s or (getattr(planned[-1], "duration_s", 0.0) if planned else 0.0) or 0.0
     return last.end_unix_s >= last.start_unix_s + float(duration) - slack_s
+
+
+def _client_slos(data: Any) -> dict[str, dict[str, float]] | None:
+    if not isinstance(data, Mapping):
+        return None
+    return {str(name): {str(k): float(v) for k, v in slos.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for name, slos in data.items() if isinstance(slos, Mapping)}

@@ -54,6 +54,9 @@ _COUNTERS: dict[str, tuple[str, ...]] = {
     "preemptions_total": ("vllm:num_preemptions",),
     "prompt_tokens_total": ("vllm:prompt_tokens",),
     "generation_tokens_total": ("vllm:generation_tokens",),
+    # prompt tokens the prefix cache was asked about, and those it held (vLLM 0.32; older: gpu_ prefix)
+    "prefix_cache_queries_total": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
+    "prefix_cache_hits_total": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
 }
 HISTOGRAM_METRICS: dict[str, tuple[str, ...]] = {
     "ttft_s": ("vllm:time_to_first_token_seconds",),

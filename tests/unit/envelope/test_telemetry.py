@@ -172,7 +172,7 @@ def test_missing_metrics_are_none_not_zero():
     assert empty == {
         "requests_running": None, "requests_waiting": None, "kv_cache_usage_ratio": None,
         "kv_cache_usage_max_ratio": None, "preemptions_total": None, "prompt_tokens_total": None,
-        "generation_tokens_total": None,
+        "generation_tokens_total": None, "prefix_cache_queries_total": None, "prefix_cache_hits_total": None,
         "histograms": {"ttft_s": None, "itl_s": None, "e2e_s": None, "queue_s": None,
                        "prefill_s": None, "decode_s": None},
     }
@@ -627,3 +627,12 @@ def test_read_telemetry_round_trip(tmp_path):
         time.sleep(0.12)
     data = read_telemetry(tmp_path)
     assert [m["n"] for m in data["metrics"]] == list(range(1, counting.n + 1))
+
+
+def test_prefix_cache_counters_are_read_under_new_and_old_names():
+    new = "vllm:prefix_cache_queries_total 1000\nvllm:prefix_cache_hits_total 640\n"
+    old = "vllm:gpu_prefix_cache_queries_total 300\nvllm:gpu_prefix_cache_hits_total 30\n"
+    m, o = parse_vllm_metrics(new), parse_vllm_metrics(old)
+    assert (m["prefix_cache_queries_total"], m["prefix_cache_hits_total"]) == (1000.0, 640.0)
+    assert (o["prefix_cache_queries_total"], o["prefix_cache_hits_total"]) == (300.0, 30.0)
+
