@@ -72,6 +72,10 @@ class TokenizerProbe:
         body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
         return int(self._post("/tokenize", body)["count"])
 
+    def count_text(self, text: str) -> int:
+        """Tokens of ``text`` alone (no special tokens): an answer's length as the model counts it."""
+        return int(self._post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})["count"])
+
     def token_strings(self, text: str) -> list[str]:
         body = {"model": self.model, "prompt": text, "add_special_tokens": False, "return_token_strs": True}
         out = self._post("/tokenize", body)
@@ -93,6 +97,7 @@ class PromptFactory:
         chat_overhead_tokens: int,
         completion_overhead_tokens: int,
         system_overhead_tokens: int = 0,
+        turn_overhead_tokens: int = 0,
         exact: bool,
     ) -> None:
         if not words:
@@ -101,6 +106,8 @@ class PromptFactory:
         self.chat_overhead_tokens = chat_overhead_tokens
         self.completion_overhead_tokens = completion_overhead_tokens
         self.system_overhead_tokens = system_overhead_tokens
+        # what one more turn (an answer and a user message) adds to a chat beyond their own tokens
+        self.turn_overhead_tokens = turn_overhead_tokens
         self.exact = exact
 
     def __repr__(self) -> str:
@@ -115,6 +122,10 @@ class PromptFactory:
         words = self.words
         # a leading space keeps the first word the same token as every other
         return " " + " ".join(choice(words) for _ in range(n))
+
+    def text_of(self, n_tokens: int, rng: random.Random) -> str:
+        """``n_tokens`` single-token words (a leading space each): text of a known length."""
+        return self._words(rng, n_tokens)
 
     def system_prefix(self, n_tokens: int, seed: int) -> str:
         """The shared system prefix text: the same for every request of a run."""
@@ -175,11 +186,16 @@ def calibrate(probe: TokenizerProbe | None, *, check_tokens: int = 64) -> Prompt
     sys_text = sample._words(rng, check_tokens)
     with_system = probe.count_messages([{"role": "system", "content": sys_text}, {"role": "user", "content": text}])
     system_overhead = with_system - check_tokens - check_tokens - chat_overhead
+    answer, message = sample._words(rng, check_tokens), sample._words(rng, check_tokens)
+    two_turns = probe.count_messages([{"role": "user", "content": text}, {"role": "assistant", "content": answer},
+                                      {"role": "user", "content": message}])
+    turn_overhead = two_turns - (check_tokens + chat_overhead) - 2 * check_tokens
     factory = PromptFactory(
         words=words,
         chat_overhead_tokens=chat_overhead,
         completion_overhead_tokens=completion_overhead,
         system_overhead_tokens=system_overhead,
+        turn_overhead_tokens=turn_overhead,
         exact=True,
     )
     # Check the arithmetic on a different length before trusting it.
@@ -192,6 +208,7 @@ def calibrate(probe: TokenizerProbe | None, *, check_tokens: int = 64) -> Prompt
             chat_overhead_tokens=chat_overhead,
             completion_overhead_tokens=completion_overhead,
             system_overhead_tokens=system_overhead,
+            turn_overhead_tokens=turn_overhead,
             exact=False,
         )
     return factory

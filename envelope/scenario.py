@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, Self, Union
 
@@ -40,6 +41,7 @@ from envelope.stages import StageKind, StageRecord, WorkloadSummary
 
 __all__ = [
     "pick_client_name",
+    "assign_client",
     "Distribution",
     "TokenCount",
     "token_lower",
@@ -48,6 +50,9 @@ __all__ = [
     "Timeouts",
     "Slos",
     "Workload",
+    "DatasetSource",
+    "Conversation",
+    "TraceSource",
     "Defaults",
     "Client",
     "Arrival",
@@ -252,6 +257,61 @@ class Slos(_Mergeable):
         return {key: value for key, value in self.model_dump().items() if value is not None}
 
 
+class DatasetSource(StrictModel):
+    """Prompts from a local dataset file (:mod:`envelope.datasets`): ShareGPT JSON, JSON lines, or text.
+
+    ``path`` is relative to the scenario file. Each request draws one entry with
+    the scenario's seed, with ``replacement`` (default) or without (each entry
+    once, in a seeded order, then again in a new order). An entry's own output
+    length (a ShareGPT answer's length in the served model's tokens, a JSON-lines
+    ``output_tokens``) wins over the workload's ``output_tokens``, which applies
+    to entries without one. ``limit`` reads only the first N entries.
+    """
+
+    path: Annotated[str, Field(min_length=1)]
+    format: Literal["auto", "sharegpt", "jsonl", "text"] = "auto"
+    replacement: bool = True
+    limit: PositiveInt | None = None
+
+
+class Conversation(StrictModel):
+    """Multi-turn chat: each user holds a conversation of ``turns`` turns, then starts a new one.
+
+    Every turn sends the whole history so far plus a new user message: the first
+    of ``prompt_tokens``, later ones of ``message_tokens`` (default: ``prompt_tokens``).
+    The history holds the server's real answers (``answers: server``) or, for
+    prompt lengths known in advance, stand-ins of ``answer_tokens`` tokens
+    (``answers: fixed``; default: the turn's output length). ``think_time_s``
+    passes between a turn's answer and the next turn.
+    """
+
+    turns: TokenCount = 4
+    think_time_s: Annotated[float, Field(ge=0)] = 0.0
+    message_tokens: TokenCount | None = None
+    answers: Literal["server", "fixed"] = "server"
+    answer_tokens: PositiveInt | None = None
+
+
+class TraceSource(StrictModel):
+    """A trace of timestamped requests replayed open loop (:mod:`envelope.traces`).
+
+    ``speedup: 2`` halves the gaps; ``rate_per_s`` instead rescales time so the
+    trace's mean rate is that (not both). Mooncake traces' shared ``hash_ids``
+    become shared prompt prefixes of 512-token blocks.
+    """
+
+    path: Annotated[str, Field(min_length=1)]
+    format: Literal["auto", "mooncake", "jsonl"] = "auto"
+    speedup: PositiveFloat = 1.0
+    rate_per_s: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_scale(self) -> TraceSource:
+        if self.rate_per_s is not None and self.speedup != 1.0:
+            raise FieldError("a trace takes 'speedup' or 'rate_per_s', not both", at=("rate_per_s",))
+        return self
+
+
 class Workload(_Mergeable):
     """What each request looks like.
 
@@ -259,6 +319,8 @@ class Workload(_Mergeable):
     and ``ignore_eos``); ``output_tokens: null`` lets the server decide.
     ``system_prefix_tokens`` of the prompt are a prefix shared by every request
     (prefix-cache friendly); they count towards ``prompt_tokens``.
+    ``dataset`` takes prompts from a file instead of generating them;
+    ``conversation`` makes each user's requests the turns of a chat.
     """
 
     prompt_tokens: TokenCount = 300
@@ -267,6 +329,19 @@ class Workload(_Mergeable):
     system_prefix_tokens: Annotated[int, Field(strict=True, ge=0)] = 0
     context_fill_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
     temperature: Annotated[float, Field(ge=0)] = 0.0
+    dataset: DatasetSource | None = None
+    conversation: Conversation | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> Workload:
+        if self.dataset is not None and self.context_fill_ratio is not None:
+            raise FieldError("a workload takes 'dataset' or 'context_fill_ratio', not both", at=("dataset",))
+        if self.dataset is not None and self.conversation is not None:
+            raise FieldError("a workload takes 'dataset' or 'conversation', not both", at=("conversation",))
+        if self.conversation is not None and self.context_fill_ratio is not None:
+            raise FieldError("a workload takes 'conversation' or 'context_fill_ratio', not both",
+                             at=("conversation",))
+        return self
 
     @property
     def long_context(self) -> bool:
@@ -280,9 +355,12 @@ class Workload(_Mergeable):
         return math.floor(self.context_fill_ratio * max_model_len) - (token_upper(self.output_tokens) or 0)
 
     def max_prompt_tokens(self, *, max_model_len: int | None = None) -> int | None:
-        """The longest prompt this workload sends; ``None`` for long context without ``max_model_len``."""
+        """The longest prompt this workload sends; ``None`` for long context without ``max_model_len``,
+        a dataset (its entries are measured against the server) or a conversation (its history grows)."""
         if self.context_fill_ratio is not None:
             return None if max_model_len is None else self.context_prompt_tokens(max_model_len=max_model_len)
+        if self.dataset is not None or self.conversation is not None:
+            return None
         return token_upper(self.prompt_tokens)
 
     def sample_prompt_tokens(self, rng: random.Random, *, max_model_len: int | None = None) -> int:
@@ -309,13 +387,16 @@ class Workload(_Mergeable):
                 if max_model_len is None
                 else self.context_prompt_tokens(max_model_len=max_model_len)
             )
+        elif self.dataset is not None:
+            prompt = f"dataset {Path(self.dataset.path).name}"
+        elif self.conversation is not None:
+            prompt = f"{token_summary(self.conversation.turns)}-turn chat, first {token_summary(self.prompt_tokens)}"
         else:
             prompt = token_summary(self.prompt_tokens)
-        return {
-            "prompt_tokens": prompt,
-            "output_tokens": token_summary(self.output_tokens),
-            "long_context": self.long_context,
-        }
+        output = token_summary(self.output_tokens)
+        if self.dataset is not None:
+            output = f"the dataset's, else {output}"
+        return {"prompt_tokens": prompt, "output_tokens": output, "long_context": self.long_context}
 
 
 def _sample(value: int | Distribution, rng: random.Random) -> int:
@@ -337,13 +418,31 @@ class Defaults(StrictModel):
 
 
 class Client(StrictModel):
-    """A weighted class of simulated users with its own transport, endpoint and workload."""
+    """A weighted class of simulated users with its own transport, endpoint, workload and SLOs.
+
+    ``slos`` are the class's own targets: they win over the stage's and pass's,
+    key by key, and the class is judged on its own requests. Instead of a share
+    of the stage's users by ``weight``, a class can have a quota: ``rate_per_s``
+    (its requests arrive open loop at that rate in every stage it is active in,
+    whatever the stage's users) or ``max_concurrency`` (at most that many of the
+    stage's users belong to it; the rest go to the other classes).
+    """
 
     name: Annotated[str, Field(min_length=1)]
     weight: PositiveFloat = 1.0
     client: Transport | None = None
     endpoint: Endpoint | None = None
     workload: Workload | None = None
+    slos: Slos | None = None
+    rate_per_s: PositiveFloat | None = None
+    max_concurrency: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_quota(self) -> Client:
+        if self.rate_per_s is not None and self.max_concurrency is not None:
+            raise FieldError("a client class takes 'rate_per_s' or 'max_concurrency', not both",
+                             at=("max_concurrency",))
+        return self
 
 
 Arrival = Literal["constant", "poisson", "gamma"]
@@ -367,15 +466,26 @@ class Stage(StrictModel):
     arrival: Arrival | None = None
     burstiness: PositiveFloat | None = None
     max_concurrency: PositiveInt | None = None
-    duration_s: PositiveFloat
+    trace: TraceSource | None = None
+    duration_s: PositiveFloat | None = None
+    clients: list[Annotated[str, Field(min_length=1)]] | None = None
     workload: Workload | None = None
     slos: Slos | None = None
     timeouts: Timeouts | None = None
 
     @model_validator(mode="after")
     def _closed_or_open(self) -> Stage:
+        if self.trace is not None:
+            for key in ("users", "rate_per_s", "arrival", "burstiness", "spawn_rate"):
+                if getattr(self, key) is not None:
+                    raise FieldError(f"a trace stage replays the trace's schedule: {key!r} does not apply "
+                                     "(scale it with the trace's 'speedup' or 'rate_per_s')", at=(key,))
+            return self
+        if self.duration_s is None:
+            raise FieldError("a stage needs 'duration_s' (only a trace stage may leave it out: then it lasts "
+                             "as long as the trace)", at=())
         if self.users is None and self.rate_per_s is None:
-            raise FieldError("a stage needs 'users' (closed loop) or 'rate_per_s' (open loop)", at=())
+            raise FieldError("a stage needs 'users' (closed loop), 'rate_per_s' (open loop) or 'trace'", at=())
         if self.users is not None and self.rate_per_s is not None:
             raise FieldError("a stage takes 'users' (closed loop) or 'rate_per_s' (open loop), not both",
                              at=("rate_per_s",))
@@ -404,6 +514,7 @@ class Pass(StrictModel):
     workload: Workload | None = None
     slos: Slos | None = None
     timeouts: Timeouts | None = None
+    clients: list[Annotated[str, Field(min_length=1)]] | None = None
     stages: list[Stage] | None = None
     search: SearchSpec | None = None
 
@@ -459,7 +570,14 @@ class Scenario(StrictModel):
         _check_unique([c.name for c in self.clients], "client", lambda i: ("clients", i, "name"))
         _check_unique([p.name for p in self.passes], "pass", lambda i: ("passes", i, "name"))
         seen: dict[str, tuple[str | int, ...]] = {}
+        names = {c.name for c in self.clients}
         for pi, pass_ in enumerate(self.passes):
+            for si, stage in [(None, pass_)] + list(enumerate(pass_.stages or ())):
+                for ni, name in enumerate(stage.clients or ()):
+                    if name not in names:
+                        at = ("passes", pi) + (() if si is None else ("stages", si)) + ("clients", ni)
+                        raise FieldError(f"no client class named {name!r} (the scenario's are "
+                                         f"{', '.join(sorted(names))})", at=at)
             if pass_.search is not None:
                 slos = self.defaults.slos.merged(pass_.slos).as_dict()
                 if not thresholds_from_slos(slos).any:
@@ -476,7 +594,8 @@ class Scenario(StrictModel):
                 for client in self.clients:
                     workload = self._workload(client, pass_, stage)
                     low = token_lower(workload.prompt_tokens)
-                    if not workload.long_context and low is not None and workload.system_prefix_tokens >= low:
+                    if (not workload.long_context and workload.dataset is None and low is not None
+                            and workload.system_prefix_tokens >= low):
                         raise FieldError(
                             f"stage {name!r}, client {client.name!r}: system_prefix_tokens "
                             f"({workload.system_prefix_tokens}) must be less than the shortest prompt ({low}); "
@@ -504,9 +623,14 @@ class Scenario(StrictModel):
             if search is not None and scale is not None:
                 search = search.scaled(scale, min_probe_s=self.quick.min_stage_s)
             for stage in _pass_stages(pass_, search):
+                if stage.duration_s is None:
+                    raise ValueError(f"stage {_stage_name(pass_, stage)!r}: a trace stage's length is known once "
+                                     "its file is read (load the scenario with load_scenario)")
                 duration_s = float(stage.duration_s)
-                if scale is not None and search is None:
+                if scale is not None and search is None and stage.trace is None:
                     duration_s = min(duration_s, max(self.quick.min_stage_s, duration_s * scale))
+                stage_slos = self.defaults.slos.merged(pass_.slos).merged(stage.slos)
+                active = stage.clients or pass_.clients
                 clients = tuple(
                     ResolvedClient(
                         name=client.name,
@@ -514,9 +638,19 @@ class Scenario(StrictModel):
                         transport=client.client or self.defaults.client,
                         endpoint=client.endpoint or self.defaults.endpoint,
                         workload=self._workload(client, pass_, stage),
+                        slos=stage_slos.merged(client.slos).as_dict(),
+                        rate_per_s=client.rate_per_s,
+                        max_concurrency=client.max_concurrency,
                     )
                     for client in self.clients
+                    if active is None or client.name in active
                 )
+                trace = stage.trace
+                rate_per_s = stage.rate_per_s
+                if trace is not None:
+                    from envelope.sources import trace_plan
+
+                    rate_per_s = trace_plan(trace).rate_per_s
                 stages.append(
                     ResolvedStage(
                         index=len(stages),
@@ -525,15 +659,17 @@ class Scenario(StrictModel):
                         name=_stage_name(pass_, stage),
                         users=stage.users or 0,
                         spawn_rate=float(stage.spawn_rate or stage.users or 1),
-                        rate_per_s=stage.rate_per_s,
-                        arrival=None if stage.rate_per_s is None else (stage.arrival or "poisson"),
+                        rate_per_s=rate_per_s,
+                        arrival=("trace" if trace is not None else
+                                 None if stage.rate_per_s is None else (stage.arrival or "poisson")),
                         burstiness=(stage.burstiness or 1.0) if stage.arrival == "gamma" else None,
                         max_concurrency=stage.max_concurrency,
                         duration_s=duration_s,
-                        slos=self.defaults.slos.merged(pass_.slos).merged(stage.slos).as_dict(),
+                        slos=stage_slos.as_dict(),
                         timeouts=self.defaults.timeouts.merged(pass_.timeouts).merged(stage.timeouts),
                         clients=clients,
                         search=search,
+                        trace=trace,
                     )
                 )
         return stages
@@ -590,6 +726,13 @@ class ResolvedClient:
     transport: str
     endpoint: str
     workload: Workload
+    slos: dict[str, float] | None = None  # the stage's SLOs with the class's own on top
+    rate_per_s: float | None = None  # quota: the class's own open-loop rate
+    max_concurrency: int | None = None  # quota: at most this many of the stage's users
+
+    @property
+    def has_quota_rate(self) -> bool:
+        return self.rate_per_s is not None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -616,6 +759,7 @@ class ResolvedStage:
     burstiness: float | None = None
     max_concurrency: int | None = None
     search: SearchSpec | None = None  # set on the probes of a search pass
+    trace: TraceSource | None = None  # set on a trace replay (open loop, arrival "trace")
 
     @property
     def open_loop(self) -> bool:
@@ -657,6 +801,8 @@ class ResolvedStage:
             slos=dict(self.slos),
             workload=summaries[0],
             clients={c.name: s for c, s in zip(self.clients, summaries)} if differ else None,
+            client_slos=({c.name: dict(c.slos or self.slos) for c in self.clients}
+                         if any((c.slos or self.slos) != self.slos for c in self.clients) else None),
             arrival=self.arrival if self.open_loop else None,
             burstiness=self.burstiness if self.open_loop else None,
             max_concurrency=self.max_concurrency if self.open_loop else None,
@@ -664,8 +810,14 @@ class ResolvedStage:
 
 
 def load_scenario(path: str | os.PathLike[str], *, text: str | None = None) -> Scenario:
-    """Load and validate a scenario file; errors are :class:`ConfigError` ``file:line: path: message``."""
-    return load_yaml_model(path, Scenario, text=text)
+    """Load and validate a scenario file; errors are :class:`ConfigError` ``file:line: path: message``.
+
+    Dataset and trace files it names are found relative to it, read and checked
+    here (:func:`envelope.sources.anchor_sources`), so a bad data file fails now.
+    """
+    from envelope.sources import anchor_sources
+
+    return anchor_sources(load_yaml_model(path, Scenario, text=text), path, text=text)
 
 
 def check_against_server(scenario: Scenario, *, max_model_len: int) -> list[str]:
@@ -677,6 +829,9 @@ def check_against_server(scenario: Scenario, *, max_model_len: int) -> list[str]
                 f", client {client.name!r}" if len(stage.clients) > 1 else ""
             )
             workload = client.workload
+            if workload.dataset is not None:
+                continue  # entries too long are skipped and counted (a conversation's first turn is checked;
+                # a later turn that would not fit starts a new conversation)
             output_max = token_upper(workload.output_tokens) or 0
             if workload.long_context:
                 prompt = workload.context_prompt_tokens(max_model_len=max_model_len)
@@ -710,4 +865,26 @@ def pick_client_name(names_weights: list[tuple[str, float]], n: int) -> str:
             current[name] += weight
         chosen = max(names_weights, key=lambda nw: current[nw[0]])[0]
         current[chosen] -= total
+    return chosen
+
+
+def assign_client(classes: list[tuple[str, float, int | None]], n: int) -> str | None:
+    """The class of this process's n-th user, from ``(name, weight, cap)``: the smooth weighted
+    round-robin of :func:`pick_client_name` among the classes still below their cap (None: no cap).
+    None when every class is full: that user sends nothing in this stage."""
+    if not classes:
+        return None
+    counts = {name: 0 for name, _, _ in classes}
+    current = {name: 0.0 for name, _, _ in classes}
+    chosen: str | None = None
+    for _ in range(n + 1):
+        open_ = [(name, weight) for name, weight, cap in classes if cap is None or counts[name] < cap]
+        if not open_:
+            return None
+        total = sum(w for _, w in open_)
+        for name, weight in open_:
+            current[name] += weight
+        chosen = max(open_, key=lambda nw: current[nw[0]])[0]
+        current[chosen] -= total
+        counts[chosen] += 1
     return chosen

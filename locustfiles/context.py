@@ -39,7 +39,8 @@ from locustfiles.cluster import (
 from locustfiles.health import EarlyStop, LoopLagWatcher
 from locustfiles.run_files import RunFiles, run_dir_from_options
 from locustfiles.search_driver import SearchDriver, announced_stage
-from locustfiles.server_probe import probe_server
+from locustfiles.server_probe import dataset_key, probe_server
+from locustfiles.sources import DatasetSampler, MeasuredDataset
 from locustfiles.stage_clock import ManualStage, StageClock
 
 __all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "WorkerReport"]
@@ -100,6 +101,8 @@ class EnvelopeRun:
         self.record_text = bool(getattr(options, "record_text", False) or self.scenario.record_text)
         self.writer: RecordWriter | RecordShipper | None = None
         self.factory: PromptFactory | None = None
+        self.datasets: dict[tuple, MeasuredDataset] = {}  # measured at the probe, by dataset_key
+        self._samplers: dict[tuple, DatasetSampler] = {}
         self.model: str | None = getattr(options, "model", None) or self.scenario.model
         self.max_model_len: int | None = None
         self.started_unix_s = time.time()
@@ -334,7 +337,51 @@ class EnvelopeRun:
             self.max_model_len = facts.max_model_len
         if facts.factory is not None:
             self.factory = facts.factory
+        self.datasets = dict(facts.datasets)
+        self._samplers = {}
+        if not facts.problems and not self.is_worker:
+            self.write_sources_log()
         return list(facts.problems)
+
+    def dataset_sampler(self, source, endpoint: str) -> DatasetSampler:
+        """This process's sampler of a dataset (measured at the probe), made on first use."""
+        key = dataset_key(source, endpoint)
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            loop = self.open_loop
+            processes, rank = (loop.processes, loop.rank) if loop is not None else (1, 0)
+            sampler = self._samplers[key] = DatasetSampler(self.datasets[key], seed=self.scenario.seed,
+                                                           processes=processes, index=rank)
+        return sampler
+
+    def write_sources_log(self) -> None:
+        """Master/local: ``sources.json``, the datasets and traces this run draws from, with their lengths."""
+        from envelope.source_log import LengthSummary, SourceEntry, write_source_log
+        from envelope.sources import trace_plan
+
+        entries: list[SourceEntry] = []
+        for key, measured in self.datasets.items():
+            stages = [s.name for s in self.stages
+                      if any(c.workload.dataset is not None and dataset_key(c.workload.dataset, c.endpoint) == key
+                             for c in s.clients)]
+            entries.append(measured.log_entry(stages))
+        traces: dict[tuple, list[str]] = {}
+        for stage in self.stages:
+            if stage.trace is not None:
+                traces.setdefault((stage.trace.path, stage.trace.format), []).append(stage.name)
+        for (path, fmt), names in traces.items():
+            stage = next(s for s in self.stages if s.name == names[0])
+            replay = trace_plan(stage.trace)
+            fits = [e for e in replay.entries
+                    if self.max_model_len is None or e.prompt_tokens + e.output_tokens <= self.max_model_len]
+            entries.append(SourceEntry(
+                kind="trace", path=path, format=fmt, entries=len(replay.entries),
+                skipped_too_long=len(replay.entries) - len(fits),
+                prompt_tokens=LengthSummary.of([e.prompt_tokens for e in replay.entries]),
+                output_tokens=LengthSummary.of([e.output_tokens for e in replay.entries]),
+                stages=tuple(names), exact=bool(self.factory is not None and self.factory.exact)))
+        if entries:
+            write_source_log(self.ensure_run_dir(), entries)
 
 
 def _default_scenario() -> Scenario:

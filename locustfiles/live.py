@@ -218,7 +218,7 @@ def check_slos(stats: WindowStats, slos: Mapping[str, Any]) -> list[dict[str, An
         if threshold is None or key in ("ttft_ms", "tpot_ms", "e2e_ms"):  # per-request: judged via attainment
             continue
         threshold = float(threshold)
-        op, measured, note = "<=", _NAN, ""
+        op, measured = "<=", _NAN
         if key == "attainment_min":
             continue  # checked below, with the default target when the key is absent
         if key == "error_rate_max":

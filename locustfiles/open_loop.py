@@ -47,8 +47,9 @@ class OpenLoop:
         self.environment = environment
         self._send_one = send_one  # locustfiles.users.send_one (passed in to keep imports one-way)
         self.requests = Group()
-        self.dispatcher: gevent.Greenlet | None = None
+        self.dispatchers: list[gevent.Greenlet] = []
         self.stage_index: int | None = None
+        self.processes, self.rank = 1, 0  # how many processes send, and which one this is (this stage)
         self._pool = None
         self._openai = None
 
@@ -60,7 +61,7 @@ class OpenLoop:
 
     @property
     def dispatching(self) -> bool:
-        return self.dispatcher is not None and not self.dispatcher.dead
+        return any(not d.dead for d in self.dispatchers)
 
     # -- stages ----------------------------------------------------------------------------------------
     def enter(self, stage: ResolvedStage, *, processes: int = 1, index: int = 0) -> None:
@@ -71,16 +72,24 @@ class OpenLoop:
         t0 = perf_counter()
         self.stop_dispatching()
         self.stage_index = stage.index
-        if stage.rate_per_s is None:
-            return
         processes = max(int(processes), 1)
         index = int(index) % processes
-        self.dispatcher = gevent.spawn(self._dispatch, stage, processes, index, t0)
+        self.processes, self.rank = processes, index
+        shared = [c for c in stage.clients if c.rate_per_s is None]
+        if stage.trace is not None:
+            self.dispatchers.append(gevent.spawn(self._dispatch_trace, stage, shared, processes, index, t0))
+        elif stage.rate_per_s is not None and shared:
+            self.dispatchers.append(gevent.spawn(self._dispatch, stage, stage.rate_per_s, stage.arrival, shared,
+                                                 processes, index, t0, "o"))
+        for c in stage.clients:  # classes with a rate quota send at their own rate, in any stage
+            if c.rate_per_s is not None:
+                self.dispatchers.append(gevent.spawn(self._dispatch, stage, c.rate_per_s, "poisson", [c],
+                                                     processes, index, t0, f"q{c.name}-"))
 
     def stop_dispatching(self) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.kill(block=False)
-            self.dispatcher = None
+        for dispatcher in self.dispatchers:
+            dispatcher.kill(block=False)
+        self.dispatchers = []
 
     def cancel_all(self, timeout_s: float = 5.0) -> None:
         """The run is stopping: no more sends; requests in flight are recorded as cancelled."""
@@ -94,18 +103,23 @@ class OpenLoop:
             self._openai = None
 
     # -- the schedule -------------------------------------------------------------------------------
-    def _dispatch(self, stage: ResolvedStage, processes: int, index: int, t0: float) -> None:
+    def _wait_ready(self, t0: float) -> float:
         if not self.ctx.ready:  # prompts not calibrated yet: the schedule starts when they are
             self.ctx.ready_event.wait()
-            t0 = perf_counter()
+            return perf_counter()
+        return t0
+
+    def _dispatch(self, stage: ResolvedStage, rate_per_s: float, arrival: str, clients, processes: int,
+                  index: int, t0: float, tag: str) -> None:
+        t0 = self._wait_ready(t0)
         seed = self.ctx.scenario.seed
-        share = process_share(stage.rate_per_s, stage.arrival, processes, index)
-        schedule = arrival_offsets_s(share.rate_per_s, stage.arrival, stage.duration_s,
-                                     random.Random(f"{seed}:arrivals:{stage.index}:{index}"),
+        share = process_share(rate_per_s, arrival, processes, index)
+        schedule = arrival_offsets_s(share.rate_per_s, arrival, stage.duration_s,
+                                     random.Random(f"{seed}:arrivals:{stage.index}:{index}" + (tag if tag != "o" else "")),
                                      burstiness=stage.burstiness, phase_s=share.phase_s)
         cap = concurrency_share(stage.max_concurrency, processes, index)
         slots = BoundedSemaphore(cap) if cap else None
-        clients = [(c.name, c.weight) for c in stage.clients]
+        weights = [(c.name, c.weight) for c in clients]
         spawn = self.requests.spawn
         for n, offset in enumerate(schedule):
             t_intended = t0 + offset
@@ -114,18 +128,49 @@ class OpenLoop:
                 gevent.sleep(delay)
             if self.ctx.aborted:
                 return
-            name = pick_client_name(clients, n)
-            client = next(c for c in stage.clients if c.name == name)
-            spawn(self._one, stage, client, n, index, t_intended, slots)
+            name = pick_client_name(weights, n)
+            client = next(c for c in clients if c.name == name)
+            spawn(self._one, stage, client, n, index, t_intended, slots, tag)
 
-    def _one(self, stage, client, n: int, index: int, t_intended: float, slots) -> None:
+    def _dispatch_trace(self, stage: ResolvedStage, clients, processes: int, index: int, t0: float) -> None:
+        """Replay the trace: this process sends every ``processes``-th entry, each at its own offset."""
+        from envelope.sources import trace_plan
+        from locustfiles.sources import RequestPlan, trace_prompt
+
+        t0 = self._wait_ready(t0)
+        replay = trace_plan(stage.trace)
+        weights = [(c.name, c.weight) for c in clients]
+        spawn = self.requests.spawn
+        seed = self.ctx.scenario.seed
+        for n in range(index, len(replay.entries), processes):
+            entry, t_intended = replay.entries[n], t0 + replay.offsets_s[n]
+            limit = self.ctx.max_model_len
+            if limit is not None and entry.prompt_tokens + entry.output_tokens > limit:
+                continue  # longer than the server takes: never sent, counted in sources.json
+            name = pick_client_name(weights, n)
+            client = next(c for c in clients if c.name == name)
+            # built before its time: a prompt of a thousand words takes about a millisecond to make,
+            # which would otherwise show as send lag
+            plan = RequestPlan(built=trace_prompt(entry, self.ctx.factory, endpoint=client.endpoint,
+                                                 seed=f"{seed}:{stage.index}"),
+                               prompt_tokens=entry.prompt_tokens, output_tokens=entry.output_tokens,
+                               source_index=entry.index, conversation_id=entry.session_id)
+            delay = t_intended - perf_counter()
+            if delay > 0:
+                gevent.sleep(delay)
+            if self.ctx.aborted:
+                return
+            spawn(self._one, stage, client, n, index, t_intended, None, "t", plan)
+
+    def _one(self, stage, client, n: int, index: int, t_intended: float, slots, tag: str = "o", plan=None) -> None:
         if slots is not None:
             slots.acquire()
         try:
-            rng = random.Random(f"{self.ctx.scenario.seed}:request:{stage.index}:{index}:{n}")
+            rng = random.Random(f"{self.ctx.scenario.seed}:request:{stage.index}:{index}:{n}"
+                                + ("" if tag == "o" else f":{tag}"))
             self._send_one(self.ctx, self.environment, stage=stage, client=client, rng=rng,
-                           request_id=f"{self.ctx.worker_id}-o{stage.index}-{n}",
-                           transport=self._transport(client, stage), t_intended_s=t_intended)
+                           request_id=f"{self.ctx.worker_id}-{tag}{stage.index}-{n}",
+                           transport=self._transport(client, stage), t_intended_s=t_intended, plan=plan)
         except gevent.GreenletExit:
             raise
         except Exception:  # a bug on our side: loud, and counted by Locust like a user's exception

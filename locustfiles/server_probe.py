@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from envelope.prompts import PromptFactory, TokenizerProbe, calibrate
-from envelope.scenario import Scenario, check_against_server
+from envelope.scenario import DatasetSource, Scenario, check_against_server
+from envelope.sources import dataset_entries
+from locustfiles.sources import MeasuredDataset, measure_dataset
 
-__all__ = ["ServerFacts", "probe_server"]
+__all__ = ["ServerFacts", "probe_server", "dataset_key"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +24,13 @@ class ServerFacts:
     max_model_len: int | None = None
     factory: PromptFactory | None = None
     problems: tuple[str, ...] = field(default_factory=tuple)
+    # the scenario's datasets measured with the server's tokenizer, by dataset_key()
+    datasets: dict[tuple, MeasuredDataset] = field(default_factory=dict)
+
+
+def dataset_key(source: DatasetSource, endpoint: str) -> tuple:
+    """Which measurement of a dataset a client uses: the same file is measured once per endpoint."""
+    return (source.path, source.format, source.limit, endpoint)
 
 
 def probe_server(host: str, *, headers: dict[str, str], model: str | None, scenario: Scenario,
@@ -61,9 +70,28 @@ def probe_server(host: str, *, headers: dict[str, str], model: str | None, scena
             r.raise_for_status()
             return r.json()
 
+        probe: TokenizerProbe | None = TokenizerProbe(post, model)
         try:
-            factory = calibrate(TokenizerProbe(post, model))
+            factory = calibrate(probe)
         except (httpx.HTTPError, KeyError, ValueError):
-            factory = calibrate(None)  # not vLLM: prompt lengths are estimates
-    problems = check_against_server(scenario, max_model_len=max_model_len) if max_model_len is not None else []
-    return ServerFacts(model=model, max_model_len=max_model_len, factory=factory, problems=tuple(problems))
+            factory, probe = calibrate(None), None  # not vLLM: prompt lengths are estimates
+        problems = check_against_server(scenario, max_model_len=max_model_len) if max_model_len is not None else []
+        datasets: dict[tuple, MeasuredDataset] = {}
+        for stage in scenario.resolve():
+            for c in stage.clients:
+                source = c.workload.dataset
+                if source is None or dataset_key(source, c.endpoint) in datasets:
+                    continue
+                try:
+                    measured = measure_dataset(source, dataset_entries(source), endpoint=c.endpoint,
+                                               workload=c.workload, probe=probe, max_model_len=max_model_len)
+                except httpx.HTTPError as exc:
+                    problems.append(f"{source.path}: could not measure its entries with the server's /tokenize "
+                                    f"({type(exc).__name__}: {exc})")
+                    continue
+                datasets[dataset_key(source, c.endpoint)] = measured
+                if not measured.usable:
+                    problems.append(f"{source.path}: none of its {measured.entries} entries fits the server's "
+                                    f"max_model_len {max_model_len} with its output")
+    return ServerFacts(model=model, max_model_len=max_model_len, factory=factory, problems=tuple(problems),
+                       datasets=datasets)

@@ -18,9 +18,11 @@ from locust import FastHttpUser, constant, task
 
 from envelope import metrics
 from envelope.records import ErrorCategory, RequestRecord
-from envelope.scenario import pick_client_name
+from envelope.scenario import assign_client
 from envelope.stream import StreamObserver
 from locustfiles.context import EnvelopeRun
+from locustfiles.open_loop import concurrency_share
+from locustfiles.sources import ConversationState, RequestPlan, dataset_prompt
 from locustfiles.transports import RequestSpec, stream_fasthttp, stream_openai
 
 __all__ = ["LLMUser", "LLMRequestError", "build_request", "send_one", "report"]
@@ -66,8 +68,10 @@ class LLMUser(FastHttpUser):
         self.ctx: EnvelopeRun = self.environment.envelope
         seq = next(_user_seq)
         self.user_id = f"{self.ctx.worker_id}/{seq}"
-        stage = self.ctx.stage
-        self.client_name = pick_client_name([(c.name, c.weight) for c in stage.clients], seq)
+        self.seq = seq
+        self._clients: dict[int, str | None] = {}  # stage index -> this user's class there
+        self.conversation: ConversationState | None = None
+        self._conversations = itertools.count()
         worker_index = getattr(self.environment.runner, "worker_index", 0) or 0
         self.rng = random.Random(f"{self.ctx.scenario.seed}:{worker_index}:{seq}")
         self._req_seq = itertools.count()
@@ -100,10 +104,21 @@ class LLMUser(FastHttpUser):
             # dispatcher: this user is about to be stopped and sends nothing more
             gevent.sleep(0.05)
             return
-        client = next((c for c in stage.clients if c.name == self.client_name), stage.clients[0])
+        client = self._client(stage)
+        if client is None:  # every class of this stage is at its quota: this user has nothing to send
+            gevent.sleep(0.25)
+            return
+        conv = client.workload.conversation
+        plan = on_answer = None
+        if conv is not None:
+            plan, on_answer = self._next_turn(client, conv)
+            if plan is None:
+                return
         record = send_one(self.ctx, self.environment, stage=stage, client=client, rng=self.rng,
                           request_id=f"{self.ctx.worker_id}-{next(self._req_seq)}-{id(self) & 0xFFFF:x}",
-                          transport=self._transport(client), user_id=self.user_id)
+                          transport=self._transport(client), user_id=self.user_id, plan=plan, on_answer=on_answer)
+        if conv is not None and conv.think_time_s and self.conversation is not None and record.ok:
+            gevent.sleep(conv.think_time_s)
         if record.error_category in UNREACHABLE:
             # Nothing is listening (the server died or restarts): retrying at once would write
             # thousands of identical records a second. Back off 50 ms, doubling to 1 s.
@@ -111,6 +126,42 @@ class LLMUser(FastHttpUser):
             gevent.sleep(self._backoff_s)
         else:
             self._backoff_s = 0.0
+
+    def _client(self, stage):
+        """This user's client class in ``stage``: weighted among the classes that share users, below their
+        ``max_concurrency`` quota (this process's share of it); None when all are full."""
+        index = stage.index
+        if index not in self._clients:
+            loop = self.ctx.open_loop
+            processes, rank = (loop.processes, loop.rank) if loop is not None else (1, 0)
+            classes = [(c.name, c.weight, concurrency_share(c.max_concurrency, processes, rank))
+                       for c in stage.clients if c.rate_per_s is None]
+            self._clients[index] = assign_client(classes, self.seq)
+        name = self._clients[index]
+        return None if name is None else next(c for c in stage.clients if c.name == name)
+
+    def _next_turn(self, client, conv):
+        """The next turn of this user's conversation (a new conversation when the last one ended)."""
+        ctx = self.ctx
+        state = self.conversation
+        if state is None or state.done or state.client != client.name:
+            turns = conv.turns if isinstance(conv.turns, int) else conv.turns.sample(self.rng)
+            state = self.conversation = ConversationState(
+                conversation_id=f"{self.user_id}/c{next(self._conversations)}", turns=turns, client=client.name)
+        plan = state.plan(client.workload, ctx.factory, self.rng, max_model_len=ctx.max_model_len,
+                          seed=ctx.scenario.seed)
+        if plan is None:  # the next turn would not fit the model's length: a new conversation starts
+            self.conversation = None
+            return None, None
+
+        def on_answer(record, sent, answer_text):
+            if record.ok:
+                state.answered(sent, answer_text=answer_text, answer_tokens=record.output_tokens,
+                               server_prompt_tokens=record.prompt_tokens, conv=conv, factory=ctx.factory, rng=self.rng)
+            else:  # a failed turn ends its conversation: the history would be wrong
+                self.conversation = None
+
+        return plan, on_answer
 
     def _transport(self, client):
         if client.transport == "openai":
@@ -120,30 +171,26 @@ class LLMUser(FastHttpUser):
         return lambda spec, obs: stream_fasthttp(pool, host, spec, obs)
 
 
-def build_request(ctx: EnvelopeRun, stage, client, rng: random.Random):
-    """The request body for one request of ``client`` in ``stage``: (spec, built prompt, prompt tokens, output tokens)."""
+def build_request(ctx: EnvelopeRun, stage, client, rng: random.Random, plan: RequestPlan | None = None):
+    """The request for one request of ``client`` in ``stage``: (spec, plan). Without a ``plan`` (a trace
+    entry or a conversation's turn), the workload's own: a dataset entry or a synthetic prompt."""
     workload = client.workload
     factory = ctx.factory
     if factory is None:
         raise RuntimeError("prompts were not calibrated: test_start did not run")
-    output_tokens = workload.sample_output_tokens(rng)
-    prompt_tokens = workload.sample_prompt_tokens(rng, max_model_len=ctx.max_model_len)
-    sys_prefix = None
-    if workload.system_prefix_tokens:
-        sys_prefix = factory.system_prefix(workload.system_prefix_tokens, ctx.scenario.seed)
+    if plan is None:
+        plan = _workload_plan(ctx, client, rng)
     body: dict = {"model": ctx.model, "stream": True,
                   "stream_options": {"include_usage": True, "continuous_usage_stats": True},
                   "temperature": workload.temperature}
+    built = plan.built
     if client.endpoint == "chat":
-        built = factory.chat(prompt_tokens, rng, system_prefix=sys_prefix,
-                             system_prefix_tokens=workload.system_prefix_tokens)
-        body["messages"] = built.messages
+        body["messages"] = built.messages if built.messages is not None else [{"role": "user", "content": built.text}]
         path = "/v1/chat/completions"
     else:
-        built = factory.completion(prompt_tokens, rng, system_prefix=sys_prefix,
-                                   system_prefix_tokens=workload.system_prefix_tokens)
-        body["prompt"] = built.text
+        body["prompt"] = built.text if built.text is not None else "\n".join(m["content"] for m in built.messages or ())
         path = "/v1/completions"
+    output_tokens = plan.output_tokens
     if output_tokens is not None:
         body["max_tokens"] = output_tokens
         if workload.fixed_output:
@@ -153,11 +200,30 @@ def build_request(ctx: EnvelopeRun, stage, client, rng: random.Random):
     spec = RequestSpec(path=path, body=body, headers=ctx.auth_headers(),
                        connect_timeout_s=timeouts.connect_s, first_token_timeout_s=timeouts.first_token_s,
                        total_timeout_s=timeouts.total_s)
-    return spec, built, prompt_tokens, output_tokens
+    return spec, plan
+
+
+def _workload_plan(ctx: EnvelopeRun, client, rng: random.Random) -> RequestPlan:
+    workload = client.workload
+    factory = ctx.factory
+    if workload.dataset is not None:
+        measured = ctx.dataset_sampler(workload.dataset, client.endpoint).next()
+        output = measured.output_tokens if measured.output_tokens is not None else workload.sample_output_tokens(rng)
+        return RequestPlan(built=dataset_prompt(measured, endpoint=client.endpoint), prompt_tokens=measured.prompt_tokens,
+                           output_tokens=output, source_index=measured.entry.index)
+    output_tokens = workload.sample_output_tokens(rng)
+    prompt_tokens = workload.sample_prompt_tokens(rng, max_model_len=ctx.max_model_len)
+    sys_prefix = None
+    if workload.system_prefix_tokens:
+        sys_prefix = factory.system_prefix(workload.system_prefix_tokens, ctx.scenario.seed)
+    build = factory.chat if client.endpoint == "chat" else factory.completion
+    built = build(prompt_tokens, rng, system_prefix=sys_prefix, system_prefix_tokens=workload.system_prefix_tokens)
+    return RequestPlan(built=built, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
 
 
 def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random, request_id: str,
-             transport, t_intended_s: float | None = None, user_id: str | None = None) -> RequestRecord:
+             transport, t_intended_s: float | None = None, user_id: str | None = None,
+             plan: RequestPlan | None = None, on_answer=None) -> RequestRecord:
     """Send one streamed request, write its record, report it to Locust; returns the record.
 
     ``transport(spec, observer) -> Outcome`` does the network part. ``t_intended_s``
@@ -176,10 +242,11 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     limitation: each process learns this on its own, so until a process has
     got usage from the server, its requests without usage are successes.
     """
-    spec, built, prompt_tokens, output_tokens = build_request(ctx, stage, client, rng)
+    spec, plan = build_request(ctx, stage, client, rng, plan)
     wall_start = time.time() + ctx.clock_offset_s  # on the master's clock (0 unless a worker)
     t_start = perf_counter()
-    obs = StreamObserver(t_start, keep_text=ctx.record_text)
+    # a conversation keeps the server's answer for its history (recorded only with --record-text)
+    obs = StreamObserver(t_start, keep_text=ctx.record_text or on_answer is not None)
     interrupt: BaseException | None = None
     ctx.in_flight += 1
     try:
@@ -201,6 +268,7 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     )
     if obs.usage_seen:
         ctx.server_gave_usage = True
+    answer_text = fields.pop("completion_text", None)
     record = RequestRecord(
         run_id=ctx.run_id,
         request_id=request_id,
@@ -216,15 +284,20 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
         t_intended_s=t_intended_s,
         t_start_s=t_start,
         t_first_byte_s=None if outcome is None else outcome.t_first_byte_s,
-        requested_prompt_tokens=prompt_tokens,
-        requested_output_tokens=output_tokens,
-        prompt_text=_prompt_text(built) if ctx.record_text else None,
-        completion_text=fields.pop("completion_text", None) if ctx.record_text else None,
-        **{k: v for k, v in fields.items() if k != "completion_text"},
+        source_index=plan.source_index,
+        conversation_id=plan.conversation_id,
+        turn_index=plan.turn_index,
+        requested_prompt_tokens=plan.prompt_tokens,
+        requested_output_tokens=plan.output_tokens,
+        prompt_text=_prompt_text(plan.built) if ctx.record_text else None,
+        completion_text=answer_text if ctx.record_text else None,
+        **fields,
     )
     ctx.record_writer().write(record)
     report(environment, record)
     ctx.note_result(record)
+    if on_answer is not None and interrupt is None:
+        on_answer(record, plan, answer_text)
     if interrupt is not None:
         raise interrupt
     return record

@@ -105,6 +105,27 @@ def test_bad_scenario_names_file_and_line(tmp_path, sim, text, pattern):
     assert served(url) == before, line
 
 
+@pytest.mark.parametrize("name, content, line, what", [
+    ("d.jsonl", '{"prompt": "hello"}\n{"prompt": ""}\n', 2, "prompt"),
+    ("d.json", '[{"conversations": [{"from": "human", "value": "hi"}]},\n {"conversations": [{"from": "human"}]}]\n',
+     2, "value"),
+    ("t.jsonl", '{"t_s": 0, "prompt_tokens": 8, "output_tokens": 4}\n{"t_s": -2, "prompt_tokens": 8, "output_tokens": 4}\n',
+     2, "negative"),
+    ("t.jsonl", "", 1, "empty"),
+])
+def test_bad_dataset_or_trace_file_names_its_line_before_any_load(tmp_path, sim, name, content, line, what):
+    url, key = sim
+    (tmp_path / name).write_text(content)
+    stage = ("{trace: {path: t.jsonl}}" if name.startswith("t")
+             else "{name: ds, users: 1, duration_s: 5, workload: {dataset: {path: %s}}}" % name)
+    path = scenario(tmp_path, GOOD.replace("      - {users: 2, duration_s: 5}\n", f"      - {stage}\n"))
+    before = served(url)
+    proc = envelope(tmp_path, "--scenario", str(path), "--host", url, key=key)
+    text = assert_one_line(proc, rf"^envelope: {re.escape(str(tmp_path / name))}:{line}: ", tmp_path)
+    assert what in text.lower(), text
+    assert served(url) == before
+
+
 def test_stage_longer_than_the_servers_max_model_len(tmp_path, sim):
     url, key = sim
     text = GOOD.replace("      - {users: 2, duration_s: 5}\n",

@@ -110,7 +110,7 @@ def test_load_scenario_accepts_text():
         ("{users: 2, duration_s: 10}", "{users: 2, duration_s: 0}",
          ":20: passes[1].stages[0].duration_s: Input should be greater than 0 (got 0)"),
         # missing users: blame the stage mapping
-        ("{users: 2, duration_s: 10}", "{duration_s: 10}", ":20: passes[1].stages[0]: a stage needs 'users' (closed loop) or 'rate_per_s' (open loop)"),
+        ("{users: 2, duration_s: 10}", "{duration_s: 10}", ":20: passes[1].stages[0]: a stage needs 'users' (closed loop), 'rate_per_s' (open loop) or 'trace'"),
         # open loop: both users and a rate, a zero rate, an unknown arrival, misplaced options
         ("{users: 2, duration_s: 10}", "{users: 2, rate_per_s: 3, duration_s: 10}",
          ":20: passes[1].stages[0].rate_per_s: a stage takes 'users' (closed loop) or 'rate_per_s' (open loop), not both"),

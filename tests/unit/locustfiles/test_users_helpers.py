@@ -90,6 +90,8 @@ def _send_one_categories(sends: list[tuple[str, bool]]) -> dict:
     code = textwrap.dedent(f"""
         import json
         from types import SimpleNamespace
+        from envelope.prompts import BuiltPrompt
+        from locustfiles.sources import RequestPlan
         import locustfiles.users as users
         from locustfiles.transports import Outcome, RequestSpec
 
@@ -115,7 +117,7 @@ def _send_one_categories(sends: list[tuple[str, bool]]) -> dict:
                 body["stream_options"] = {{"include_usage": True, "continuous_usage_stats": True}}
             spec = RequestSpec(path="/v1/chat/completions", body=body, headers={{}}, connect_timeout_s=1,
                                first_token_timeout_s=1, total_timeout_s=1)
-            users.build_request = lambda *a, spec=spec: (spec, SimpleNamespace(messages=[], text=None), 10, 2)
+            users.build_request = lambda *a, spec=spec: (spec, RequestPlan(built=BuiltPrompt(messages=[], text=None, target_tokens=10), prompt_tokens=10, output_tokens=2))
 
             def transport(spec, obs, events=STREAMS[stream]):
                 for i, payload in enumerate(events):
@@ -157,6 +159,8 @@ def test_an_interrupt_mid_request_is_recorded_then_goes_on():
     code = textwrap.dedent("""
         import json
         from types import SimpleNamespace
+        from envelope.prompts import BuiltPrompt
+        from locustfiles.sources import RequestPlan
         import gevent
         import locustfiles.users as users
         from locustfiles.transports import RequestSpec
@@ -168,7 +172,7 @@ def test_an_interrupt_mid_request_is_recorded_then_goes_on():
         environment = SimpleNamespace(events=SimpleNamespace(request=SimpleNamespace(fire=lambda **kw: None)))
         spec = RequestSpec(path="/v1/chat/completions", body={"model": "m", "stream": True, "messages": []},
                            headers={}, connect_timeout_s=1, first_token_timeout_s=1, total_timeout_s=1)
-        users.build_request = lambda *a: (spec, SimpleNamespace(messages=[], text=None), 10, 2)
+        users.build_request = lambda *a: (spec, RequestPlan(built=BuiltPrompt(messages=[], text=None, target_tokens=10), prompt_tokens=10, output_tokens=2))
         raised = []
         for exc in (KeyboardInterrupt(), SystemExit(130), gevent.GreenletExit()):
             def transport(spec, obs, exc=exc):

@@ -1,0 +1,107 @@
+"""Trace replay through our real locustfile against the simulator, whose truth says what was sent.
+
+A 60-request Mooncake-format trace (12 s as recorded) is replayed at speedup 1 and 4.
+Every request must leave within 5 ms p99 of its scheduled time on an idle client, the
+simulator must have received the prompt and output lengths the trace asked for, and
+entries that share leading ``hash_ids`` must share exactly those 512-token blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import httpx
+import numpy as np
+import pytest
+
+from analysis.load import load_run
+from analysis.table import envelope_table
+from helpers.locust_runs import records, run_locust
+
+pytestmark = [pytest.mark.slow]
+
+BLOCK = 512
+
+
+def _trace(path) -> list[dict]:
+    """60 requests over 12 s; four document families share 1 or 2 leading blocks."""
+    rng = random.Random(7)
+    families = [[0], [1, 2], [3], [4, 5]]
+    next_block = 100
+    rows, t_ms = [], 0.0
+    for i in range(60):
+        shared = families[i % 4] if i % 5 else []  # every fifth request shares nothing
+        unique = rng.randint(1, 2)
+        blocks = shared + list(range(next_block, next_block + unique))
+        next_block += unique
+        length = BLOCK * (len(blocks) - 1) + rng.randint(64, BLOCK)
+        rows.append({"timestamp": round(t_ms), "input_length": length, "output_length": rng.randint(4, 16),
+                     "hash_ids": blocks})
+        t_ms += rng.expovariate(59 / 12.0) * 1000  # about 12 s in all
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _scenario(tmp_path, trace_path):
+    path = tmp_path / "replay.yaml"
+    path.write_text(
+        "name: replay\n"
+        "record_text: true\n"
+        "defaults:\n"
+        "  workload: {fixed_output: true}\n"
+        "  timeouts: {connect_s: 5, first_token_s: 10, total_s: 30}\n"
+        "passes:\n"
+        "  - name: replay\n"
+        "    stages:\n"
+        f"      - {{name: x1, trace: {{path: {trace_path.name}, format: mooncake, speedup: 1}}}}\n"
+        f"      - {{name: x4, trace: {{path: {trace_path.name}, format: mooncake, speedup: 4}}}}\n")
+    return path
+
+
+def test_a_trace_is_replayed_on_time_with_its_lengths_and_shared_prefixes(start_sim, tmp_path):
+    rows = _trace(tmp_path / "trace.jsonl")
+    url = start_sim(ttft_s=0.02, itl_s=0.002, max_model_len=4096)
+    run_dir = tmp_path / "run"
+    proc = run_locust(url, None, _scenario(tmp_path, tmp_path / "trace.jsonl"), run_dir, timeout_s=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    recs = records(run_dir)
+    assert Counter(r["stage_name"] for r in recs) == {"x1": 60, "x4": 60}
+    assert all(r["error_category"] is None for r in recs)
+
+    # on time: send lag (actual send minus schedule), from the records and as the table reports it
+    table = {r.stage_name: r for r in envelope_table(load_run(run_dir))}
+    for stage in ("x1", "x4"):
+        lag_ms = np.array([(r["t_start_s"] - r["t_intended_s"]) * 1000 for r in recs if r["stage_name"] == stage])
+        assert np.percentile(lag_ms, 99) <= 5.0, (stage, np.percentile(lag_ms, [50, 99]))
+        assert table[stage].open_loop.send_lag_p99_ms is not None and table[stage].open_loop.send_lag_p99_ms <= 5.0
+    # the schedule itself: gaps as recorded, then a quarter of them
+    for stage, speed in (("x1", 1.0), ("x4", 4.0)):
+        mine = sorted((r for r in recs if r["stage_name"] == stage), key=lambda r: r["source_index"])
+        intended = np.array([r["t_intended_s"] for r in mine])
+        written = np.array([rows[r["source_index"]]["timestamp"] / 1000.0 for r in mine]) / speed
+        assert np.allclose(intended - intended[0], written - written[0], atol=1e-6)
+
+    # the server got the lengths the trace asked for (the simulator's own count of each request)
+    truth = httpx.get(f"{url}/sim/truth?since=0", timeout=10).json()
+    asked = Counter((row["input_length"], row["output_length"]) for row in rows)
+    got = Counter((t["prompt_tokens"], t["tokens_sent"]) for t in truth)
+    assert got == asked + asked
+    assert all(r["prompt_tokens"] == rows[r["source_index"]]["input_length"] for r in recs)
+
+    # shared hash_ids, shared prefix: exactly the shared blocks' words, and the next block differs
+    words = {r["source_index"]: r["prompt_text"].split() for r in recs if r["stage_name"] == "x1"}
+    for a in range(60):
+        for b in range(a + 1, 60):
+            ids_a, ids_b = rows[a]["hash_ids"], rows[b]["hash_ids"]
+            k = 0
+            while k < min(len(ids_a), len(ids_b)) and ids_a[k] == ids_b[k]:
+                k += 1
+            wa, wb = words[a], words[b]
+            shared = min(k * BLOCK, len(wa), len(wb))
+            assert wa[:shared] == wb[:shared], (a, b, k)
+            if k * BLOCK < min(len(wa), len(wb)):
+                end = min(len(wa), len(wb), (k + 1) * BLOCK)
+                assert wa[k * BLOCK:end] != wb[k * BLOCK:end], (a, b, k)
