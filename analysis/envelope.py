@@ -37,6 +37,7 @@ __all__ = [
     "find_envelope",
     "find_envelopes",
     "envelope_sentence",
+    "broke_text",
     "level_text",
     "flagged_caveat",
     "server_evidence",
@@ -221,7 +222,7 @@ def _sentence(finding: EnvelopeFinding) -> str:
         return text
     broke = f.broke_row
     assert broke is not None  # broke / none_pass
-    what = _broke_text(f)
+    what = broke_text(f)
     if f.status == "none_pass":
         text = f"No tested concurrency met every SLO{workload}: at the lowest, {level_text(broke)}, {what}"
     else:
@@ -241,7 +242,8 @@ def _sentence(finding: EnvelopeFinding) -> str:
 # --- pieces -----------------------------------------------------------------
 
 
-def _broke_text(f: EnvelopeFinding) -> str:
+def broke_text(f: EnvelopeFinding) -> str:
+    """What broke at ``f``'s broke row, why, and the evidence, ending ``...: TTFT broke first.``"""
     slo = f.broke_slo
     key = slo.key if slo is not None else ""
     measured = slo.measured if slo is not None else None

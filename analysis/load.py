@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -29,6 +29,7 @@ from envelope import metrics
 from envelope.records import iter_record_files, read_records
 from envelope.rundir import RunInfo
 from envelope.search_log import SearchEntry, read_search_log
+from envelope.source_log import SourceEntry, read_source_log
 from envelope.stages import StageKind, StageRecord, StagesFileError, read_stages
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "run_start_unix_s",
     "completeness",
     "BATCH_RECORDS",
+    "ORIGIN_COLUMNS",
 ]
 
 BATCH_RECORDS = 20_000  # records per per_request_frame call: bounds the dicts held at once
@@ -89,6 +91,7 @@ class Run:
     placement_tolerance_s: float = PLACEMENT_SLACK_S
     records_outside_stage: int = 0
     searches: list[SearchEntry] = field(default_factory=list)  # search.json: the search passes as they ran
+    sources: list[SourceEntry] = field(default_factory=list)  # sources.json: dataset and trace files drawn from
 
     @property
     def name(self) -> str:
@@ -167,6 +170,7 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
         placement_tolerance_s=tolerance_s,
         records_outside_stage=outside,
         searches=searches,
+        sources=read_source_log(root),
     )
 
 
@@ -183,6 +187,7 @@ def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECO
         frame = metrics.per_request_frame(batch)
         if len(frame) != len(batch):  # the flat arrays rely on one row per record, in order
             raise RunDirError("per_request_frame did not return one row per record")
+        _add_origin_columns(frame, batch)
         e2e_ms = frame["e2e_ms"].to_numpy(dtype=float, na_value=np.nan)
         itl_counts = np.empty(len(batch), dtype=np.int64)
         offs: list[float] = []
@@ -210,6 +215,7 @@ def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECO
         frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     else:
         frame = metrics.per_request_frame([])
+        _add_origin_columns(frame, [])
         frame["in_flight_end_unix_s"] = pd.Series(dtype=float)
     del frames[:]
     # Concatenate one array at a time and drop its parts at once, so the peak holds
@@ -223,6 +229,24 @@ def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECO
         "chunk_counts": _cat(chunk_count_parts, np.int64),
         "token_audit": audit.result(),
     }
+
+
+ORIGIN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("source_index", "Int64"), ("conversation_id", "object"), ("turn_index", "Int64"))
+"""Where a request came from (dataset entry, conversation and turn): frame columns beside
+``per_request_frame``'s, None/NA for synthetic workloads and records written before they existed."""
+
+
+def _add_origin_columns(frame: pd.DataFrame, batch: Sequence[Mapping]) -> None:
+    for name, dtype in ORIGIN_COLUMNS:
+        if name in frame.columns:
+            continue
+        values = [rec.get(name) for rec in batch]
+        if dtype == "Int64":
+            values = [v if isinstance(v, int) and not isinstance(v, bool) else None for v in values]
+        else:
+            values = [None if v is None else str(v) for v in values]
+        frame[name] = pd.array(values, dtype=dtype)
 
 
 def _objects(records: Iterable[Any], skipped: list[str]) -> Iterator[Mapping]:

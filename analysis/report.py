@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from analysis import broke
+from analysis import clients as cl
 from analysis import envelope as env
 from analysis import failures as fail
 from analysis import plots
@@ -31,18 +32,23 @@ from analysis.common import METRIC_NAMES, adaptive_percent, finite, percent, spl
 from analysis.envelope_graph import plot_envelope
 from analysis.search import SearchFinding, search_findings, workload_knees
 from analysis.load import Completeness, completeness, run_start_unix_s
-from analysis.rows import TableRow
+from analysis.rows import ClientRow, TableRow
+from analysis.sources import SOURCES_NOTE, source_table
 from analysis.table import (
     SERVER_STOPPED_CELL,
     WindowRule,
+    client_table,
     envelope_table,
     format_cell,
     MARKDOWN_COLUMNS,
     slo_summary,
     table_totals,
+    window_samples,
+    write_client_csv,
     write_table_csv,
     write_table_markdown,
 )
+from analysis.turns import TurnRow, has_turns, turn_lines, turn_summary_table, turn_table, write_turns_csv
 
 __all__ = ["write_report", "render_figure_png", "summary_lines", "summary_table", "envelope_graph_name",
            "DATA_NOTE", "SUMMARY_COLUMNS"]
@@ -71,6 +77,9 @@ def render_figure_png(draw: Callable[[Any], None], *, ncols: int = 1, nrows: int
 def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule(),
                  rows: Sequence[TableRow] | None = None) -> dict[str, Path]:
     """Write the report files of ``run`` (an :class:`analysis.load.Run`) into ``out_dir``.
+
+    Always table.csv/.md, failures.csv, the graphs, envelope.md and envelope.html; clients.csv when the
+    records name more than one client class, turns.csv when they carry conversation turns.
 
     ``rows``: the envelope table already computed with the same ``rule`` (computed here when omitted).
     """
@@ -106,8 +115,19 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     with open(out / "failures.csv", "w", encoding="utf-8", newline="") as fh:
         fail.write_failures_csv(extra.failures, fh)
     written["failures.csv"] = out / "failures.csv"
+    # per client class and per conversation turn: only for runs whose records have them
+    clients = client_table(run, rule=rule, rows=rows)
+    if clients:
+        with open(out / "clients.csv", "w", encoding="utf-8", newline="") as fh:
+            write_client_csv(clients, fh)
+        written["clients.csv"] = out / "clients.csv"
+    turns = turn_table(run.frame, window_samples(run, rule=rule)) if has_turns(run.frame) else []
+    if turns:
+        with open(out / "turns.csv", "w", encoding="utf-8", newline="") as fh:
+            write_turns_csv(turns, fh)
+        written["turns.csv"] = out / "turns.csv"
     document = _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check, extra,
-                         searches=searches)
+                         searches=searches, clients=clients, turns=turns)
     (out / "envelope.md").write_text(document, encoding="utf-8")
     written["envelope.md"] = out / "envelope.md"
     page = render.markdown_page(document, title=_title(run, extra), marks=_marks(),
@@ -298,9 +318,9 @@ def _method_notes(rule: WindowRule, totals: Mapping[str, Any], rows: Sequence[Ta
         "requests/s: divided by the good requests' mean length), so with every request good it equals throughput. A search probe's window opens after the search's "
         "settle time and counts only the requests that ended inside the probe, less those sent in its last "
         "stretch (as long as its p95 request), exactly as the search judged it live.",
-        f"Load-generator stalls: each record carries the longest stall of its process's event loop during "
-        f"it; a stage is flagged only when the requests a stall over 50 ms touched can move a reported "
-        f"percentile (over 5% of them for p95, 1% for p99, or a shift of more than 10% without them).",
+        "Load-generator stalls: each record carries the longest stall of its process's event loop during "
+        "it; a stage is flagged only when the requests a stall over 50 ms touched can move a reported "
+        "percentile (over 5% of them for p95, 1% for p99, or a shift of more than 10% without them).",
         "Latency percentiles, request and error counts: requests of the stage that started inside "
         "the window (latencies over successful requests only).",
         "Aggregate output tokens/s: tokens of successful requests whose content chunks arrived inside "
@@ -363,6 +383,21 @@ _TABLE = "Table"
 _SUMMARY = "Summary"
 _RUN = "Run"
 _SEARCH = "Search: how the boundary was found"
+_SOURCES = "Workload sources"
+_CLIENTS = "Per client class"
+_CLASSES = "Client classes"
+_TURNS = "By conversation turn"
+CLIENTS_NOTE = (
+    "Each client class's row is cut like the table's (the same steady-state window) from that class's "
+    "requests only, and judged against the class's own SLOs (the stage's where it has none of its own). "
+    "Load is the stage's in all; \"its users\" counts the distinct users that sent the class's requests."
+)
+TURNS_NOTE = (
+    "Requests that started in each stage's steady-state window (as the table), by their turn in the "
+    "conversation (turn 1 is a conversation's first request); TTFT over the successful ones (n), prompt tokens "
+    "as the server counted them. A later turn's prompt holds the turns before it: the server's prefix cache "
+    "may serve that history."
+)
 SEARCH_NOTE = (
     "Each probe is an ordinary stage. Its attainment here is over the stage's steady-state window (the "
     "table's), with its 95% Wilson interval; the verdict is this probe's alone (the answer pools the probes "
@@ -438,7 +473,8 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
               sentences: Sequence[tuple[str, str, Any]], notes: Sequence[str],
               rows: Sequence[TableRow], first: broke.BrokeFirst | None = None,
               check: broke.TokenCrossCheck | None = None, extra: _Extra | None = None, *,
-              searches: Sequence[SearchFinding] = ()) -> str:
+              searches: Sequence[SearchFinding] = (), clients: Sequence[ClientRow] = (),
+              turns: Sequence[TurnRow] = ()) -> str:
     # The first screen answers the question: the envelope in words, its graph, a compact table;
     # then what the run was, and the detail.
     parts = [f"# {_md_escape(_title(run, extra))}\n"]
@@ -449,6 +485,9 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append("No stages to analyse.\n")
     for name, sentence, _ in sentences:
         parts.append(f"**{_md_escape(name or 'run')}**: {_md_escape(sentence)}\n")
+    headline = cl.classes_headline(cl.client_findings(clients)) if clients else None
+    if headline:
+        parts.append(f"**{_CLASSES}**: {_md_escape(headline)} See {_CLIENTS}.\n")
     if first is not None:
         parts.append(f"**What broke first**: {_md_escape(first.sentence)}\n")
     envelope_graphs = [name for name in graphs if name.startswith("envelope_graph")]
@@ -457,6 +496,21 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
     if rows:
         parts.append(f"## {_SUMMARY}\n")
         parts.append(_md_table(summary_table(rows)) + "\n")
+    sources = getattr(run, "sources", None) or ()
+    if sources:
+        parts.append(f"## {_SOURCES}\n")
+        parts.append(_md_escape(SOURCES_NOTE) + "\n")
+        parts.append(_md_table(source_table(sources)) + "\n")
+    if clients:
+        parts.append(f"## {_CLIENTS}\n")
+        parts.append(_client_section(clients))
+    if turns:
+        parts.append(f"## {_TURNS}\n")
+        parts.append(_md_escape(TURNS_NOTE) + "\n")
+        parts.append(_md_table(turn_summary_table(turns)) + "\n")
+        lines = turn_lines(turns)
+        if lines:
+            parts.append("\n".join(f"- {_md_escape(line)}" for line in lines) + "\n")
     parts.append(f"## {_RUN}\n")
     parts += ["\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
     for finding in searches:
@@ -518,6 +572,20 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
     return "\n".join(parts)
 
 
+def _client_section(clients: Sequence[ClientRow]) -> str:
+    """The classes' table, one envelope sentence per class (and pass), and what one class did to another."""
+    parts = [_md_escape(CLIENTS_NOTE) + "\n", _md_table(cl.client_summary_table(clients)) + "\n"]
+    findings = cl.client_findings(clients)
+    several = len({f.pass_name for f in findings}) > 1
+    for found in findings:
+        where = f"(pass {found.pass_name}) " if several else ""
+        parts.append(_md_escape(where + cl.client_sentence(found)) + "\n")
+    interference = cl.find_interference(clients)
+    if interference:
+        parts.append("\n".join(f"- {_md_escape(cl.interference_sentence(i))}" for i in interference) + "\n")
+    return "\n".join(parts)
+
+
 SERVER_TIME = "Where the time goes (server-side, per stage)"
 SERVER_TIME_NOTE = (
     "From vLLM's own latency histograms: the difference between the last /metrics sample at or before "
@@ -538,20 +606,26 @@ def _server_latency_section(rows: Sequence[TableRow]) -> str | None:
 
     None when no stage has server latency histograms (a server without them, or no telemetry).
     """
-    if not any(_field(r, "server_requests_finished") is not None or _field(r, "server_ttft_mean_ms") is not None
-               for r in rows):
+    prefix = any(_field(r, "server_prefix_cache_queried_tokens") is not None for r in rows)
+    if not prefix and not any(_field(r, "server_requests_finished") is not None
+                              or _field(r, "server_ttft_mean_ms") is not None for r in rows):
         return None
 
     def diff(a: Any, b: Any) -> str:
         return _ms_text(float(a) - float(b)) if finite(a) and finite(b) else "-"
 
     parts = [_md_escape(SERVER_TIME_NOTE) + "\n"]
+    if prefix:
+        parts.append(_md_escape(PREFIX_CACHE_NOTE) + "\n")
     for r in rows:
         title = f"{_field(r, 'pass_name')} / {_field(r, 'stage_name')} ({env.level_text(r)})"
         parts.append(f"### {_md_escape(title)}\n")
         finished = _field(r, "server_requests_finished")
+        cache = _prefix_cache_line(r)
         if finished is None and _field(r, "server_ttft_mean_ms") is None:
             parts.append("No server latency histograms cover this window.\n")
+            if cache:
+                parts.append(_md_escape(cache) + "\n")
             continue
         table = [("ms", "client", "server", "client - server")]
         for metric, label in (("ttft", "TTFT"), ("e2e", "E2E")):
@@ -564,7 +638,27 @@ def _server_latency_section(rows: Sequence[TableRow]) -> str | None:
             table.append((f"{phase} mean", "-", _ms_text(_field(r, f"server_{phase}_mean_ms")), "-"))
         parts.append(_md_table(table) + "\n")
         parts.append(_md_escape(_server_latency_line(r)) + "\n")
+        if cache:
+            parts.append(_md_escape(cache) + "\n")
     return "\n".join(parts)
+
+
+PREFIX_CACHE_NOTE = (
+    "Prefix cache: the server's counters of prompt tokens looked up in its prefix cache and of those found "
+    "there (vllm:prefix_cache_queries and vllm:prefix_cache_hits), their differences over the same samples; "
+    "the hit rate is hits / lookups, in tokens."
+)
+
+
+def _prefix_cache_line(r: TableRow) -> str | None:
+    queried = _field(r, "server_prefix_cache_queried_tokens")
+    if queried is None:
+        return None
+    ratio = _field(r, "server_prefix_cache_hit_ratio")
+    if ratio is None:
+        return "Prefix cache: the server looked up no prompt token in the window."
+    return (f"Prefix cache: {percent(ratio, digits=1)} of the {queried:,.0f} prompt tokens the server looked up "
+            "were cache hits.")
 
 
 def _server_latency_line(r: TableRow) -> str:

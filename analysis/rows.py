@@ -41,6 +41,7 @@ __all__ = [
     "Trust",
     "SloVerdict",
     "TableRow",
+    "ClientRow",
     "TABLE_COLUMNS",
 ]
 
@@ -67,7 +68,12 @@ class SloResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StageWindow:
-    """Which stage, and its steady-state window (seconds from the run's start)."""
+    """Which stage, and its steady-state window (seconds from the run's start).
+
+    ``quota_mean_in_flight``: the part of ``mean_in_flight`` that was a client class's rate quota sent
+    beside a users stage's users (requests with an intended send time in a users stage); None when the
+    run has none.
+    """
 
     pass_name: str = ""
     stage_name: str = ""
@@ -80,6 +86,7 @@ class StageWindow:
     window_end_s: float = _NAN
     window_s: float = _NAN
     window_note: str = ""
+    quota_mean_in_flight: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,13 +162,22 @@ class OpenLoopCells:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerTelemetry:
-    """The server's ``/metrics`` over the window (None without samples in it)."""
+    """The server's ``/metrics`` over the window (None without samples in it).
+
+    ``server_prefix_cache_queried_tokens``/``server_prefix_cache_hit_ratio``: prompt tokens the
+    server looked up in its prefix cache over the window, and the share of them that were hits
+    (see :mod:`analysis.prefix_cache`: counter deltas between the last samples at or before the
+    window's edges, as for :class:`ServerLatency`); None without the counters, across a restart,
+    and (the ratio) when nothing was looked up.
+    """
 
     server_requests_running_mean: float | None = None
     server_requests_waiting_max: float | None = None
     server_kv_cache_usage_max_ratio: float | None = None
     server_preemptions: float | None = None
     server_output_tokens_per_s: float | None = None
+    server_prefix_cache_queried_tokens: float | None = None
+    server_prefix_cache_hit_ratio: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -345,6 +361,25 @@ class TableRow:
         return self.window.stage_index
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientRow:
+    """One client class in one stage: its own :class:`TableRow`, judged against its own SLOs.
+
+    ``row`` is cut with the stage row's machinery over the same steady-state window, from the class's
+    records only (``mean_in_flight``, throughput and goodput are the class's; the server's cells and
+    the load generator's trust are the stage's). ``client_users``: distinct user ids among the class's
+    records in the stage (None: none recorded, e.g. open loop). ``stage_clients``: every class that
+    sent requests in the stage, this one included. ``slos``: the SLOs the class was judged against
+    (its own from ``StageRecord.client_slos``, else the stage's).
+    """
+
+    client: str
+    client_users: int | None = None
+    stage_clients: tuple[str, ...] = ()
+    slos: Mapping[str, float] = field(default_factory=dict)
+    row: TableRow = field(default_factory=TableRow)
+
+
 TABLE_COLUMNS: tuple[str, ...] = (
     "pass_name", "stage_name", "stage_index", "kind", "target_users", "target_rate_per_s",
     "mean_in_flight", "window_start_s", "window_end_s", "window_s", "window_note",
@@ -370,5 +405,6 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "ttft_p95_unstalled_ms", "ttft_p99_unstalled_ms", "e2e_p95_unstalled_ms", "coalesced_chunk_share",
     "good_requests", "attainment", "attainment_low", "attainment_high", "attainment_target",
     "goodput_requests_per_s", "goodput_output_tokens_per_s", "over_capacity", "over_capacity_note",
+    "server_prefix_cache_queried_tokens", "server_prefix_cache_hit_ratio", "quota_mean_in_flight",
 )
 assert set(TABLE_COLUMNS) == set(_PART_OF), "every column is a field of exactly one part"

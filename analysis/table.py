@@ -22,6 +22,10 @@ Which requests count:
     * ``mean_in_flight``: time-weighted mean number of requests of any stage in
       flight during the window; a request is in flight from its start to the end
       of its E2E (success) or to ``t_done_s`` (failure).
+      ``quota_mean_in_flight`` is the part of it that a client class's rate
+      quota sent beside a users stage's users (requests with an intended send
+      time in a users stage); the in-flight rules (a window that waits for a
+      step down to drain, the flag for another stage's requests) count users only.
     * ``per_user_output_tokens_per_s`` = aggregate / mean_in_flight: the output
       rate one in-flight request sees (with no think time, the rate per user).
     * ``server_stopped``: the server stopped answering during this stage or
@@ -30,6 +34,11 @@ Which requests count:
     * ``load_generators_ended``: load-generator workers lost or left during
       the stage (see :mod:`analysis.workers`); their load was not replaced
       until the next stage, so such a stage is not trustworthy.
+
+Per client class (:func:`client_table`, runs whose records name more than one
+class): the same window and rules over one class's records only, judged
+against that class's SLOs; the server's cells and the load generator's trust
+are the stage's.
 """
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ from analysis.failures import run_server_stop
 from analysis.saturation import over_capacity
 from analysis.load import run_start_unix_s
 from analysis.server_latency import server_latency, window_deltas
+from analysis.prefix_cache import prefix_cache_counters, prefix_cache_window
 from analysis.rows import (
+    ClientRow,
     LATENCY_METRICS,
     PERCENTILES,
     TABLE_COLUMNS,
@@ -85,6 +96,9 @@ __all__ = [
     "SloResult",
     "steady_window",
     "envelope_table",
+    "client_table",
+    "WindowSample",
+    "window_samples",
     "evaluate_slos",
     "trust_reasons",
     "stalls_matter",
@@ -92,6 +106,9 @@ __all__ = [
     "table_totals",
     "write_table_csv",
     "write_table_markdown",
+    "markdown_columns",
+    "write_client_csv",
+    "CLIENT_CSV_COLUMNS",
     "row_cell",
     "SERVER_STOPPED_CELL",
 ]
@@ -160,16 +177,41 @@ class _Columns:
     stall_ms: np.ndarray  # the worst load-generator stall during each request (NaN: not recorded)
     flight_t: np.ndarray  # sorted start and end times of every request ...
     flight_n: np.ndarray  # ... and the requests in flight just after each of them
+    # a class's rate quota inside a users stage: requests sent on a schedule beside the users (see _quota)
+    quota: np.ndarray
+    users_flight_t: np.ndarray  # as flight_t/flight_n, less the quota requests
+    users_flight_n: np.ndarray
+
+    def subset(self, keep: np.ndarray, chunk_counts: np.ndarray) -> "_Columns":
+        """The same arrays for the records ``keep`` marks only (``chunk_counts``: each record's chunks)."""
+        itl_keep = np.repeat(keep, self.itl_counts)
+        chunk_keep = np.repeat(keep, chunk_counts)
+        start, end = self.start_unix_s[keep], self.end_unix_s[keep]
+        return _Columns(
+            stage_index=self.stage_index[keep], start_unix_s=start, end_unix_s=end, ok=self.ok[keep],
+            category=self.category[keep], output_tokens=self.output_tokens[keep],
+            prompt_tokens=self.prompt_tokens[keep],
+            latency_ms={m: v[keep] for m, v in self.latency_ms.items()}, send_lag_ms=self.send_lag_ms[keep],
+            from_intended_ms={c: v[keep] for c, v in self.from_intended_ms.items()},
+            itl_ms=self.itl_ms[itl_keep], itl_counts=self.itl_counts[keep],
+            chunk_unix_s=self.chunk_unix_s[chunk_keep], chunk_output_tokens=self.chunk_output_tokens[chunk_keep],
+            chunk_ok=self.chunk_ok[chunk_keep], user_id=self.user_id[keep], stall_ms=self.stall_ms[keep],
+            **_all_flight_steps(start, end, self.quota[keep]),
+        )
 
     @classmethod
     def of(cls, run: Any) -> "_Columns":
         frame: pd.DataFrame = run.frame
         n = len(frame)
         ok = frame["ok"].to_numpy(dtype=bool) if n else np.empty(0, dtype=bool)
+        stage_index = frame["stage_index"].to_numpy(dtype=float, na_value=np.nan) if n else np.empty(0)
+        start = frame["wall_start_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
+        end = frame["in_flight_end_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
+        quota = _quota(run.stages, stage_index, _num(frame, "send_lag_ms"))
         return cls(
-            stage_index=frame["stage_index"].to_numpy(dtype=float, na_value=np.nan) if n else np.empty(0),
-            start_unix_s=frame["wall_start_unix_s"].to_numpy(dtype=float) if n else np.empty(0),
-            end_unix_s=frame["in_flight_end_unix_s"].to_numpy(dtype=float) if n else np.empty(0),
+            stage_index=stage_index,
+            start_unix_s=start,
+            end_unix_s=end,
             ok=ok,
             category=frame["error_category"].to_numpy(dtype=object) if n else np.empty(0, dtype=object),
             output_tokens=_num(frame, "output_tokens"),
@@ -185,16 +227,28 @@ class _Columns:
             user_id=(frame["user_id"].to_numpy(dtype=object) if n and "user_id" in frame.columns
                      else np.full(n, None, dtype=object)),
             stall_ms=_num(frame, "client_stall_max_ms"),
-            **_in_flight_steps(frame),
+            **_all_flight_steps(start, end, quota),
         )
 
 
-def _in_flight_steps(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+def _quota(stages: Sequence[StageRecord], stage_index: np.ndarray, send_lag_ms: np.ndarray) -> np.ndarray:
+    """Requests of a users stage that were sent on a schedule (an intended send time): a class's rate quota
+    beside the users. They are in flight on top of the users, so the in-flight rules leave them out."""
+    closed = [s.stage_index for s in stages if not s.open_loop]
+    return ~np.isnan(send_lag_ms) & np.isin(stage_index, closed)
+
+
+def _all_flight_steps(starts: np.ndarray, ends: np.ndarray, quota: np.ndarray) -> dict[str, np.ndarray]:
+    """Every request in flight, and the same less the quota requests (the same arrays when there are none)."""
+    steps = _flight_steps(starts, ends)
+    users = _flight_steps(starts[~quota], ends[~quota]) if quota.any() else steps
+    return {**steps, "quota": quota, "users_flight_t": users["flight_t"], "users_flight_n": users["flight_n"]}
+
+
+def _flight_steps(starts: np.ndarray, ends: np.ndarray) -> dict[str, np.ndarray]:
     """Requests in flight as a step function: sorted event times and the count just after each."""
-    if not len(frame):
+    if not len(starts):
         return {"flight_t": np.empty(0), "flight_n": np.empty(0, dtype=np.int64)}
-    starts = frame["wall_start_unix_s"].to_numpy(dtype=float)
-    ends = frame["in_flight_end_unix_s"].to_numpy(dtype=float)
     t = np.concatenate([starts, ends])
     step = np.concatenate([np.ones(len(starts), dtype=np.int64), -np.ones(len(ends), dtype=np.int64)])
     order = np.lexsort((step, t))  # at one instant an end counts before a start
@@ -222,16 +276,118 @@ def envelope_table(run: Any, *, rule: WindowRule = WindowRule()) -> list[TableRo
     departing = _departing_requests(run.stages, cols)
     run_start = run_start_unix_s(run)
     endings = worker_endings(run, zero_unix_s=run_start)
+    telemetry = getattr(run, "telemetry", {}) or {}
+    return [_stage_row(plan, cols, telemetry, run_start=run_start, endings=endings, departing=departing)
+            for plan in _plans(run, cols, rule)]
+
+
+def client_table(run: Any, *, rule: WindowRule = WindowRule(),
+                 rows: Sequence[TableRow] | None = None) -> list[ClientRow]:
+    """One :class:`~analysis.rows.ClientRow` per (stage, client class), in stage then class order.
+
+    Empty unless the run's records name more than one client class; then every stage gets a row per
+    class that sent in it (a stage with one class too, so that a class measured alone can be set against
+    the same class measured beside others). Each row is cut as :func:`envelope_table` cuts the stage's
+    (the same window, the same rules) from that class's records only, and judged against the class's
+    SLOs (``StageRecord.client_slos``, else the stage's). ``rows``: the stage rows already computed with
+    the same ``rule`` (their trust and over-capacity verdicts are the classes'; computed when omitted).
+    """
+    frame = run.frame
+    if not len(frame) or "client" not in frame.columns:
+        return []
+    client = frame["client"].to_numpy(dtype=object)
+    named = np.array([isinstance(c, str) and c != "" for c in client], dtype=bool)
+    if len(set(client[named])) < 2:
+        return []
+    cols = _Columns.of(run)
+    departing = _departing_requests(run.stages, cols)
+    run_start = run_start_unix_s(run)
+    telemetry = getattr(run, "telemetry", {}) or {}
+    plans = _plans(run, cols, rule)
+    if rows is None:
+        endings = worker_endings(run, zero_unix_s=run_start)
+        rows = [_stage_row(plan, cols, telemetry, run_start=run_start, endings=endings, departing=departing)
+                for plan in plans]
+    by_stage = {r.stage_index: r for r in rows}
+    # each class's records, and the arrays cut down to them, once for every stage
+    classes = {name: named & (client == name) for name in sorted(set(client[named]))}
+    subsets = {name: cols.subset(keep, run.chunk_counts) for name, keep in classes.items()}
+    out: list[ClientRow] = []
+    for plan in plans:
+        stage = plan.stage
+        stage_row = by_stage.get(stage.stage_index)
+        mine = (cols.stage_index == stage.stage_index) & named & ~departing
+        present = tuple(sorted(set(client[mine])))
+        for name in present:
+            keep = classes[name]
+            slos = dict((stage.client_slos or {}).get(name, stage.slos))
+            trust = stage_row.trust if stage_row is not None else Trust()
+            row, _ = _window_row(plan, subsets[name], telemetry, run_start=run_start,
+                                 departing=departing[keep], slos=slos, trust=trust, client_ttft=False)
+            if stage_row is not None:
+                row = row.replace(over_capacity=stage_row.goodput.over_capacity,
+                                  over_capacity_note=stage_row.goodput.over_capacity_note)
+            results = tuple(evaluate_slos(row, slos))
+            users = {u for u in cols.user_id[mine & keep] if isinstance(u, str)}
+            out.append(ClientRow(client=str(name), client_users=len(users) or None, stage_clients=present,
+                                 slos=slos, row=row.replace(slo_results=results, slo_pass=_overall(results))))
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowSample:
+    """The records one stage's row counts, as boolean masks over ``run.frame``'s rows.
+
+    ``counted``: the stage's requests that started in its steady-state window, less cancelled ones and
+    those of departing users (the population of ``requests``); ``ok``: those that succeeded (the
+    population of the latency percentiles).
+    """
+
+    stage: StageRecord
+    counted: np.ndarray
+    ok: np.ndarray
+
+
+def window_samples(run: Any, *, rule: WindowRule = WindowRule()) -> list[WindowSample]:
+    """Per stage of ``run``, in stage order, the records :func:`envelope_table` counts in its row."""
+    cols = _Columns.of(run)
+    departing = _departing_requests(run.stages, cols)
+    out = []
+    for plan in _plans(run, cols, rule):
+        sel = _plan_select(plan, cols, departing)
+        out.append(WindowSample(stage=plan.stage, counted=sel.counted, ok=sel.ok))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _StagePlan:
+    """How one stage's row is cut: its window rule and window, whether it is a search probe, and whether
+    the server had stopped by then."""
+
+    stage: StageRecord
+    rule: WindowRule
+    probe: bool
+    server_stopped: bool
+    window_start_unix_s: float
+    window_end_unix_s: float
+    note: str
+    settled_unix_s: float | None
+
+
+def _plans(run: Any, cols: _Columns, rule: WindowRule) -> list[_StagePlan]:
     stop = run_server_stop(run) if len(run.frame) else None
     stopped_in = set(stop.affected_stage_indices) if stop is not None else set()
-    telemetry = getattr(run, "telemetry", {}) or {}
     probes = {entry.pass_name: _probe_rule(entry, rule) for entry in getattr(run, "searches", None) or ()}
-    return [_stage_row(stage, run, cols, telemetry, rule=_ramped(probes[stage.pass_name], stage)
-                       if stage.pass_name in probes else rule, run_start=run_start, endings=endings,
-                       departing=departing, probe=stage.pass_name in probes,
-                       # a stage the server died in (or after) measured the outage, not the envelope
-                       server_stopped=stage.stage_index in stopped_in)
-            for stage in run.stages]
+    plans = []
+    for stage in run.stages:
+        probe = stage.pass_name in probes
+        stage_rule = _ramped(probes[stage.pass_name], stage) if probe else rule
+        ws, we, note, settled = _stage_window(stage, cols, stage_rule)
+        # a stage the server died in (or after) measured the outage, not the envelope
+        plans.append(_StagePlan(stage=stage, rule=stage_rule, probe=probe,
+                                server_stopped=stage.stage_index in stopped_in, window_start_unix_s=ws,
+                                window_end_unix_s=we, note=note, settled_unix_s=settled))
+    return plans
 
 
 def _probe_rule(entry: Any, rule: WindowRule) -> WindowRule:
@@ -249,9 +405,8 @@ def _ramped(rule: WindowRule, stage: StageRecord) -> WindowRule:
     return WindowRule(settle_s=max(rule.settle_s - ramp, 0.0), min_window_s=min(rule.min_window_s, 2.0))
 
 
-def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[str, pd.DataFrame], *,
-               rule: WindowRule, run_start: float, endings: Sequence[Any], server_stopped: bool,
-               departing: np.ndarray, probe: bool = False) -> TableRow:
+def _stage_window(stage: StageRecord, cols: _Columns, rule: WindowRule) -> tuple[float, float, str, float | None]:
+    """``(start, end, note, settled)``: the steady window, opened later after a step down in users."""
     ws, we, note = steady_window(stage, rule=rule)
     settled = _settled_at(stage, cols) if not stage.derived else None
     if settled is not None and settled > ws:
@@ -263,13 +418,42 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
             note = "; ".join(filter(None, [note, f"in flight fell to {stage.target_users} only "
                                                  f"{max(we - settled, 0.0):.1f} s before the end"]))
             settled = None
-    # a search probe is short and the next one runs at another level: a request that ran past the probe's end
-    # measured that level too, so a probe counts only the requests that ended inside it (as its live judge did)
-    sel = _select(stage, cols, ws, we, departing,
-                  ended_by=float(stage.end_unix_s) if probe and stage.end_unix_s is not None else None)
-    window = _window(stage, cols, ws, we, note, run_start)
+    return ws, we, note, settled
+
+
+def _stage_row(plan: _StagePlan, cols: _Columns, telemetry: Mapping[str, pd.DataFrame], *,
+               run_start: float, endings: Sequence[Any], departing: np.ndarray) -> TableRow:
+    stage = plan.stage
+    ws, we = plan.window_start_unix_s, plan.window_end_unix_s
     host_cpu, saturated = _host_cells(telemetry, ws, we)
+    trust = Trust(host_cpu_max_core_ratio=host_cpu, client_saturated=saturated, server_stopped=plan.server_stopped,
+                  client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
+                  client_cpu_max_percent=stage.client_cpu_max_percent,
+                  load_generators_ended=tuple(stage_endings(endings, stage)))
+    row, sel = _window_row(plan, cols, telemetry, run_start=run_start, departing=departing, slos=stage.slos,
+                           trust=trust)
+    if stage.open_loop:
+        row = dataclasses.replace(row, goodput=dataclasses.replace(row.goodput, **_saturation(stage, cols, sel, ws, we)))
+    reasons = trust_reasons(row)
+    row = row.replace(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
+    results = tuple(evaluate_slos(row, stage.slos))
+    return row.replace(slo_results=results, slo_pass=_overall(results))
+
+
+def _window_row(plan: _StagePlan, cols: _Columns, telemetry: Mapping[str, pd.DataFrame], *, run_start: float,
+                departing: np.ndarray, slos: Mapping[str, Any], trust: Trust,
+                client_ttft: bool = True) -> tuple[TableRow, _Selection]:
+    """The row's cells from ``cols`` over the plan's window, SLO verdicts apart; and the selection.
+
+    ``client_ttft``: set the client's mean TTFT against the server's (False for a part of the requests:
+    the server's histograms hold them all).
+    """
+    stage = plan.stage
+    ws, we = plan.window_start_unix_s, plan.window_end_unix_s
+    sel = _plan_select(plan, cols, departing)
+    window = _window(stage, cols, ws, we, plan.note, run_start)
     latency = _latency(cols, sel)
+    settled = plan.settled_unix_s
     row = TableRow(
         window=window,
         counts=_counts(cols, sel),
@@ -277,20 +461,20 @@ def _stage_row(stage: StageRecord, run: Any, cols: _Columns, telemetry: Mapping[
         throughput=_throughput(cols, ws, we, window.mean_in_flight),
         open_loop=_open_loop(stage, cols, sel),
         server=_server_telemetry(telemetry, ws, we),
-        server_latency=_server_latency(telemetry, ws, we, latency.ttft_mean_ms),
+        server_latency=_server_latency(telemetry, ws, we, latency.ttft_mean_ms if client_ttft else float("nan")),
         integrity=_integrity(cols, sel, latency, settled_at_s=None if settled is None else settled - run_start),
-        trust=Trust(host_cpu_max_core_ratio=host_cpu, client_saturated=saturated, server_stopped=server_stopped,
-                    client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
-                    client_cpu_max_percent=stage.client_cpu_max_percent,
-                    load_generators_ended=tuple(stage_endings(endings, stage))),
+        trust=trust,
     )
-    row = dataclasses.replace(row, goodput=_goodput(stage, cols, sel, row.throughput.aggregate_output_tokens_per_s))
-    if stage.open_loop:
-        row = dataclasses.replace(row, goodput=dataclasses.replace(row.goodput, **_saturation(stage, cols, sel, ws, we)))
-    reasons = trust_reasons(row)
-    row = row.replace(trustworthy=not reasons, untrustworthy_reasons="; ".join(reasons))
-    results = tuple(evaluate_slos(row, stage.slos))
-    return row.replace(slo_results=results, slo_pass=_overall(results))
+    goodput = _goodput(stage, slos, cols, sel, row.throughput.aggregate_output_tokens_per_s)
+    return dataclasses.replace(row, goodput=goodput), sel
+
+
+def _plan_select(plan: _StagePlan, cols: _Columns, departing: np.ndarray) -> _Selection:
+    stage = plan.stage
+    # a search probe is short and the next one runs at another level: a request that ran past the probe's end
+    # measured that level too, so a probe counts only the requests that ended inside it (as its live judge did)
+    return _select(stage, cols, plan.window_start_unix_s, plan.window_end_unix_s, departing,
+                   ended_by=float(stage.end_unix_s) if plan.probe and stage.end_unix_s is not None else None)
 
 
 def _select(stage: StageRecord, cols: _Columns, ws: float, we: float, departing: np.ndarray, *,
@@ -351,17 +535,18 @@ def _departing_requests(stages: Sequence[StageRecord], cols: _Columns) -> np.nda
 def _settled_at(stage: StageRecord, cols: _Columns) -> float | None:
     """Closed loop: the first time from the stage's start at which requests in flight were at most its
     target users (its start when they already were); None for open loop or when they never fell."""
-    if stage.open_loop or not stage.target_users or not len(cols.flight_t):
+    flight_t, flight_n = cols.users_flight_t, cols.users_flight_n  # a rate quota's requests are not users'
+    if stage.open_loop or not stage.target_users or not len(flight_t):
         return None
     start = float(stage.start_unix_s)
-    i = int(np.searchsorted(cols.flight_t, start, side="right"))
-    before = int(cols.flight_n[i - 1]) if i > 0 else 0
+    i = int(np.searchsorted(flight_t, start, side="right"))
+    before = int(flight_n[i - 1]) if i > 0 else 0
     if before <= stage.target_users:
         return start
-    after = np.flatnonzero(cols.flight_n[i:] <= stage.target_users)
-    if not after.size or cols.flight_t[i + after[0]] > float(stage.end_unix_s):
+    after = np.flatnonzero(flight_n[i:] <= stage.target_users)
+    if not after.size or flight_t[i + after[0]] > float(stage.end_unix_s):
         return None
-    return float(cols.flight_t[i + after[0]])
+    return float(flight_t[i + after[0]])
 
 
 def _integrity(cols: _Columns, sel: _Selection, latency: LatencyPercentiles, *,
@@ -395,6 +580,8 @@ def _window(stage: StageRecord, cols: _Columns, ws: float, we: float, note: str,
         pass_name=stage.pass_name, stage_name=stage.stage_name, stage_index=stage.stage_index, kind=str(stage.kind),
         target_users=stage.target_users, target_rate_per_s=stage.target_rate_per_s,
         mean_in_flight=float(overlap.sum() / window_s) if window_s > 0 else float("nan"),
+        quota_mean_in_flight=(float(overlap[cols.quota].sum() / window_s) if window_s > 0 else float("nan"))
+        if cols.quota.any() else None,
         window_start_s=ws - run_start, window_end_s=we - run_start, window_s=window_s, window_note=note,
     )
 
@@ -429,15 +616,16 @@ def _latency(cols: _Columns, sel: _Selection) -> LatencyPercentiles:
     return LatencyPercentiles(**cells)
 
 
-def _goodput(stage: StageRecord, cols: _Columns, sel: _Selection, output_tokens_per_s: float) -> Goodput:
-    """Attainment of the stage's per-request thresholds over the window's requests, and goodput.
+def _goodput(stage: StageRecord, slos: Mapping[str, Any], cols: _Columns, sel: _Selection,
+             output_tokens_per_s: float) -> Goodput:
+    """Attainment of the per-request thresholds of ``slos`` over the window's requests, and goodput.
 
     Goodput is the window's output rate (tokens of chunks that arrived in it, as in the throughput
     column) times the share of the judged successful requests' output tokens that good requests
     produced, and that in requests at the good requests' mean length: so with every request good,
     goodput equals throughput exactly, rather than a second, noisier count of the same window.
     """
-    thresholds = thresholds_from_slos(stage.slos)
+    thresholds = thresholds_from_slos(slos)
     if not thresholds.any:
         return Goodput()
     ttft, e2e = cols.latency_ms["ttft"], cols.latency_ms["e2e"]
@@ -460,7 +648,7 @@ def _goodput(stage: StageRecord, cols: _Columns, sel: _Selection, output_tokens_
         attainment=share.share if judged else None,
         attainment_low=share.low if judged else None,
         attainment_high=share.high if judged else None,
-        attainment_target=attainment_target(stage.slos),
+        attainment_target=attainment_target(slos),
         goodput_requests_per_s=requests_per_s,
         goodput_output_tokens_per_s=tokens_per_s,
     )
@@ -540,9 +728,13 @@ def trust_reasons(row: TableRow) -> list[str]:
         if lag is not None and lag > CLIENT_LOOP_LAG_LIMIT_MS:
             reasons.append(f"load generator stalled up to {lag:.0f} ms "
                            "(latencies measured meanwhile are late by up to that)")
-    target, in_flight = row.window.target_users, row.window.mean_in_flight
+    target, in_flight, quota = row.window.target_users, row.window.mean_in_flight, row.window.quota_mean_in_flight
+    besides = ""
+    if quota:  # a class's rate quota sent beside the users: in flight on top of them
+        in_flight -= quota
+        besides = f" besides {quota:.2f} of rate quotas"
     if row.window.kind == "users" and target and in_flight > target + IN_FLIGHT_SLACK:
-        reasons.append(f"mean in flight {in_flight:.2f} exceeds the {target} users asked "
+        reasons.append(f"mean in flight {in_flight:.2f}{besides} exceeds the {target} users asked "
                        "(requests of another stage's users were still running)")
     reasons += [ending_reason(item) for item in trust.load_generators_ended]
     return reasons
@@ -653,19 +845,46 @@ MARKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
     ("tpot_p50_ms", "TPOT p50 ms"), ("itl_p95_ms", "ITL p95 ms"),
     ("e2e_p50_ms", "E2E p50 ms"), ("e2e_p95_ms", "E2E p95 ms"),
+    ("server_prefix_cache_hit_ratio", "prefix cache hits"),
     ("ok_requests", "n"), ("few_samples", "few-sample tails"), ("slo_pass", "SLOs"),
     ("achieved_rate_per_s", "req/s sent"), ("send_lag_p99_ms", "send lag p99 ms"),
     ("trustworthy", "load generator"),
 )
 
 
+# columns of MARKDOWN_COLUMNS left out when no row has a value (a server without the metric)
+OPTIONAL_MARKDOWN_COLUMNS = frozenset({"server_prefix_cache_hit_ratio"})
+
+
+def markdown_columns(rows: Sequence[TableRow]) -> tuple[tuple[str, str], ...]:
+    """:data:`MARKDOWN_COLUMNS` less the optional ones no row has a value for."""
+    return tuple((c, h) for c, h in MARKDOWN_COLUMNS
+                 if c not in OPTIONAL_MARKDOWN_COLUMNS or any(row.value(c) is not None for row in rows))
+
+
 def write_table_markdown(rows: Iterable[TableRow], sink: IO[str]) -> None:
     """Write the main columns of the table as a Markdown table to a text sink."""
-    sink.write("| " + " | ".join(h for _, h in MARKDOWN_COLUMNS) + " |\n")
-    sink.write("|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|\n")
+    rows = list(rows)
+    columns = markdown_columns(rows)
+    sink.write("| " + " | ".join(h for _, h in columns) + " |\n")
+    sink.write("|" + "|".join("---" for _ in columns) + "|\n")
     for row in rows:
-        cells = [row_cell(row, c).replace("|", "\\|") for c, _ in MARKDOWN_COLUMNS]
+        cells = [row_cell(row, c).replace("|", "\\|") for c, _ in columns]
         sink.write("| " + " | ".join(cells) + " |\n")
+
+
+CLIENT_CSV_COLUMNS: tuple[str, ...] = ("client", "client_users", "stage_clients", "client_slos", *TABLE_COLUMNS)
+"""The columns of ``clients.csv``: the class, its users, the stage's classes, its SLOs, then the table's."""
+
+
+def write_client_csv(rows: Iterable[ClientRow], sink: IO[str]) -> None:
+    """Write per-class rows as CSV to a text sink: the table's columns, led by the class's own."""
+    writer = csv.writer(sink, lineterminator="\n")
+    writer.writerow(CLIENT_CSV_COLUMNS)
+    for r in rows:
+        slos = "; ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in r.slos.items())
+        writer.writerow([r.client, "" if r.client_users is None else r.client_users, " ".join(r.stage_clients),
+                         slos, *(_csv_cell(c, r.row.value(c)) for c in TABLE_COLUMNS)])
 
 
 SERVER_STOPPED_CELL = "not judged: server stopped"
@@ -700,6 +919,8 @@ def format_cell(column: str, value: Any) -> str:
         return "-"
     if column == "error_rate":
         return f"{100 * value:.2f}%"
+    if column == "server_prefix_cache_hit_ratio":
+        return f"{100 * value:.1f}%"
     if isinstance(value, float):
         return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
     return str(value)
@@ -761,10 +982,16 @@ def _in_window(frame: pd.DataFrame | None, ws: float, we: float) -> pd.DataFrame
 
 
 def _server_telemetry(telemetry: Mapping[str, pd.DataFrame], ws: float, we: float) -> ServerTelemetry:
+    cells: dict[str, Any] = {}
+    # counter deltas between the last samples at or before the window's edges (as the latency histograms)
+    prefix = prefix_cache_window(*prefix_cache_counters(telemetry.get("metrics")), ws, we)
+    if prefix is not None:
+        cells.update(server_prefix_cache_queried_tokens=prefix.queried_tokens,
+                     server_prefix_cache_hit_ratio=prefix.hit_ratio)
     w = _in_window(telemetry.get("metrics"), ws, we)
     if w is None:
-        return ServerTelemetry()
-    cells: dict[str, Any] = {
+        return ServerTelemetry(**cells)
+    cells |= {
         "server_requests_running_mean": _col_stat(w, "requests_running", "mean"),
         "server_requests_waiting_max": _col_stat(w, "requests_waiting", "max"),
         "server_kv_cache_usage_max_ratio": _col_stat(w, "kv_cache_usage_ratio", "max"),
