@@ -158,6 +158,7 @@ class OpenLoopCells:
     ttft_from_intended_p50_ms: float | None = None
     ttft_from_intended_p95_ms: float | None = None
     e2e_from_intended_p95_ms: float | None = None
+    max_concurrency: int | None = None  # the stage's cap on requests in flight: waiting for a slot is send lag
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -406,5 +407,6 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "good_requests", "attainment", "attainment_low", "attainment_high", "attainment_target",
     "goodput_requests_per_s", "goodput_output_tokens_per_s", "over_capacity", "over_capacity_note",
     "server_prefix_cache_queried_tokens", "server_prefix_cache_hit_ratio", "quota_mean_in_flight",
+    "max_concurrency",
 )
 assert set(TABLE_COLUMNS) == set(_PART_OF), "every column is a field of exactly one part"

@@ -687,7 +687,7 @@ def _open_loop(stage: StageRecord, cols: _Columns, sel: _Selection) -> OpenLoopC
     """
     if not stage.open_loop or not len(cols.ok):
         return OpenLoopCells()
-    cells: dict[str, Any] = {}
+    cells: dict[str, Any] = {"max_concurrency": stage.max_concurrency}
     t0, t1 = float(stage.start_unix_s), float(stage.end_unix_s)
     if t1 > t0:
         cells["achieved_rate_per_s"] = metrics.achieved_send_rate_per_s(cols.start_unix_s[sel.mine], t0, t1)
@@ -711,6 +711,11 @@ def trust_reasons(row: TableRow) -> list[str]:
     if row.window.kind == "rate" and target and achieved is not None and achieved < target * (1 - RATE_SHORTFALL_LIMIT):
         reasons.append(f"sent {achieved:.3g} requests/s of the {target:.3g}/s asked "
                        f"({(1 - achieved / target) * 100:.0f}% short)")
+    lag = row.open_loop.send_lag_p99_ms
+    if row.window.kind == "rate" and row.open_loop.max_concurrency is None and lag is not None \
+            and lag > CLIENT_LOOP_LAG_LIMIT_MS:
+        reasons.append(f"sent late: send lag p99 {lag:.0f} ms, over the {CLIENT_LOOP_LAG_LIMIT_MS:.0f} ms a schedule "
+                       "allows (the load generator could not keep up with it)")
     trust = row.trust
     cpu = trust.client_cpu_max_percent
     if trust.client_saturated or (cpu is not None and cpu >= CLIENT_CPU_LIMIT_PERCENT):

@@ -48,6 +48,7 @@ def test_a_rate_stage_that_fell_behind_is_flagged_with_why(builders, tmp_path):
     assert row["trustworthy"] is False
     reasons = row["untrustworthy_reasons"]
     assert "sent 1.8 requests/s of the 2/s asked (10% short)" in reasons
+    assert "sent late: send lag p99 3000 ms, over the 50 ms a schedule allows" in reasons
     assert "CPU-saturated (97% of a core)" in reasons and "stalled up to 800 ms" in reasons
     sink = io.StringIO()
     write_table_markdown([row], sink)
@@ -61,6 +62,10 @@ def test_a_rate_stage_that_fell_behind_is_flagged_with_why(builders, tmp_path):
     ({"kind": "users", "client_loop_lag_max_ms": 51.0}, True),
     ({"kind": "users", "client_cpu_max_percent": 89.0}, False),
     ({"kind": "users", "client_saturated": True}, True),
+    # a replay (or any schedule) sent late beyond what a stall may explain: the client could not keep up
+    ({"kind": "rate", "send_lag_p99_ms": 50.0}, False),
+    ({"kind": "rate", "send_lag_p99_ms": 51.0}, True),
+    ({"kind": "rate", "send_lag_p99_ms": 900.0, "max_concurrency": 4}, False),  # waiting for a slot: by design
 ])
 def test_trust_rules(row, flagged):
     assert bool(trust_reasons(TableRow.from_cells(**row))) is flagged

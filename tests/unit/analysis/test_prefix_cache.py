@@ -79,7 +79,7 @@ def test_table_column_and_server_section(builders, tmp_path):
     assert row.server.server_prefix_cache_queried_tokens == pytest.approx(1300.0)
     assert row.server.server_prefix_cache_hit_ratio == pytest.approx(900.0 / 1300.0)
     # new columns go at the end of table.csv, so earlier columns keep their places
-    assert TABLE_COLUMNS[-3:-1] == ("server_prefix_cache_queried_tokens", "server_prefix_cache_hit_ratio")
+    assert TABLE_COLUMNS[-4:-2] == ("server_prefix_cache_queried_tokens", "server_prefix_cache_hit_ratio")
 
     out = tmp_path / "report"
     write_report(run, out)
