@@ -86,7 +86,7 @@ def test_table_column_and_server_section(builders, tmp_path):
     table_md = (out / "table.md").read_text(encoding="utf-8")
     assert "| prefix cache hits |" in table_md and "| 69.2% |" in table_md
     csv_text = (out / "table.csv").read_text(encoding="utf-8")
-    assert csv_text.splitlines()[1].endswith(",1300.0,0.692308,")
+    assert csv_text.splitlines()[1].endswith(",1300.0,0.692308,,")  # then the quota and cap columns, empty here
     md = (out / "envelope.md").read_text(encoding="utf-8")
     assert "Prefix cache: 69.2% of the 1,300 prompt tokens the server looked up were cache hits." in md
     assert "## Where the time goes (server-side, per stage)" in md  # shown for the counters alone
