@@ -20,6 +20,7 @@ import sys
 import time
 
 import gevent
+import greenlet
 from locust import LoadTestShape, events
 
 from envelope.config import ConfigError
@@ -189,8 +190,13 @@ def _on_init(environment, **_kw) -> None:
     _RUNS.append(ctx)
     if not ctx.is_worker:
         # Locust installs its SIGTERM handler only after a headless shape run ends; until then
-        # SIGTERM killed the process outright (no CSVs, run.json left "running"). Treat it as Ctrl-C.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # SIGTERM killed the process outright (no CSVs, run.json left "running"). Treat it as Ctrl-C,
+        # and deliver both to the main greenlet, where Locust catches KeyboardInterrupt and shuts
+        # down: Python's own handler raises it in whichever greenlet runs, and when that was a user
+        # the interrupt went through gevent's error report (a traceback in the log) to get there.
+        main = greenlet.getcurrent()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            gevent.signal_handler(sig, _interrupt, main)
     if ctx.manual:
         environment.shape_class = None
     _apply_stage_settings(environment, ctx)
@@ -211,6 +217,12 @@ def _on_init(environment, **_kw) -> None:
     if runner is not None and not ctx.is_worker:
         ctx.ensure_run_dir()
         ctx.write_run_json("running")
+
+
+def _interrupt(main) -> None:
+    """A SIGINT or SIGTERM: Ctrl-C in the main greenlet (this runs in a greenlet of its own)."""
+    if not main.dead:
+        main.throw(KeyboardInterrupt)
 
 
 def _apply_stage_settings(environment, ctx: EnvelopeRun) -> None:
