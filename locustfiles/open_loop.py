@@ -32,6 +32,22 @@ log = logging.getLogger("envelope")
 _MAX_CONNECTIONS = 100_000  # connections are opened on demand; this only removes the pool's own queue
 
 
+# gevent's timers wake up to about a millisecond late: a wait longer than this sleeps until this long
+# before its time, then yields until it (other greenlets run meanwhile; shorter gaps just sleep)
+_SPIN_S = 0.002
+
+
+def _wait_until(t: float) -> None:
+    """Until ``perf_counter()`` reaches ``t``: send lag then measures the client, not the timer."""
+    delay = t - perf_counter()
+    if delay > 2 * _SPIN_S:
+        gevent.sleep(delay - _SPIN_S)
+        while perf_counter() < t:
+            gevent.sleep(0)
+    elif delay > 0:
+        gevent.sleep(delay)
+
+
 def concurrency_share(cap: int | None, processes: int, index: int) -> int | None:
     """This process's part of a stage's ``max_concurrency`` (the parts add up to ``cap``)."""
     if cap is None:
@@ -123,9 +139,7 @@ class OpenLoop:
         spawn = self.requests.spawn
         for n, offset in enumerate(schedule):
             t_intended = t0 + offset
-            delay = t_intended - perf_counter()
-            if delay > 0:
-                gevent.sleep(delay)
+            _wait_until(t_intended)
             if self.ctx.aborted:
                 return
             name = pick_client_name(weights, n)
@@ -155,9 +169,7 @@ class OpenLoop:
                                                  seed=f"{seed}:{stage.index}"),
                                prompt_tokens=entry.prompt_tokens, output_tokens=entry.output_tokens,
                                source_index=entry.index, conversation_id=entry.session_id)
-            delay = t_intended - perf_counter()
-            if delay > 0:
-                gevent.sleep(delay)
+            _wait_until(t_intended)
             if self.ctx.aborted:
                 return
             spawn(self._one, stage, client, n, index, t_intended, None, "t", plan)
