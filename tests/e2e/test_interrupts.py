@@ -70,8 +70,24 @@ def long_scenario(tmp_path_factory) -> Path:
     return path
 
 
-def served(base_url: str) -> int:
-    return httpx.get(f"{base_url}/sim/faults", timeout=10).json()["requests"]
+def served(base_url: str, *, quiet_s: float = 1.0, timeout_s: float = 15.0) -> int:
+    """The simulator's request count once it has stopped moving for ``quiet_s``.
+
+    The tests share one simulator, and a request an interrupted client wrote just before it
+    died may be read by the simulator a moment later: counted then, it would land in the next
+    test's count (CI once saw 27 served against 26 records for that reason).
+    """
+    deadline = time.monotonic() + timeout_s
+    last = httpx.get(f"{base_url}/sim/faults", timeout=10).json()["requests"]
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = httpx.get(f"{base_url}/sim/faults", timeout=10).json()["requests"]
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet_s:
+            break
+    return last
 
 
 def child_env(key: str | None) -> dict[str, str]:
