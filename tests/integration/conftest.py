@@ -10,7 +10,8 @@ from helpers.locust_runs import REPO, generation_tokens_total, run_locust
 
 @pytest.fixture(scope="session")
 def capstone_run(vllm_server, tmp_path_factory):
-    """(run_dir, server_generation_tokens_delta) of ``scenarios/capstone.yaml --quick``, its fixed passes only.
+    """(run_dir, server_generation_tokens_delta) of ``scenarios/capstone.yaml`` at ``--duration-scale 0.25``
+    (stages of 20-30 s, to keep CI short), its fixed passes only.
 
     The server's ``/metrics`` is recorded to ``telemetry/metrics.jsonl`` meanwhile, every second, as
     ``envelope run`` does (no GPU or host streams: Locust runs here as a plain child process). The
@@ -30,7 +31,8 @@ def capstone_run(vllm_server, tmp_path_factory):
     before = generation_tokens_total(vllm_server.metrics_url)
     with TelemetryRecorder(run_dir / "telemetry", {"metrics": MetricsSampler(vllm_server.metrics_url)},
                            interval_s=1.0):
-        proc = run_locust(vllm_server.base_url, vllm_server.api_key.get(), fixed, run_dir, "--quick", timeout_s=900)
+        proc = run_locust(vllm_server.base_url, vllm_server.api_key.get(), fixed, run_dir, "--quick",
+                          "--duration-scale", "0.25", timeout_s=900)
     if proc.returncode != 0:
         pytest.fail(f"capstone run failed (exit {proc.returncode}): {proc.stderr[-3000:]}", pytrace=False)
     after = generation_tokens_total(vllm_server.metrics_url)
