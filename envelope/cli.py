@@ -3,6 +3,8 @@
     envelope run --scenario scenarios/capstone.yaml --profile cpu-tiny --quick
     envelope report RUN [--out DIR]          (analysis.cli; also python -m analysis RUN)
     envelope compare A B [--out DIR]         (analysis.cli; also python -m analysis --compare A B)
+    envelope sweep --scenario S --profile P --set KEY=V1,V2 | --configs FILE | --host URL --host URL
+                                             (envelope.sweep_cli: one run per server configuration)
     envelope server up|down|status|build-tiny-model   (server.cli; also python -m server)
     envelope sim [--port 0 ...]              (server.sim.cli; also python -m server.sim)
 
@@ -78,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                                                      description=analysis_cli.REPORT_DESCRIPTION))
     analysis_cli.add_compare_arguments(sub.add_parser("compare", help=analysis_cli.COMPARE_HELP,
                                                       description=analysis_cli.COMPARE_DESCRIPTION))
+    from envelope import sweep_cli
+
+    sweep_cli.add_sweep_arguments(sub.add_parser("sweep", help=sweep_cli.SWEEP_HELP,
+                                                 description=sweep_cli.SWEEP_DESCRIPTION))
     server_cli.add_arguments(sub.add_parser("server", help=server_cli.HELP, description=server_cli.DESCRIPTION))
     sim_cli.add_arguments(sub.add_parser("sim", help=sim_cli.HELP, description=sim_cli.DESCRIPTION))
     return p
@@ -105,6 +111,26 @@ def _add_run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--record-text", action="store_true",
                    help="store prompt and completion text in the records (off by default)")
     r.add_argument("--no-analysis", action="store_true", help="do not write the report at the end")
+    _add_cost_arguments(r)
+
+
+def _add_cost_arguments(r: argparse.ArgumentParser) -> None:
+    g = r.add_argument_group("cost and capacity (recorded in run.json; the report prices the run with them)")
+    g.add_argument("--usd-per-hour", type=float,
+                   help="what the server box costs per hour, in US dollars (default: the profile's usd_per_hour)")
+    g.add_argument("--power-w", type=float,
+                   help="the box's power draw in watts, for energy per token where NVML does not measure it")
+    g.add_argument("--target-users", type=float,
+                   help="plan capacity for this many concurrent users (default: 10x the tested boundary)")
+    g.add_argument("--target-rate", type=float,
+                   help="plan capacity for this many requests/s (default: 10x the tested boundary)")
+
+
+def _check_cost_arguments(args: argparse.Namespace) -> None:
+    for flag in ("usd_per_hour", "power_w", "target_users", "target_rate"):
+        value = getattr(args, flag, None)
+        if value is not None and not (value > 0 and value != float("inf")):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number (got {value:g})")
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -191,10 +217,13 @@ class _Plan:
     profile: Any = None
     api_key: Secret | None = None
     server_info: dict[str, Any] | None = None  # --host: the probe made while validating
+    run_name: str | None = None  # the run directory's name (default: <time>-<scenario>)
+    sweep: dict[str, Any] | None = None  # a sweep's configuration: recorded in run.json's options
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _validate(args: argparse.Namespace) -> _Plan:
+def _validate(args: argparse.Namespace, *, profile_override: Any = None) -> _Plan:
+    """Check everything before anything starts; ``profile_override``: a ready profile (a sweep's configuration)."""
     from envelope.scenario import load_scenario
 
     path = Path(args.scenario)
@@ -226,8 +255,9 @@ def _validate(args: argparse.Namespace) -> _Plan:
         raise UsageError(f"--host must be an http:// or https:// URL (got {args.host!r})")
     if args.api_key_env and args.api_key_file:
         raise UsageError("give at most one of --api-key-env and --api-key-file")
-    profile = None
-    if args.profile:
+    _check_cost_arguments(args)
+    profile = profile_override
+    if args.profile and profile is None:
         from server.profiles import load_profile
 
         try:
@@ -368,7 +398,7 @@ class _Runner:
     def create_run_dir(self) -> Path:
         out = Path(self.args.out)
         now = time.time()
-        base = run_dir_name(self.plan.scenario_name, now)
+        base = self.plan.run_name or run_dir_name(self.plan.scenario_name, now)
         try:
             out.mkdir(parents=True, exist_ok=True)
             run_dir = out / base
@@ -405,6 +435,11 @@ class _Runner:
                 "api_key_file": args.api_key_file,
                 "record_text": bool(args.record_text),
                 "no_analysis": bool(args.no_analysis),
+                "usd_per_hour": getattr(args, "usd_per_hour", None),
+                "power_w": getattr(args, "power_w", None),
+                "target_users": getattr(args, "target_users", None),
+                "target_rate_per_s": getattr(args, "target_rate", None),
+                **({"sweep": self.plan.sweep} if self.plan.sweep is not None else {}),
             },
             versions=tool_versions(),
             planned_stages=len(self.plan.planned_stages),
@@ -671,6 +706,10 @@ def _dispatch(args: argparse.Namespace, extra: list[str], *, out: TextIO, err: T
     if args.command == "run":
         plan = _validate(args)
         return _Runner(plan, out=out, err=err).run()
+    if args.command == "sweep":
+        from envelope.sweep_cli import run_sweep
+
+        return run_sweep(args, out=out, err=err)
     if args.command in ("report", "compare"):
         from analysis import cli as analysis_cli
 

@@ -99,6 +99,8 @@ def build_command(
         argv += ["--block-size", str(profile.block_size)]
     if profile.load_format is not None:
         argv += ["--load-format", profile.load_format]
+    if profile.enable_prefix_caching is not None:
+        argv.append("--enable-prefix-caching" if profile.enable_prefix_caching else "--no-enable-prefix-caching")
     argv += list(profile.extra_args) + list(extra_args)
     return argv
 
@@ -382,6 +384,10 @@ class VllmServer:
             "max_model_len": max_model_len,
             "dtype": profile.dtype,
             "max_num_seqs": profile.max_num_seqs,
+            "enable_prefix_caching": profile.enable_prefix_caching,
+            "extra_args": list(redact_argv(list(profile.extra_args), [self.api_key])),
+            "usd_per_hour": profile.usd_per_hour,
+            "power_w": profile.power_w,
             "kv_cache": {
                 "num_gpu_blocks_override": profile.num_gpu_blocks_override,
                 "block_size": profile.block_size,

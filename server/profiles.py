@@ -21,6 +21,8 @@ __all__ = [
     "available_profiles",
     "load_profile",
     "profiles_dir",
+    "with_overrides",
+    "override_flag",
 ]
 
 BUILTIN_TINY_QWEN3 = "tiny-qwen3"
@@ -51,12 +53,19 @@ class ServerProfile(StrictModel):
     block_size: int | None = Field(default=None, gt=0)
     cpu_kvcache_space_gib: float | None = Field(default=None, gt=0)
     load_format: str | None = None
+    # vLLM's automatic prefix caching: None leaves vLLM's default (on in vLLM 0.6+), True/False
+    # pass --enable-prefix-caching / --no-enable-prefix-caching
+    enable_prefix_caching: bool | None = None
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     health_timeout_s: float = Field(default=600.0, gt=0)
     # Nice value for every thread of vLLM's engine processes (server/cpu_arrangement.py),
     # so that the API server and the load generator are not starved on a small CPU box.
     engine_nice: int | None = Field(default=None, ge=0, le=19)
+    # What the box costs and draws, as the operator states them: the report prices each stage and plans
+    # capacity from usd_per_hour; power_w gives energy per token where NVML does not measure the GPUs.
+    usd_per_hour: float | None = Field(default=None, gt=0)
+    power_w: float | None = Field(default=None, gt=0)
 
     @field_validator("model")
     @classmethod
@@ -117,3 +126,51 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> ServerProfile:
         names = ", ".join(available_profiles()) or "(none)"
         raise ConfigError(f"unknown server profile {text!r}; available: {names} (or give a path to a .yaml file)")
     return load_yaml_model(path, ServerProfile)
+
+
+def override_flag(key: str, value: object) -> list[str]:
+    """vLLM's flag for a setting that is not a profile field: ``enable_chunked_prefill=false`` ->
+    ``--no-enable-chunked-prefill``, ``max_num_batched_tokens=2048`` -> ``--max-num-batched-tokens 2048``."""
+    flag = "--" + key.replace("_", "-")
+    if value is True:
+        return [flag]
+    if value is False:
+        return ["--no-" + flag[2:]]
+    if isinstance(value, (dict, list)):
+        import json
+
+        return [flag, json.dumps(value)]
+    return [flag, str(value)]
+
+
+def with_overrides(profile: ServerProfile, settings: dict[str, object], *, name: str | None = None) -> ServerProfile:
+    """``profile`` with ``settings`` applied: a profile field is set (and validated as in a file); any
+    other key becomes vLLM's flag for it (:func:`override_flag`), after the profile's own ``extra_args``.
+
+    Raises :class:`ConfigError` (one line naming the setting) for a value the field does not accept, or a
+    key that would carry the API key.
+    """
+    fields = set(ServerProfile.model_fields)
+    data = profile.model_dump()
+    extra = list(profile.extra_args)
+    for key, value in settings.items():
+        if key in ("name", "extra_args", "env"):
+            raise ConfigError(f"setting {key}: cannot be overridden in a sweep (write a profile file instead)")
+        if key in fields:
+            data[key] = value
+        else:
+            if key.replace("_", "-") == "api-key":
+                raise ConfigError("setting api_key: pass --api-key-env or --api-key-file, not a setting")
+            extra += override_flag(key, value)
+    data["extra_args"] = tuple(extra)
+    if name is not None:
+        data["name"] = name
+    try:
+        return ServerProfile.model_validate(data)
+    except ValueError as exc:  # pydantic's ValidationError: name the setting, one line
+        errors = getattr(exc, "errors", lambda: [])()
+        if errors:
+            first = errors[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "profile"
+            raise ConfigError(f"setting {where}={settings.get(where, '?')}: {first.get('msg')}") from None
+        raise ConfigError(f"settings {settings}: {exc}") from None

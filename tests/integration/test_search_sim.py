@@ -1,12 +1,12 @@
 """The SLO search through our real locustfile against simulated servers whose boundary is known.
 
-Two load models (see :class:`server.sim.SimConfig`): one where every output token
-slows as the batch grows (TPOT = itl_s x (1 + alpha x (running - 1)), so with
-``tpot_ms: 20.5`` 11 users pass at 20 ms and 12 fail at 21 ms), one where at most 6
-requests run and the rest wait for a slot (with ``ttft_ms: 100``, 6 users pass at
-30 ms and 7 users queue). The search must bracket that level, end by its own
-rules, log every probe as an ordinary stage, and name the cause from the server's
-own evidence.
+A load model where every output token slows as the batch grows (TPOT = itl_s x
+(1 + alpha x (running - 1)), so with ``tpot_ms: 20.5`` 11 users pass at 20 ms and
+12 fail at 21 ms; see :class:`server.sim.SimConfig`). The search must bracket that
+level, end by its own rules, log every probe as an ordinary stage, and name the
+cause from the server's own evidence. The other load model, a batch limit (requests
+beyond it wait for a slot: cause "queueing"), is searched at three limits by the
+sweep test (tests/integration/test_sweep_sim.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ CASES = {
     # name: (sim config, SLOs, first level, true boundary, cause)
     "decode": (dict(ttft_s=0.03, itl_s=0.01, itl_batch_alpha=0.1, batch_limit=64),
                "{tpot_ms: 20.5}", 4, 11, "decode_slowdown"),
-    "batch": (dict(ttft_s=0.03, itl_s=0.01, itl_batch_alpha=0.02, batch_limit=6),
-              "{ttft_ms: 100}", 4, 6, "queueing"),
 }
 
 

@@ -70,3 +70,49 @@ def test_missing_required_key(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
         load_profile(tmp_path / "nope.yaml")
+
+
+# --- a sweep's overrides (server.profiles.with_overrides) ---------------------------------------------
+
+from server.launcher import build_command  # noqa: E402
+from server.profiles import override_flag, with_overrides  # noqa: E402
+
+
+def test_an_override_of_a_profile_field_is_validated_like_the_file():
+    tiny = load_profile("cpu-tiny")
+    four = with_overrides(tiny, {"max_num_seqs": 4, "enable_prefix_caching": False})
+    assert (four.max_num_seqs, four.enable_prefix_caching, four.name) == (4, False, "cpu-tiny")
+    argv = build_command(four, model="/m", host="127.0.0.1", port=1)
+    assert argv[argv.index("--max-num-seqs") + 1] == "4"
+    assert "--no-enable-prefix-caching" in argv and "--enable-prefix-caching" not in argv
+    assert tiny.max_num_seqs == 16  # the base profile is untouched
+    with pytest.raises(ConfigError) as err:
+        with_overrides(tiny, {"max_num_seqs": 0})
+    assert str(err.value).startswith("setting max_num_seqs=0: ") and "\n" not in str(err.value)
+
+
+def test_a_setting_that_is_not_a_profile_field_becomes_vllms_flag_after_the_profiles_own():
+    base = load_profile("qwen3-8b")
+    p = with_overrides(base, {"max_num_batched_tokens": 2048, "enable_chunked_prefill": False,
+                              "speculative_config": {"method": "ngram", "num_speculative_tokens": 4}})
+    assert p.extra_args[: len(base.extra_args)] == base.extra_args
+    assert p.extra_args[len(base.extra_args):] == (
+        "--max-num-batched-tokens", "2048", "--no-enable-chunked-prefill",
+        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}')
+    assert override_flag("enforce_eager", True) == ["--enforce-eager"]
+
+
+@pytest.mark.parametrize("key", ["name", "env", "extra_args", "api_key"])
+def test_settings_that_a_sweep_may_not_change_are_refused_in_one_line(key):
+    with pytest.raises(ConfigError) as err:
+        with_overrides(load_profile("cpu-tiny"), {key: "x"})
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_price_and_power_are_profile_fields():
+    p = load_profile("cpu-tiny")
+    assert p.usd_per_hour is None and p.power_w is None
+    priced = with_overrides(p, {"usd_per_hour": 2.5, "power_w": 700})
+    assert (priced.usd_per_hour, priced.power_w) == (2.5, 700)
+    with pytest.raises(ConfigError):
+        with_overrides(p, {"usd_per_hour": -1})

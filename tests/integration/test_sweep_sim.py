@@ -1,0 +1,79 @@
+"""``envelope sweep`` over simulated servers whose boundary is known: the search finds each, and the sweep
+report ranks them.
+
+Three simulated servers differ only in their batch limit (4, 8, 16 requests at once; the rest wait for a
+slot). A request takes ~0.18 s (20 ms to the first token, then 32 tokens 5 ms apart). With TTFT <= 40 ms
+for 95% of requests as the SLO, B users pass (nobody waits) and B + 1 fail: every request then waits for
+the next of B running requests to end, over 20 ms for 15% of requests even at B = 16 ((1 - 20/180)^16). The sweep over them (``--host``, one configuration per server) must bracket each batch limit, find
+boundaries that grow with it, name the largest the best, and give throughput and cost there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers.locust_runs import REPO
+
+pytestmark = [pytest.mark.slow]
+
+SCENARIO = """\
+name: batch-limits
+defaults:
+  workload: {prompt_tokens: 32, output_tokens: 32, fixed_output: true}
+  timeouts: {connect_s: 5, first_token_s: 20, total_s: 30}
+  slos: {ttft_ms: 40}
+passes:
+  - name: find
+    search: {start: 2, growth: 2, max: 32, probe_s: 2, settle_s: 0.5, min_requests: 20, budget_s: 20}
+"""
+
+
+def test_a_sweep_over_batch_limits_finds_growing_boundaries_and_names_the_best(start_sim, tmp_path):
+    limits = (4, 8, 16)
+    urls = [start_sim(ttft_s=0.02, itl_s=0.005, batch_limit=b) for b in limits]
+    scenario = tmp_path / "limits.yaml"
+    scenario.write_text(SCENARIO)
+    out = tmp_path / "sweeps"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
+    argv = [sys.executable, "-m", "envelope.cli", "sweep", "--scenario", str(scenario), "--out", str(out),
+            "--usd-per-hour", "2.50"]
+    for u in urls:
+        argv += ["--host", u]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = out.iterdir()
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert doc["status"] == "complete"
+    assert [c["host"] for c in doc["configs"]] == urls
+    assert [c["status"] for c in doc["configs"]] == ["complete"] * 3
+
+    with open(sweep_dir / "sweep-table.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["configuration"] for r in rows] == urls
+    passed = [float(r["passed_level"]) for r in rows]
+    failed = [float(r["failed_level"]) for r in rows]
+    for limit, lo, hi, r in zip(limits, passed, failed, rows):
+        assert lo <= limit < hi, (limit, r)  # the bracket holds the true limit
+        assert r["cause"] == "queueing", r  # named from the simulator's own queue metrics
+        assert r["broke_first"] == "p95 TTFT" or r["broke_first"] == "SLO attainment", r
+        assert float(r["output_tokens_per_s"]) > 0 and float(r["usd_per_million_output_tokens"]) > 0
+    assert passed == sorted(passed) and passed[0] < passed[-1]  # boundaries grow with the batch limit
+    # more users at the boundary, more output per dollar
+    assert float(rows[-1]["usd_per_million_output_tokens"]) < float(rows[0]["usd_per_million_output_tokens"])
+
+    md = (sweep_dir / "sweep.md").read_text()
+    assert f"find: best is {urls[-1]}, meeting the SLOs up to {passed[-1]:g} users" in md
+    assert "Every other configuration failed at or below that level." in md
+    assert (sweep_dir / "sweep.png").stat().st_size > 10_000
+    assert "<img" in (sweep_dir / "sweep.html").read_text()
+    for c in doc["configs"]:  # each configuration is an ordinary run directory with its own report
+        run_dir = sweep_dir / c["run_dir"]
+        assert (run_dir / "report" / "envelope.md").is_file()
+        assert json.loads((run_dir / "run.json").read_text())["options"]["sweep"]["label"] == c["label"]
+    assert f"find: best is {urls[-1]}" in proc.stdout
