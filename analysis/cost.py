@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from analysis.common import adaptive_percent, finite, grouped_number
+from analysis.common import adaptive_percent, finite
 
 __all__ = [
     "HOURS_PER_MONTH",
@@ -34,6 +34,7 @@ __all__ = [
     "CapacityPlan",
     "capacity_plan",
     "format_usd",
+    "format_amount",
     "plan_sentence",
 ]
 
@@ -74,12 +75,13 @@ def _measured(v: float | None) -> bool:
 
 
 def stage_cost(price: Price, *, output_tokens_per_s: float | None, requests_per_s: float | None,
-               power_w: float | None = None) -> StageCost | None:
+               power_w: float | None = None, power_note: str = "") -> StageCost | None:
     """The cost per million output tokens and per request at one stage's measured rates.
 
     None when either rate is missing, zero, negative or not finite: there is
     nothing measured to divide by. ``power_w`` (mean GPU power over the same
     window) gives joules per output token; without it (or non-positive) that is None.
+    ``power_note`` says where that power came from, in the formula (``stated, not measured``).
     """
     if not _measured(output_tokens_per_s) or not _measured(requests_per_s):
         return None
@@ -88,14 +90,15 @@ def stage_cost(price: Price, *, output_tokens_per_s: float | None, requests_per_
     per_request = usd_per_s / requests_per_s
     hourly = f"{format_usd(price.usd_per_hour)}/h / 3600 s/h"
     parts = [
-        f"{hourly} / {grouped_number(output_tokens_per_s)} tok/s x 1e6 = {format_usd(per_million)} per 1M output tokens",
-        f"{hourly} / {grouped_number(requests_per_s)} req/s = {format_usd(per_request)} per request",
+        f"{hourly} / {_amount(output_tokens_per_s)} tok/s x 1e6 = {format_usd(per_million)} per 1M output tokens",
+        f"{hourly} / {_amount(requests_per_s)} req/s = {format_usd(per_request)} per request",
     ]
     joules = None
     if _measured(power_w):
         joules = power_w / output_tokens_per_s
-        parts.append(f"{grouped_number(power_w)} W / {grouped_number(output_tokens_per_s)} tok/s"
-                     f" = {grouped_number(joules)} J per output token")
+        where = f" ({power_note})" if power_note else ""
+        parts.append(f"{_amount(power_w)} W{where} / {_amount(output_tokens_per_s)} tok/s"
+                     f" = {_amount(joules)} J per output token")
     return StageCost(
         output_tokens_per_s=float(output_tokens_per_s),
         requests_per_s=float(requests_per_s),
@@ -121,10 +124,13 @@ class CapacityPlan:
     formula: str  # inputs and formulas, two lines
 
 
-def _amount(v: float) -> str:
-    """A level: whole numbers grouped (``1,200``), others to three significant digits (``12.5``, ``0.35``)."""
+def format_amount(v: float) -> str:
+    """A level or rate: whole numbers grouped (``1,200``), others to three significant digits (``12.5``, ``0.35``)."""
     v = float(v)
     return f"{v:,.0f}" if v == int(v) or abs(v) >= 100 else f"{v:.3g}"
+
+
+_amount = format_amount
 
 
 def _boxes(target: float, per_box: float) -> int:

@@ -28,7 +28,11 @@ from analysis import render
 from analysis import search_report as sr
 from analysis import tokens
 from analysis import workers as wk
-from analysis.common import METRIC_NAMES, adaptive_percent, finite, percent, split_key
+from analysis.boundary import pass_boundaries
+from analysis.common import METRIC_NAMES, adaptive_percent, finite, grouped_number, percent, split_key
+from analysis.cost import Price, format_amount, format_usd
+from analysis.costing import NO_PRICE_LINE, RunCosts, run_costs
+from analysis.envelope_json import envelope_document, write_envelope_json
 from analysis.envelope_graph import plot_envelope
 from analysis.search import SearchFinding, search_findings, workload_knees
 from analysis.load import Completeness, completeness, run_start_unix_s
@@ -75,13 +79,19 @@ def render_figure_png(draw: Callable[[Any], None], *, ncols: int = 1, nrows: int
 
 
 def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule(),
-                 rows: Sequence[TableRow] | None = None) -> dict[str, Path]:
+                 rows: Sequence[TableRow] | None = None, price: Price | None = None,
+                 power_w: float | None = None, target_users: float | None = None,
+                 target_rate_per_s: float | None = None) -> dict[str, Path]:
     """Write the report files of ``run`` (an :class:`analysis.load.Run`) into ``out_dir``.
 
-    Always table.csv/.md, failures.csv, the graphs, envelope.md and envelope.html; clients.csv when the
-    records name more than one client class, turns.csv when they carry conversation turns.
+    Always table.csv/.md, failures.csv, the graphs, envelope.md, envelope.html and envelope.json;
+    clients.csv when the records name more than one client class, turns.csv when they carry
+    conversation turns.
 
     ``rows``: the envelope table already computed with the same ``rule`` (computed here when omitted).
+    ``price``, ``power_w`` (the box's stated power draw), ``target_users`` and ``target_rate_per_s``
+    (the capacity plan's targets) override what run.json and server.json give
+    (see :func:`analysis.costing.run_costs`); ValueError for a power or target that is not positive.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +102,9 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     if primary is not None:
         findings = [primary] + [f for f in findings if f.pass_name != primary.pass_name]
     searches = search_findings(rows, getattr(run, "searches", None) or [])
+    boundaries = pass_boundaries(rows, searches)
+    costs = run_costs(run, rows, boundaries, price=price, power_w=power_w, target_users=target_users,
+                      target_rate_per_s=target_rate_per_s)
     written: dict[str, Path] = {}
 
     with open(out / "table.csv", "w", encoding="utf-8", newline="") as fh:
@@ -127,13 +140,17 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
             write_turns_csv(turns, fh)
         written["turns.csv"] = out / "turns.csv"
     document = _markdown(run, md_table.getvalue(), graphs, sentences, notes, rows, first, check, extra,
-                         searches=searches, clients=clients, turns=turns)
+                         searches=searches, clients=clients, turns=turns, costs=costs)
     (out / "envelope.md").write_text(document, encoding="utf-8")
     written["envelope.md"] = out / "envelope.md"
     page = render.markdown_page(document, title=_title(run, extra), marks=_marks(),
                                 images={name: png for name, (_, png) in graphs.items()})
     (out / "envelope.html").write_text(page, encoding="utf-8")
     written["envelope.html"] = out / "envelope.html"
+    doc = envelope_document(run, rows, boundaries, costs, completeness=extra.completeness)
+    with open(out / "envelope.json", "w", encoding="utf-8") as fh:
+        write_envelope_json(doc, fh)
+    written["envelope.json"] = out / "envelope.json"
     return written
 
 
@@ -384,6 +401,7 @@ _SUMMARY = "Summary"
 _RUN = "Run"
 _SEARCH = "Search: how the boundary was found"
 _SOURCES = "Workload sources"
+_COST = "Cost and capacity"
 _CLIENTS = "Per client class"
 _CLASSES = "Client classes"
 _TURNS = "By conversation turn"
@@ -474,7 +492,7 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
               rows: Sequence[TableRow], first: broke.BrokeFirst | None = None,
               check: broke.TokenCrossCheck | None = None, extra: _Extra | None = None, *,
               searches: Sequence[SearchFinding] = (), clients: Sequence[ClientRow] = (),
-              turns: Sequence[TurnRow] = ()) -> str:
+              turns: Sequence[TurnRow] = (), costs: RunCosts | None = None) -> str:
     # The first screen answers the question: the envelope in words, its graph, a compact table;
     # then what the run was, and the detail.
     parts = [f"# {_md_escape(_title(run, extra))}\n"]
@@ -513,6 +531,9 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
             parts.append("\n".join(f"- {_md_escape(line)}" for line in lines) + "\n")
     parts.append(f"## {_RUN}\n")
     parts += ["\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
+    if costs is not None and rows:
+        parts.append(f"## {_COST}\n")
+        parts.append(_cost_section(costs, rows))
     for finding in searches:
         parts.append(f"## {_SEARCH}" + (f" ({_md_escape(finding.pass_name)})" if len(searches) > 1 else "") + "\n")
         parts.append(_md_escape(SEARCH_NOTE) + "\n")
@@ -570,6 +591,83 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append("## Missing\n")
         parts.append("\n".join(f"- {_md_escape(m)}" for m in run.missing) + "\n")
     return "\n".join(parts)
+
+
+COST_NOTE = (
+    "Per stage: output tokens/s is the table's aggregate throughput; requests/s is the window's successful "
+    "requests divided by its length. The plan takes one box to serve the pass's boundary (the highest level "
+    "that met the SLOs) and assumes boxes add up linearly behind a load balancer; a month is 730 h."
+)
+
+
+def _cost_section(costs: RunCosts, rows: Sequence[TableRow]) -> str:
+    """Plan sentences per pass, a table of each stage's cost and energy, and every formula with its inputs."""
+    parts: list[str] = []
+    price = costs.price
+    if price is None:
+        parts.append(_md_escape(NO_PRICE_LINE) + "\n")
+    else:
+        text = f"Price: {format_usd(price.usd_per_hour)}/h per box ({price.source})."
+        if costs.stated_power is not None:
+            sp = costs.stated_power
+            text += f" Stated power: {grouped_number(sp.power_w)} W ({sp.source}; used only where NVML gave none)."
+        parts.append(_md_escape(text) + "\n")
+        for p in costs.passes:
+            if p.plan is None:
+                parts.append(f"**{_md_escape(p.pass_name or 'run')}**: no plan ({_md_escape(p.reason or '')}).\n")
+                continue
+            text = p.sentence or ""
+            at = p.at_boundary.cost if p.at_boundary is not None else None
+            if at is not None:
+                text += (f" At the boundary: {format_usd(at.usd_per_million_output_tokens)} per 1M output tokens, "
+                         f"{format_usd(at.usd_per_request)} per request.")
+            parts.append(f"**{_md_escape(p.pass_name or 'run')}**: {_md_escape(text)}\n")
+    priced = price is not None
+    if not priced and not costs.has_energy:
+        parts += [_md_escape(n) + "\n" for n in costs.notes]
+        return "\n".join(parts)
+    header = ["pass", "stage", "load", "out tok/s", "ok req/s"]
+    if priced:
+        header += ["$ per 1M output tokens", "$ per request"]
+    if costs.has_energy:
+        header += ["J per output token"]
+    table: list[tuple[str, ...]] = [tuple(header)]
+    formulas: list[str] = []
+    for r, line in zip(rows, costs.stages):
+        cells = [line.pass_name, line.stage_name, env.level_text(r), _amount_text(line.output_tokens_per_s),
+                 _amount_text(line.requests_per_s)]
+        c = line.cost
+        if priced:
+            cells += [format_usd(c.usd_per_million_output_tokens) if c else "-",
+                      format_usd(c.usd_per_request) if c else "-"]
+        if costs.has_energy:
+            cells.append(_amount_text(line.joules_per_output_token)
+                         + ("" if line.power_measured or line.joules_per_output_token is None else " (stated)"))
+        table.append(tuple(cells))
+        sums = []
+        if line.requests_per_s is not None:
+            sums.append(f"{r.counts.ok_requests:,} successful requests / {r.window.window_s:.1f} s window = "
+                        f"{_amount_text(line.requests_per_s)} req/s")
+        if c is not None:
+            sums.append(c.formula)
+        elif line.energy_formula is not None:
+            sums.append(line.energy_formula)
+        if priced and c is None:
+            sums.append(f"no cost ({line.reason})")
+        formulas.append(f"{line.pass_name} / {line.stage_name}: " + "; ".join(sums))
+    parts.append(_md_table(table) + "\n")
+    parts.append(_md_escape(COST_NOTE) + " Each figure with its inputs:\n")
+    for p in costs.passes:
+        if p.plan is not None:
+            formulas.append(f"{p.pass_name} plan: " + "; ".join(p.plan.formula.split("\n")))
+    formulas += list(costs.notes)
+    parts.append("\n".join(f"- {_md_escape(f)}" for f in formulas) + "\n")
+    return "\n".join(parts)
+
+
+def _amount_text(v: float | None) -> str:
+    """A rate as the cost formulas write it (``1,461``, ``1.33``, ``0.0667``); ``-`` when missing."""
+    return format_amount(v) if finite(v) else "-"
 
 
 def _client_section(clients: Sequence[ClientRow]) -> str:

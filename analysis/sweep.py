@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from analysis.boundary import PassBoundary, pass_boundaries
 from analysis.common import finite, plain_number
+from analysis.costing import ok_requests_per_s, run_price
 from envelope.sweep import SweepEntry, read_sweep
 
 __all__ = ["SweepCell", "SweepRow", "BestChoice", "SweepSummary", "sweep_rows", "best_choices",
@@ -99,33 +100,13 @@ def _cell(b: PassBoundary, price: Any) -> SweepCell:
     if price is not None and row is not None:
         from analysis.cost import stage_cost
 
-        cost = stage_cost(price, output_tokens_per_s=tps, requests_per_s=_ok_per_s(row))
+        cost = stage_cost(price, output_tokens_per_s=tps, requests_per_s=ok_requests_per_s(row))
         usd = cost.usd_per_million_output_tokens if cost is not None else None
     flagged = any(r is not None and r.trust.trustworthy is False for r in (b.safe_row, b.fail_row))
     return SweepCell(pass_name=b.pass_name, kind=b.kind, unit=b.unit, passed_level=b.passed_level,
                      failed_level=b.failed_level, status=b.status,
                      output_tokens_per_s=float(tps) if finite(tps) else None,
                      usd_per_million_output_tokens=usd, broke_first=b.broke_first, cause=b.cause, flagged=flagged)
-
-
-def _ok_per_s(row: Any) -> float | None:
-    w = row.window.window_s
-    if not finite(w) or w <= 0:
-        return None
-    return row.counts.ok_requests / w
-
-
-def _price(run: Any) -> Any:
-    """The run's price (run.json's --usd-per-hour, else the profile's), or None."""
-    from analysis.cost import Price
-
-    opt = (run.info.options or {}).get("usd_per_hour")
-    if finite(opt) and opt > 0:
-        return Price(usd_per_hour=float(opt), source="--usd-per-hour")
-    prof = (run.server or {}).get("usd_per_hour")
-    if finite(prof) and prof > 0:
-        return Price(usd_per_hour=float(prof), source=f"profile {run.server.get('profile')}")
-    return None
 
 
 def _row(sweep_dir: Path, e: SweepEntry) -> SweepRow:
@@ -145,7 +126,7 @@ def _row(sweep_dir: Path, e: SweepEntry) -> SweepRow:
     if run.frame.empty:
         return SweepRow(status=e.status, **{**common, "failure": e.failure or "no requests were recorded"})
     rows = envelope_table(run)
-    price = _price(run)
+    price = run_price(run)
     cells = {b.pass_name: _cell(b, price) for b in pass_boundaries(rows, search_findings(rows, run.searches))}
     return SweepRow(status=e.status, cells=cells, price_source=price.source if price is not None else None, **common)
 

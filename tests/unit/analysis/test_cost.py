@@ -293,7 +293,7 @@ def test_hours_per_month():
 def test_public_api():
     assert set(analysis.cost.__all__) == {
         "HOURS_PER_MONTH", "DEFAULT_TARGET_MULTIPLE", "UNITS", "Price", "StageCost", "stage_cost",
-        "CapacityPlan", "capacity_plan", "format_usd", "plan_sentence",
+        "CapacityPlan", "capacity_plan", "format_usd", "format_amount", "plan_sentence",
     }
     for name in analysis.cost.__all__:
         assert hasattr(analysis.cost, name)

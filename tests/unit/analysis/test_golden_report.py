@@ -29,6 +29,9 @@ Deliberate changes with the SLO search (all expected files regenerated, checked 
   redefined as the throughput column's output rate times the good requests' share of the successful
   requests' output tokens (it had been a second count over the window), so its two columns moved.
 
+With the cost plan: ``envelope.md`` gained a "Cost and capacity" section after "Run"; this run has no
+price, so it is the one line that says how to give one, and nothing else changed.
+
 Columns renamed since then are mapped in ``RENAMED`` (old name -> new name); a column dropped
 because another one already said the same is mapped to that one, so its values are still checked.
 """

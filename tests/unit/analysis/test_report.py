@@ -159,3 +159,53 @@ def test_markdown_page_shows_links_and_html_as_written():
 def test_an_image_without_its_png_is_an_error():
     with pytest.raises(KeyError):
         markdown_page("![x](missing.png)\n", title="t", images={})
+
+
+# --- Cost and capacity ---------------------------------------------------------------------------
+
+def _cost_section(md: str) -> str:
+    return md.split("## Cost and capacity\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_without_a_price_the_cost_section_says_how_to_get_one(golden):
+    from analysis.costing import NO_PRICE_LINE
+
+    md, _ = golden
+    assert _cost_section(md).strip() == NO_PRICE_LINE
+    assert "$" not in _cost_section(md)
+    assert md.index("## Run") < md.index("## Cost and capacity") < md.index("## Table")
+
+
+@pytest.fixture(scope="module")
+def priced(tmp_path_factory):
+    from analysis.cost import Price
+    from analysis.load import load_run
+    from analysis.report import write_report
+
+    run_dir = tmp_path_factory.mktemp("priced") / "golden_run"
+    shutil.copytree(RUN, run_dir)
+    out = run_dir / "report"
+    write_report(load_run(run_dir), out, price=Price(usd_per_hour=2.5, source="--usd-per-hour"), power_w=400.0,
+                 target_rate_per_s=20.0)
+    return (out / "envelope.md").read_text(encoding="utf-8"), (out / "envelope.html").read_text(encoding="utf-8")
+
+
+def test_priced_cost_section_has_plan_table_and_formulas(priced):
+    md, page = priced
+    section = _cost_section(md)
+    assert "Price: $2.50/h per box (--usd-per-hour). Stated power: 400 W (--power-w" in section
+    # open: 8 requests/s per box, target 20/s -> ceil(2.5) = 3 boxes, 20% headroom, 3 x $2.50 x 730 h = $5,475
+    assert ("**open**: To serve 20 requests/s at these SLOs you need 3 boxes (8 requests/s each at the tested "
+            "boundary, 20% headroom): $5,475 a month at $2.50/h (730 h).") in section
+    assert "**chat**: no plan (no boundary: no level met the SLOs)." in section
+    header = next(line for line in section.splitlines() if line.startswith("| pass |"))
+    assert _cells(header) == ["pass", "stage", "load", "out tok/s", "ok req/s", "$ per 1M output tokens",
+                              "$ per request", "J per output token"]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| pass |")]
+    assert len(rows) == 3 and all(_cells(r)[-1].endswith("(stated)") for r in rows)
+    formulas = [line for line in section.splitlines() if line.startswith("- ")]
+    assert any(line.startswith("- open / open-8rps: ") and "successful requests / " in line
+               and "$2.50/h / 3600 s/h / " in line and "stated, not measured: --power-w" in line for line in formulas)
+    plan = "- open plan: boxes = ceil(20 requests/s / 8 requests/s per box) = 3"
+    assert any(line.startswith(plan) for line in formulas)
+    assert "$5,475 a month" in _page_text(page)
