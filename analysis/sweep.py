@@ -253,6 +253,14 @@ def _draw(axes: Any, rows: Sequence[SweepRow], workloads: Sequence[str]) -> None
     for j, name in enumerate(workloads):
         top, bottom = axes[j], axes[n + j]
         unit = "users"
+        seen: set[str] = set()
+
+        def once(label: str) -> str | None:
+            if label in seen:
+                return None
+            seen.add(label)
+            return label
+
         for x, r in zip(xs, rows):
             c = r.cells.get(name)
             if c is None:
@@ -260,29 +268,36 @@ def _draw(axes: Any, rows: Sequence[SweepRow], workloads: Sequence[str]) -> None
                 continue
             unit = c.unit
             lo = c.passed_level if c.passed_level is not None else 0.0
-            hi = c.failed_level
-            if hi is not None:
-                top.vlines(x, lo, hi, colors="tab:orange", linewidth=6, alpha=0.5,
-                           label="bracket (passed .. first failure)" if x == 0 else None)
-                top.plot([x], [hi], marker="v", color="tab:red", linestyle="none",
-                         label="first failure" if x == 0 else None)
+            if c.failed_level is not None:
+                top.vlines(x, lo, c.failed_level, colors="tab:orange", linewidth=8, alpha=0.45,
+                           label=once("the boundary lies in here"))
+                top.plot([x], [c.failed_level], marker="v", color="tab:red", linestyle="none",
+                         label=once("lowest level that failed"))
             if c.passed_level is not None:
                 top.plot([x], [c.passed_level], marker="o", color="tab:green", linestyle="none",
-                         label="highest level that met the SLOs" if x == 0 else None)
+                         label=once("highest level that met the SLOs"))
+                top.annotate(plain_number(c.passed_level), (x, c.passed_level), xytext=(6, -3),
+                             textcoords="offset points", fontsize=8)
+                if c.failed_level is None:
+                    top.plot([x], [c.passed_level], marker="^", color="tab:green", markersize=10, alpha=0.5,
+                             linestyle="none", label=once("nothing failed: the limit is higher"))
             if c.output_tokens_per_s is not None:
-                bottom.bar([x], [c.output_tokens_per_s], color="tab:blue", alpha=0.7)
+                bottom.bar([x], [c.output_tokens_per_s], color="tab:blue", alpha=0.7, width=0.5)
+                bottom.annotate(f"{c.output_tokens_per_s:,.0f}", (x, c.output_tokens_per_s), xytext=(0, 2),
+                                textcoords="offset points", ha="center", fontsize=8)
         top.set_title(f"{name}: boundary per configuration", fontsize=9)
         top.set_ylabel("concurrent users" if unit == "users" else "requests/s")
-        top.set_ylim(bottom=0)
+        top.set_ylim(bottom=0, top=top.get_ylim()[1] * 1.1)
         top.grid(True, axis="y", alpha=0.3)
-        handles, names = top.get_legend_handles_labels()
-        if handles:
-            top.legend(fontsize=7, loc="upper left")
-        bottom.set_ylabel("output tokens/s at the boundary")
+        if seen:
+            top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        bottom.set_title("output tokens/s at the boundary", fontsize=9)
+        bottom.set_ylabel("tokens/s")
         bottom.grid(True, axis="y", alpha=0.3)
         for ax in (top, bottom):
             ax.set_xticks(xs)
             ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
+            ax.set_xlim(-0.6, len(rows) - 0.4)
 
 
 def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
@@ -332,7 +347,7 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
     images: dict[str, bytes] = {}
     if workloads:
         png = render_figure_png(lambda axes: _draw(axes if isinstance(axes, list) else [axes], rows, workloads),
-                                ncols=len(workloads), nrows=2, size_in=(max(6.0, 4.5 * len(workloads)), 7.0))
+                                ncols=len(workloads), nrows=2, size_in=(max(8.0, 5.5 * len(workloads)), 7.0))
         (root / SWEEP_GRAPH).write_bytes(png)
         images[SWEEP_GRAPH] = png
     (root / "sweep.md").write_text(document, encoding="utf-8")
