@@ -715,7 +715,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str], *, out: TextIO, err: T
 
         if args.command == "report":
             return analysis_cli.run_report(args, out=out, err=err, prefix="envelope")
-        return analysis_cli.run_compare(args, err=err, prefix="envelope")
+        return analysis_cli.run_compare(args, out=out, err=err, prefix="envelope")
     if args.command == "server":
         from server import cli as server_cli
 

@@ -96,3 +96,67 @@ def test_argument_errors_are_one_line():
         err = io.StringIO()
         assert main(argv, err=err) == 2
         assert err.getvalue() == line + "\n"
+
+
+def _report_parser():
+    from analysis.cli import add_report_arguments
+    from envelope.usage import OneLineParser
+
+    p = OneLineParser(prog="envelope report")
+    add_report_arguments(p)
+    return p
+
+
+def test_report_cost_flags_reach_the_report(builders, tmp_path):
+    import json
+
+    from analysis.cli import run_report
+    from envelope.usage import parse_or_say
+
+    run_dir = _sweep(builders, tmp_path / "priced")
+    args = parse_or_say(_report_parser(), [str(run_dir), "--usd-per-hour", "3.6", "--power-w", "350",
+                                           "--target-users", "25", "--target-rate", "4"], prefix="envelope: ")
+    assert (args.usd_per_hour, args.power_w, args.target_users, args.target_rate_per_s) == (3.6, 350.0, 25.0, 4.0)
+    assert run_report(args, out=io.StringIO(), err=io.StringIO()) == 0
+    doc = json.loads((run_dir / "report" / "envelope.json").read_text())
+    assert doc["price"] == {"usd_per_hour": 3.6, "source": "--usd-per-hour", "stated_power_w": 350.0,
+                            "stated_power_source": "--power-w"}
+    (sweep,) = doc["passes"]
+    # safe up to 1 user; target 25 users -> 25 boxes at $3.60/h x 730 h = $65,700 a month
+    assert sweep["plan"]["boxes"] == 25 and sweep["plan"]["target_source"] == "--target-users 25"
+    assert sweep["plan"]["usd_per_month"] == 25 * 3.6 * 730
+    md = (run_dir / "report" / "envelope.md").read_text()
+    assert "To serve 25 concurrent users at these SLOs you need 25 boxes" in md
+
+
+def test_report_without_cost_flags_has_no_price(builders, tmp_path):
+    import json
+
+    from analysis.cli import run_report
+    from envelope.usage import parse_or_say
+
+    run_dir = _sweep(builders, tmp_path / "unpriced")
+    args = parse_or_say(_report_parser(), [str(run_dir)], prefix="envelope: ")
+    assert args.usd_per_hour is None and args.target_rate_per_s is None
+    assert run_report(args, out=io.StringIO(), err=io.StringIO()) == 0
+    assert json.loads((run_dir / "report" / "envelope.json").read_text())["price"] is None
+
+
+def test_bad_cost_flags_are_one_line_usage_errors():
+    from envelope.usage import parse_or_say
+
+    for argv, line in (
+        (["r", "--usd-per-hour", "0"],
+         "envelope: argument --usd-per-hour: must be a positive number, got '0' (see: envelope report --help)"),
+        (["r", "--power-w", "-5"],
+         "envelope: argument --power-w: must be a positive number, got '-5' (see: envelope report --help)"),
+        (["r", "--target-users", "inf"],
+         "envelope: argument --target-users: must be a positive number, got 'inf' (see: envelope report --help)"),
+        (["r", "--target-rate", "lots"],
+         "envelope: argument --target-rate: not a number: 'lots' (see: envelope report --help)"),
+        (["r", "--usd-per-hour", "nan"],
+         "envelope: argument --usd-per-hour: must be a positive number, got 'nan' (see: envelope report --help)"),
+    ):
+        err = io.StringIO()
+        assert parse_or_say(_report_parser(), argv, prefix="envelope: ", err=err) is None  # the caller exits 2
+        assert err.getvalue() == line + "\n"

@@ -137,7 +137,7 @@ def test_too_few_latency_samples_are_not_judged(n_base, n_new):
 
 def test_non_finite_latencies_are_dropped_before_counting():
     base = np.r_[np.full(25, 100.0), np.full(10, np.nan)]
-    new = np.r_[np.full(15, 500.0), np.full(20, np.nan)]
+    new = np.r_[np.full(15, 500.0), np.full(20, np.inf)]
 
     check = p95_regression(base, new, limit=0.10, settings=FAST, key="k", metric="tpot_p95_ms")
 
@@ -158,16 +158,39 @@ def test_p95_check_is_seeded_and_reports_its_interval():
     assert "beyond the allowed +10.0%" in first.reason
 
 
-def test_bootstrap_in_chunks_matches_one_block(monkeypatch):
-    rng = np.random.default_rng(4)
-    base, new = ttft_ms(rng, sigma=0.12), ttft_ms(rng, sigma=0.12) * 1.3
-    whole = p95_regression(base, new, limit=0.10, settings=FAST, key="k", metric="ttft_p95_ms")
+@pytest.mark.parametrize("n", [20, 21, 300, 1001])
+def test_order_statistic_bootstrap_draws_what_resampling_would(n):
+    # the same distribution as np.percentile(values[rng.integers(0, n, (B, n))], 95, axis=1), without the (B, n) array
+    from scipy.stats import ks_2samp
 
-    monkeypatch.setattr(analysis.gate, "_CHUNK_VALUES", 7 * N_REQUESTS)  # 7 resamples a chunk
-    chunked = p95_regression(base, new, limit=0.10, settings=FAST, key="k", metric="ttft_p95_ms")
+    rng = np.random.default_rng(n)
+    values = ttft_ms(rng, sigma=0.5, n=n)
+    fast = analysis.gate._p95_bootstrap(values, 20_000, rng)
+    slow = np.percentile(values[rng.integers(0, n, size=(4000, n))], 95, axis=1)
 
-    assert chunked.regressed == whole.regressed
-    assert chunked.low == pytest.approx(whole.low, abs=0.02)
+    assert ks_2samp(fast, slow).pvalue > 0.01
+    assert np.quantile(fast, 0.05) == pytest.approx(np.quantile(slow, 0.05), rel=0.01)
+    assert fast.min() >= values.min() and fast.max() <= values.max()
+
+
+def test_check_confidence_shares_the_gate_level_over_the_family():
+    assert analysis.gate.check_confidence(0.95) == pytest.approx(0.95)
+    assert analysis.gate.check_confidence(0.95, 10) == pytest.approx(0.995)
+    assert analysis.gate.check_confidence(0.90, 0) == pytest.approx(0.90)
+
+
+def test_a_larger_family_holds_each_check_to_more_confidence():
+    rng = np.random.default_rng(6)
+    base, new = ttft_ms(rng, sigma=0.3), ttft_ms(rng, sigma=0.3) * 1.25
+    alone = p95_regression(base, new, limit=0.10, settings=FAST, key="k", metric="ttft_p95_ms")
+    shared = p95_regression(base, new, limit=0.10, settings=FAST, key="k", metric="ttft_p95_ms", family=20)
+
+    assert alone.confidence == pytest.approx(0.95) and shared.confidence == pytest.approx(0.9975)
+    assert shared.low < alone.low and shared.high > alone.high
+    assert "at 99.75% confidence" in shared.reason
+    att = attainment_regression(290, 300, 270, 300, settings=FAST, key="k", family=20)
+    assert att.confidence == pytest.approx(0.9975)
+    assert att.low < attainment_regression(290, 300, 270, 300, settings=FAST, key="k").low
 
 
 @pytest.mark.parametrize("bad", [dict(confidence=1.0), dict(confidence=0.4), dict(resamples=10),
@@ -228,8 +251,29 @@ def test_junit_xml_has_one_testcase_per_check_and_failures_only_for_regressions(
     assert [c.get("name") for c in cases if c.find("skipped") is not None] == ["other-search: boundary"]
 
 
+def test_markdown_says_how_false_alarms_are_bounded_and_lists_notes():
+    checks = sample_result().checks
+    shared = tuple(dataclasses.replace(c, confidence=0.9875) if c.confidence is not None else c for c in checks)
+    text = GateResult(checks=shared, notes=("NEW is a partial run.",)).markdown()
+    lines = text.splitlines()
+
+    assert lines[2] == ("- False alarms: the 3 judged latency and attainment checks share 95% confidence "
+                        "(Bonferroni), so each is held to 98.33%; two runs of the same server fail these checks "
+                        "at most 5% of the time.")
+    assert lines[3] == "- NEW is a partial run."
+    assert lines[5].startswith("| check |")
+
+
+def test_exit_code_is_1_only_when_a_check_regressed():
+    result = sample_result()
+
+    assert result.exit_code == 1
+    assert GateResult(checks=result.checks[1:3]).exit_code == 0
+    assert result.family == 3  # the two p95 checks and the attainment; boundaries have no confidence
+
+
 def test_public_api():
     assert set(analysis.gate.__all__) == {
-        "MIN_LATENCY_SAMPLES", "GateSettings", "GateCheck", "GateResult",
+        "MIN_LATENCY_SAMPLES", "GateSettings", "GateCheck", "GateResult", "check_confidence",
         "p95_regression", "attainment_regression", "boundary_regression"}
-    assert dataclasses.fields(GateCheck)[-1].name == "judged"
+    assert [f.name for f in dataclasses.fields(GateCheck)][-2:] == ["judged", "confidence"]
