@@ -49,10 +49,10 @@ defaults:
 passes:
   - name: p
     stages:
-      - {name: open, rate_per_s: 8, arrival: constant, duration_s: 8}
-      - {name: closed, users: 4, spawn_rate: 100, duration_s: 6}
+      - {name: open, rate_per_s: 16, arrival: constant, duration_s: 4}
+      - {name: closed, users: 4, spawn_rate: 100, duration_s: 4}
 """
-OPEN_REQUESTS = 64  # 8/s for 8 s, constant arrivals: exactly this many, whoever sends them
+OPEN_REQUESTS = 64  # 16/s for 4 s, constant arrivals: exactly this many, whoever sends them
 
 
 def _faketime_lib() -> str | None:
@@ -206,9 +206,10 @@ defaults:
 passes:
   - name: p
     stages:
-      - {name: before, users: 4, spawn_rate: 100, duration_s: 16}
-      - {name: after, users: 4, spawn_rate: 100, duration_s: 6}
+      - {name: before, users: 4, spawn_rate: 100, duration_s: 10}
+      - {name: after, users: 4, spawn_rate: 100, duration_s: 8}
 """
+KILL_AFTER_S = 3.0  # into the first stage: the master declares the worker lost ~12 s later, mid-"after"
 
 
 def _free_port() -> int:
@@ -243,7 +244,7 @@ def test_a_worker_killed_mid_run_keeps_its_shipped_records_and_the_report_names_
         while time.monotonic() < deadline and master.poll() is None:
             stages = run_dir / "stages.json"
             files = list((run_dir / "records").glob(f"*_{killed_pid}.jsonl"))
-            if stages.exists() and files and time.time() - read_stage_dicts(run_dir)[0]["start_unix_s"] > 5:
+            if stages.exists() and files and time.time() - read_stage_dicts(run_dir)[0]["start_unix_s"] > KILL_AFTER_S:
                 victim_file = files[0]
                 break
             time.sleep(0.1)

@@ -70,9 +70,18 @@ def test_smoke_run_matches_locust_and_the_server(vllm_server, tmp_path):
 
 
 def test_processes_two_workers_write_into_one_run_directory(vllm_server, tmp_path):
+    import yaml
+
+    # the smoke scenario with 3 s stages (--quick keeps 5 s): a short request takes ~0.3 s here, so each
+    # worker still makes several in the 2-user stage
+    scenario = yaml.safe_load(SMOKE.read_text())
+    for stage in scenario["passes"][0]["stages"]:
+        stage["duration_s"] = 3
+    short = tmp_path / "smoke-3s.yaml"
+    short.write_text(yaml.safe_dump(scenario, sort_keys=False))
     run_dir = tmp_path / "run"
     before = generation_tokens_total(vllm_server.metrics_url)
-    proc = run_locust(vllm_server.base_url, vllm_server.api_key.get(), SMOKE, run_dir, "--quick", "--processes", "2")
+    proc = run_locust(vllm_server.base_url, vllm_server.api_key.get(), short, run_dir, "--processes", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = generation_tokens_total(vllm_server.metrics_url)
     recs = _assert_run_consistent(run_dir, after - before)

@@ -174,7 +174,7 @@ def _check(k: Killed) -> None:
 def test_simulated_server_killed_mid_stage(tmp_path):
     from server.sim import SimConfig, SimServer
 
-    scenario = _scenario(tmp_path / "death.yaml", durations_s=(4, 6, 3), output_tokens=16, first_token_s=5,
+    scenario = _scenario(tmp_path / "death.yaml", durations_s=(3, 5, 2), output_tokens=16, first_token_s=5,
                          total_s=10)
     sim = SimServer(SimConfig(ttft_s=0.02, itl_s=0.01)).start_in_subprocess(log_path=tmp_path / "sim.log")
     try:
@@ -202,7 +202,9 @@ def test_real_vllm_killed_mid_stage(tmp_path):
         server.start()
     except LaunchError as exc:
         pytest.fail(f"could not launch vLLM: {exc}", pytrace=False)
-    scenario = _scenario(tmp_path / "death.yaml", durations_s=(10, 12, 5), output_tokens=32, first_token_s=30,
+    # a request takes ~0.3 s here: the first stage's window (its second half) holds several that succeeded,
+    # and the second stage runs 4 s past the kill, long enough for the backed-off users to fail again
+    scenario = _scenario(tmp_path / "death.yaml", durations_s=(5, 7, 3), output_tokens=32, first_token_s=30,
                          total_s=60)
     try:
         killed = _run_and_kill(tmp_path, server.base_url, api_key.get(), server.pid, scenario)

@@ -32,7 +32,7 @@ def test_a_step_down_stage_measures_only_its_own_users(start_sim, tmp_path):
     """8 users, then 3 with a longer workload: the departing users' requests of the second stage are left
     out, the window waits for in flight to fall to 3, and no request in it is from a departing user."""
     url = start_sim(ttft_s=0.01, itl_s=0.005)
-    scenario = _scenario(tmp_path, "      - {users: 8, spawn_rate: 8, duration_s: 8}\n"
+    scenario = _scenario(tmp_path, "      - {users: 8, spawn_rate: 8, duration_s: 4}\n"
                                    "      - {users: 3, spawn_rate: 1, duration_s: 14, workload: {output_tokens: 64}}\n")
     run_dir = tmp_path / "run"
     proc = run_locust(url, None, scenario, run_dir)
@@ -53,16 +53,21 @@ def test_a_step_down_stage_measures_only_its_own_users(start_sim, tmp_path):
     assert row.window.window_start_s >= steady_window(run.stages[1], rule=rule)[0] - run.info.started_unix_s
 
 
-@pytest.mark.parametrize("stalls, flagged", [
-    ({"STALL_TEST_FIRST_S": "10", "STALL_TEST_S": "0.3", "STALL_TEST_COUNT": "1"}, False),  # one stall
-    ({"STALL_TEST_FIRST_S": "2", "STALL_TEST_S": "0.15", "STALL_TEST_EVERY_S": "0.4", "STALL_TEST_COUNT": "100"}, True),
+# The window is the stage from 6 s on (1 s ramp + 5 s settle); about 11 requests a second go through it.
+@pytest.mark.parametrize("stalls, duration_s, flagged", [
+    # one stall at 10 s, inside a 14 s window: 150 requests or so, of which at most 2 may be stalled
+    ({"STALL_TEST_FIRST_S": "10", "STALL_TEST_S": "0.3", "STALL_TEST_COUNT": "1"}, 20, False),
+    # stalls from 2 s on, every 0.4 s, for the whole run: the share is the same in any window
+    ({"STALL_TEST_FIRST_S": "2", "STALL_TEST_S": "0.15", "STALL_TEST_EVERY_S": "0.4", "STALL_TEST_COUNT": "100"},
+     12, True),
 ])
-def test_stalls_of_the_load_generator_are_counted_per_request(start_sim, tmp_path, monkeypatch, stalls, flagged):
+def test_stalls_of_the_load_generator_are_counted_per_request(start_sim, tmp_path, monkeypatch, stalls, duration_s,
+                                                             flagged):
     url = start_sim(ttft_s=0.01, itl_s=0.005)
     for k, v in stalls.items():
         monkeypatch.setenv(k, v)
     run_dir = tmp_path / "run"
-    proc = run_locust(url, None, _scenario(tmp_path, "      - {users: 1, duration_s: 30}\n"), run_dir,
+    proc = run_locust(url, None, _scenario(tmp_path, f"      - {{users: 1, duration_s: {duration_s}}}\n"), run_dir,
                       "-f", f"{REPO / 'locustfiles' / 'llm.py'},{PLUGIN}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = load_run(run_dir)

@@ -254,7 +254,7 @@ def envelope_cmd(*args: str) -> list[str]:
 def test_complete_run_against_the_simulated_server(tmp_path, sim):
     url, key = sim
     out = tmp_path / "runs"
-    proc = subprocess.run(envelope_cmd("run", "--scenario", str(tiny_scenario(tmp_path, 3)), "--host", url,
+    proc = subprocess.run(envelope_cmd("run", "--scenario", str(tiny_scenario(tmp_path, 2)), "--host", url,
                                        "--out", str(out)),
                           env={**os.environ, "ENVELOPE_API_KEY": key}, capture_output=True, text=True,
                           timeout=170, cwd=REPO)
@@ -263,7 +263,7 @@ def test_complete_run_against_the_simulated_server(tmp_path, sim):
     assert re.fullmatch(r"\d{8}-\d{6}-tiny", run_dir.name)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "complete" and info["options"]["api_key"] == "***"
-    assert info["scenario_sha256"] and (run_dir / "scenario.yaml").read_text() == TINY.replace("DURATION", "3")
+    assert info["scenario_sha256"] and (run_dir / "scenario.yaml").read_text() == TINY.replace("DURATION", "2")
     assert json.loads((run_dir / "server.json").read_text())["launched"] is False
     assert (run_dir / "report" / "envelope.md").is_file() and (run_dir / "locust" / "locust_stats.csv").is_file()
     assert (run_dir / "telemetry" / "metrics.jsonl").stat().st_size > 0
