@@ -1,0 +1,89 @@
+"""``envelope sweep`` and ``envelope compare --gate`` against the real CPU vLLM (the tiny model).
+
+The sweep launches the ``cpu-tiny`` profile twice, with ``max_num_seqs`` 4 and 16, and runs
+``scenarios/gate.yaml`` (4 users, then 8, 12 s each) against each. With 4 batch slots the 8-user
+stage queues (half the requests wait about one request's length for a slot), with 16 it does not.
+The gate must pass two runs of the same configuration (the sweep's 16-slot run against a run on the
+session's server, also ``cpu-tiny`` with 16 slots) and fail the 4-slot run against the 16-slot one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from helpers.locust_runs import REPO
+
+pytestmark = [pytest.mark.slow]
+
+SCENARIO = str(REPO / "scenarios" / "gate.yaml")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
+    env.update(extra)
+    return env
+
+
+def _envelope(*args: str, env: dict[str, str] | None = None, timeout_s: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "envelope.cli", *args], cwd=REPO, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_a_two_configuration_sweep_and_the_gate_on_cpu_tiny(vllm_server, tmp_path):
+    proc = _envelope("sweep", "--scenario", SCENARIO, "--profile", "cpu-tiny", "--set", "max_num_seqs=4,16",
+                     "--out", str(tmp_path / "sweeps"), "--usd-per-hour", "0.10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [(c["label"], c["status"]) for c in doc["configs"]] == [("max_num_seqs=4", "complete"),
+                                                                   ("max_num_seqs=16", "complete")]
+    four, sixteen = (sweep_dir / c["run_dir"] for c in doc["configs"])
+    for run_dir, seqs in ((four, 4), (sixteen, 16)):
+        server = json.loads((run_dir / "server.json").read_text())
+        assert server["max_num_seqs"] == seqs and f"--max-num-seqs" in server["command"]
+        assert server["command"][server["command"].index("--max-num-seqs") + 1] == str(seqs)
+        assert (run_dir / "report" / "envelope.md").is_file() and (run_dir / "records").is_dir()
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "chat: best is max_num_seqs=16" in md and (sweep_dir / "sweep.png").is_file()
+    assert "| max_num_seqs=4 | complete | 4 users [failed at 8]" in md, md
+
+    # the same configuration again, on the session's server (cpu-tiny, 16 slots, an API key)
+    runs = tmp_path / "runs"
+    same = _envelope("run", "--scenario", SCENARIO, "--host", vllm_server.base_url, "--out", str(runs),
+                     "--api-key-env", "GATE_TEST_KEY", env=_env(GATE_TEST_KEY=vllm_server.api_key.get()))
+    assert same.returncode == 0, same.stderr[-3000:]
+    (again,) = runs.iterdir()
+
+    ok = _envelope("compare", str(sixteen), str(again), "--gate", "--out", str(tmp_path / "ok"),
+                   "--junit", str(tmp_path / "ok.xml"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "Gate: pass" in ok.stdout
+    bad = _envelope("compare", str(sixteen), str(four), "--gate", "--out", str(tmp_path / "bad"),
+                    "--junit", str(tmp_path / "bad.xml"))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "Gate: FAIL" in bad.stdout
+    suite = ET.parse(tmp_path / "bad.xml").getroot()
+    failed = [case.get("name") for case in suite.iter("testcase") if case.find("failure") is not None]
+    assert any("8" in name for name in failed), failed  # the 8-user stage's TTFT regressed
+    assert int(suite.get("failures")) == len(failed) >= 1
+
+
+def test_a_configuration_that_does_not_start_is_reported_with_its_log_and_the_sweep_goes_on(tmp_path):
+    """vLLM refuses a flag it does not know (a setting that is not a profile field becomes a vLLM flag)."""
+    proc = _envelope("sweep", "--scenario", SCENARIO, "--profile", "cpu-tiny", "--set", "no_such_vllm_flag=1,2",
+                     "--out", str(tmp_path / "sweeps"), timeout_s=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [c["status"] for c in doc["configs"]] == ["failed_to_start", "failed_to_start"]  # both tried
+    for c in doc["configs"]:
+        assert "--no-such-vllm-flag" in c["log_tail"], c
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "no_such_vllm_flag=1: the server log's last lines" in md and "unrecognized arguments" in md
+    assert "Traceback" not in proc.stderr
