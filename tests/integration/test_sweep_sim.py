@@ -77,3 +77,38 @@ def test_a_sweep_over_batch_limits_finds_growing_boundaries_and_names_the_best(s
         assert (run_dir / "report" / "envelope.md").is_file()
         assert json.loads((run_dir / "run.json").read_text())["options"]["sweep"]["label"] == c["label"]
     assert f"find: best is {urls[-1]}" in proc.stdout
+
+
+def test_an_interrupted_sweep_keeps_what_it_measured_and_reports_it(start_sim, tmp_path):
+    """Ctrl-C during the first configuration: its run ends partial with its records, the second is never
+    started, and the sweep still writes sweep.json and its report, then exits 130."""
+    import signal
+    import time
+
+    urls = [start_sim(ttft_s=0.02, itl_s=0.005) for _ in range(2)]
+    scenario = tmp_path / "long.yaml"
+    scenario.write_text("name: long\ndefaults:\n  workload: {prompt_tokens: 32, output_tokens: 16, fixed_output: true}\n"
+                        "  slos: {ttft_p95_ms: 500}\npasses:\n  - name: p\n    stages: [{users: 2, duration_s: 120}]\n")
+    out = tmp_path / "sweeps"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "envelope.cli", "sweep", "--scenario", str(scenario),
+                             "--out", str(out), "--host", urls[0], "--host", urls[1]],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*/01-*/records/*.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # a few seconds of records
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    (sweep_dir,) = out.iterdir()
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert doc["status"] == "partial"
+    assert [c["status"] for c in doc["configs"]] == ["partial", "not_run"]
+    first = sweep_dir / doc["configs"][0]["run_dir"]
+    records = [line for f in (first / "records").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(records) > 5
+    assert not (sweep_dir / doc["configs"][1]["run_dir"]).exists()
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "This sweep is **partial**" in md and "| 2 | " in md and "not run" in md
+    assert "Traceback" not in stderr
