@@ -9,7 +9,9 @@ what broke first and why. A configuration that did not start or failed is
 listed with its reason and its server log's last lines. For each workload the
 best configuration is named: the highest level that passed, ties broken by
 throughput there; when its bracket overlaps the next best's, the report says the
-two are not told apart by this measurement.
+two are not told apart by this measurement. With a price, every configuration
+is also planned for one common target (``--target-users``/``--target-rate``, else
+10x the highest boundary of the sweep): how many boxes and what they cost a month.
 
 Writes ``sweep.md``, ``sweep.html`` (graph embedded), ``sweep.png`` and
 ``sweep-table.csv`` into the sweep directory; returns a :class:`SweepSummary`.
@@ -25,11 +27,12 @@ from typing import Any, Sequence
 
 from analysis.boundary import PassBoundary, pass_boundaries
 from analysis.common import finite, plain_number
+from analysis.cost import CapacityPlan
 from analysis.costing import ok_requests_per_s, run_price
 from envelope.sweep import SweepEntry, read_sweep
 
-__all__ = ["SweepCell", "SweepRow", "BestChoice", "SweepSummary", "sweep_rows", "best_choices",
-           "write_sweep_report", "SWEEP_GRAPH"]
+__all__ = ["SweepCell", "SweepRow", "BestChoice", "SweepPlan", "SweepSummary", "sweep_rows", "best_choices",
+           "sweep_plans", "write_sweep_report", "SWEEP_GRAPH"]
 
 SWEEP_GRAPH = "sweep.png"
 
@@ -46,6 +49,7 @@ class SweepCell:
     status: str
     output_tokens_per_s: float | None  # at the passed level (its stage's window)
     usd_per_million_output_tokens: float | None  # at the passed level, when the run has a price
+    usd_per_hour: float | None = None  # the run's price, for the sweep's common capacity plan
     broke_first: str | None
     cause: str | None
     flagged: bool  # the boundary rests on a stage flagged NOT TRUSTWORTHY
@@ -84,6 +88,7 @@ class SweepSummary:
     rows: tuple[SweepRow, ...]
     workloads: tuple[str, ...]
     best: tuple[BestChoice, ...]
+    plans: tuple["SweepPlan", ...]
     text: str  # what the terminal shows
 
 
@@ -106,7 +111,8 @@ def _cell(b: PassBoundary, price: Any) -> SweepCell:
     return SweepCell(pass_name=b.pass_name, kind=b.kind, unit=b.unit, passed_level=b.passed_level,
                      failed_level=b.failed_level, status=b.status,
                      output_tokens_per_s=float(tps) if finite(tps) else None,
-                     usd_per_million_output_tokens=usd, broke_first=b.broke_first, cause=b.cause, flagged=flagged)
+                     usd_per_million_output_tokens=usd, broke_first=b.broke_first, cause=b.cause, flagged=flagged,
+                     usd_per_hour=price.usd_per_hour if price is not None else None)
 
 
 def _row(sweep_dir: Path, e: SweepEntry) -> SweepRow:
@@ -192,6 +198,61 @@ def best_choices(rows: Sequence[SweepRow], workloads: Sequence[str]) -> list[Bes
     return out
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepPlan:
+    """One workload's capacity plan for every configuration, at one common target.
+
+    ``target``: ``--target-users``/``--target-rate`` of the sweep, else 10x the highest boundary any
+    configuration reached; ``plans``: by configuration label, None where it has no boundary or no price.
+    """
+
+    pass_name: str
+    unit: str
+    target: float
+    target_source: str
+    plans: dict[str, CapacityPlan | None]
+    sentence: str
+
+
+def sweep_plans(rows: Sequence[SweepRow], workloads: Sequence[str], *, target_users: float | None = None,
+                target_rate_per_s: float | None = None) -> list[SweepPlan]:
+    """Per workload, how many boxes each configuration needs for the same target, and what they cost."""
+    from analysis.cost import DEFAULT_TARGET_MULTIPLE, Price, capacity_plan, format_usd
+
+    out = []
+    for name in workloads:
+        cells = [(r, r.cells[name]) for r in rows if name in r.cells]
+        priced = [(r, c) for r, c in cells if c.passed_level is not None and c.usd_per_hour is not None]
+        if not priced:
+            continue
+        unit = priced[0][1].unit
+        given = target_users if unit == "users" else target_rate_per_s
+        if given is not None:
+            target = float(given)
+            source = f"--target-{'users' if unit == 'users' else 'rate'} {plain_number(target)}"
+        else:
+            target = DEFAULT_TARGET_MULTIPLE * max(c.passed_level for _, c in priced)
+            source = f"default: {DEFAULT_TARGET_MULTIPLE:g}x the highest boundary of the sweep"
+        plans: dict[str, CapacityPlan | None] = {}
+        for r, c in cells:
+            plan = None
+            if c.passed_level is not None and c.usd_per_hour is not None:
+                high = c.failed_level if c.failed_level is not None and c.failed_level > c.passed_level else None
+                plan = capacity_plan(Price(usd_per_hour=c.usd_per_hour, source=r.price_source or "?"),
+                                     per_box=c.passed_level, per_box_high=high, unit=unit, target=target,
+                                     target_source=source)
+            plans[r.label] = plan
+        made = sorted(((p.usd_per_month, label, p) for label, p in plans.items() if p is not None),
+                      key=lambda t: (t[0], t[1]))
+        amount = f"{plain_number(target)} {'concurrent users' if unit == 'users' else 'requests/s'}"
+        parts = [f"{label} needs {p.boxes} {'box' if p.boxes == 1 else 'boxes'} ({format_usd(p.usd_per_month)} a month)"
+                 for _, label, p in made]
+        sentence = f"{name}: to serve {amount} ({source}), " + ", ".join(parts) + "."
+        out.append(SweepPlan(pass_name=name, unit=unit, target=target, target_source=source, plans=plans,
+                             sentence=sentence))
+    return out
+
+
 def _bracket_text(c: SweepCell | None) -> str:
     if c is None:
         return "-"
@@ -218,18 +279,24 @@ def _money(v: float | None) -> str:
     return format_usd(v)
 
 
-def _table(rows: Sequence[SweepRow], name: str) -> list[list[str]]:
-    head = ["configuration", "run", "boundary [first failure]", "output tok/s there", "$ per 1M output tokens",
-            "what broke first"]
+def _table(rows: Sequence[SweepRow], name: str, plan: SweepPlan | None = None) -> list[list[str]]:
+    head = ["configuration", "run", "boundary [first failure]", "output tok/s there", "$ per 1M output tokens"]
+    if plan is not None:
+        head.append(f"boxes for {plain_number(plan.target)} {'users' if plan.unit == 'users' else 'req/s'}, $ a month")
+    head.append("what broke first")
     out = [head]
     for r in rows:
         c = r.cells.get(name)
+        boxes = []
+        if plan is not None:
+            p = plan.plans.get(r.label)
+            boxes = ["-" if p is None else f"{p.boxes}, {_money(p.usd_per_month)}"]
         if c is None:
-            out.append([r.label, r.status.replace("_", " "), "-", "-", "-", r.failure or "-"])
+            out.append([r.label, r.status.replace("_", " "), "-", "-", "-", *boxes, r.failure or "-"])
             continue
         tps = "-" if c.output_tokens_per_s is None else f"{c.output_tokens_per_s:,.0f}"
         out.append([r.label, r.status.replace("_", " "), _bracket_text(c) + (" ⚠" if c.flagged else ""), tps,
-                    _money(c.usd_per_million_output_tokens), _broke_text(c)])
+                    _money(c.usd_per_million_output_tokens), *boxes, _broke_text(c)])
     return out
 
 
@@ -309,6 +376,9 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
     doc, rows = sweep_rows(root)
     workloads = _workloads(rows)
     best = best_choices(rows, workloads)
+    options = doc.get("options") or {}
+    plans = {p.pass_name: p for p in sweep_plans(rows, workloads, target_users=_positive(options.get("target_users")),
+                                                 target_rate_per_s=_positive(options.get("target_rate")))}
     scenario = doc.get("scenario", "?")
     status = doc.get("status", "?")
     lines = [f"# Sweep: {scenario} over {len(rows)} server configurations", ""]
@@ -319,17 +389,20 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
               + (f", configurations made from profile `{profile}`" if profile else ", one running server each")
               + f". Each configuration's full report is in its run directory (`<run>/report/envelope.md`).", ""]
     if best:
-        lines += ["## Best configuration", ""] + [f"- {b.sentence}" for b in best] + [""]
+        lines += ["## Best configuration", ""] + [f"- {b.sentence}" for b in best]
+        lines += [f"- {p.sentence}" for p in plans.values()] + [""]
     elif not any(r.cells for r in rows):
         lines += ["No configuration recorded any requests, so there is no boundary to compare.", ""]
     else:
         lines += ["No configuration produced a boundary: the scenario's passes set no SLOs.", ""]
     lines += [f"![Boundary and throughput per configuration]({SWEEP_GRAPH})", ""] if workloads else []
     for name in workloads:
-        lines += [f"## {name}", "", _md(_table(rows, name)), ""]
+        lines += [f"## {name}", "", _md(_table(rows, name, plans.get(name))), ""]
     prices = sorted({r.price_source for r in rows if r.price_source})
     if prices:
-        lines += [f"Cost at the boundary: price from {', '.join(prices)}; the formula is in each run's report.", ""]
+        lines += [f"Cost at the boundary: price from {', '.join(prices)}; the formula is in each run's report. "
+                  "Boxes: ceil(target / the configuration's boundary), each box run at its boundary, "
+                  "x $/h x 730 h a month.", ""]
     elif workloads:
         lines += ["No price was given, so no cost: pass --usd-per-hour to `envelope sweep` (or set usd_per_hour "
                   "in the profile).", ""]
@@ -356,21 +429,31 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
     with open(root / "sweep-table.csv", "w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["configuration", "run_dir", "status", "workload", "unit", "passed_level", "failed_level",
-                    "boundary_status", "output_tokens_per_s", "usd_per_million_output_tokens", "broke_first", "cause"])
+                    "boundary_status", "output_tokens_per_s", "usd_per_million_output_tokens", "broke_first", "cause",
+                    "plan_target", "plan_boxes", "plan_usd_per_month"])
         for r in rows:
             for name in workloads or [""]:
                 c = r.cells.get(name)
+                sp = plans.get(name)
+                p = sp.plans.get(r.label) if sp is not None else None
                 w.writerow([r.label, r.run_dir, r.status, name] + ([""] * 8 if c is None else [
                     c.unit, _num(c.passed_level), _num(c.failed_level), c.status, _num(c.output_tokens_per_s),
-                    _num(c.usd_per_million_output_tokens), c.broke_first or "", c.cause or ""]))
+                    _num(c.usd_per_million_output_tokens), c.broke_first or "", c.cause or ""])
+                    + ([_num(sp.target) if sp else "", "", ""] if p is None else
+                       [_num(sp.target), str(p.boxes), _num(p.usd_per_month)]))
     text = [f"Sweep of {scenario}: {len(rows)} configurations ({status})."]
     for name in workloads:
-        text += ["", _plain(_table(rows, name))]
-    text += [""] + [b.sentence for b in best]
+        text += ["", _plain(_table(rows, name, plans.get(name)))]
+    text += [""] + [b.sentence for b in best] + [p.sentence for p in plans.values()]
     failed = [r for r in rows if r.status in ("failed_to_start", "failed")]
     for r in failed:
         text.append(f"{r.label}: {r.status.replace('_', ' ')}" + (f": {r.failure}" if r.failure else ""))
-    return SweepSummary(rows=tuple(rows), workloads=tuple(workloads), best=tuple(best), text="\n".join(text))
+    return SweepSummary(rows=tuple(rows), workloads=tuple(workloads), best=tuple(best),
+                        plans=tuple(plans.values()), text="\n".join(text))
+
+
+def _positive(v: Any) -> float | None:
+    return float(v) if finite(v) and v > 0 else None
 
 
 def _num(v: float | None) -> str:

@@ -51,3 +51,28 @@ def test_no_configuration_passed_and_a_configuration_without_a_result():
     rows = [_row("a", _cell(4, 8)), _row("b", None)]
     (best,) = best_choices(rows, ["chat"])
     assert best.label == "a" and best.clear
+
+
+def test_every_configuration_is_planned_for_one_common_target():
+    from analysis.sweep import sweep_plans
+
+    def priced(passed, failed, usd=0.10):
+        return SweepCell(pass_name="chat", kind="search", unit="users", passed_level=passed, failed_level=failed,
+                         status="bracketed", output_tokens_per_s=500.0, usd_per_million_output_tokens=None,
+                         broke_first="p95 TTFT", cause="queueing", flagged=False, usd_per_hour=usd)
+
+    rows = [SweepRow(label=f"seqs={n}", settings={}, host=None, run_dir=str(n), status="complete", failure=None,
+                     log_tail=None, cells={"chat": priced(n, n + 1)}, price_source="--usd-per-hour")
+            for n in (4, 8, 16)]
+    (plan,) = sweep_plans(rows, ["chat"])
+    assert (plan.target, plan.target_source) == (160.0, "default: 10x the highest boundary of the sweep")
+    assert {k: (p.boxes, p.usd_per_month) for k, p in plan.plans.items()} == {
+        "seqs=4": (40, 40 * 0.10 * 730), "seqs=8": (20, 20 * 0.10 * 730), "seqs=16": (10, 10 * 0.10 * 730)}
+    assert plan.sentence.startswith("chat: to serve 160 concurrent users (default: 10x the highest boundary of the "
+                                    "sweep), seqs=16 needs 10 boxes ($730.00 a month), seqs=8 needs 20 boxes")
+    (given,) = sweep_plans(rows, ["chat"], target_users=50)
+    assert given.target_source == "--target-users 50"
+    assert [p.boxes for p in given.plans.values()] == [13, 7, 4]  # ceil(50 / 4), ceil(50 / 8), ceil(50 / 16)
+    unpriced = [SweepRow(label="a", settings={}, host=None, run_dir="a", status="complete", failure=None,
+                         log_tail=None, cells={"chat": priced(4, 5, usd=None)})]
+    assert sweep_plans(unpriced, ["chat"]) == []
