@@ -30,7 +30,7 @@ defaults:
   slos: {ttft_ms: 40}
 passes:
   - name: find
-    search: {start: 2, growth: 2, max: 32, probe_s: 2, settle_s: 0.5, min_requests: 20, budget_s: 15}
+    search: {start: 4, growth: 2, max: 32, probe_s: 2, settle_s: 0.5, min_requests: 20, budget_s: 20}
 """
 
 

@@ -51,3 +51,39 @@ def test_hosts_that_do_not_answer_are_refused_before_the_sweep_starts(tmp_path):
     code, _, err = _sweep(tmp_path, "--host", "http://127.0.0.1:9", "--host", "http://127.0.0.1:11")
     assert code == 2 and err.count("\n") == 1 and "--host http://127.0.0.1:9: cannot reach the server" in err, err
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_configuration_whose_server_does_not_start_is_reported_with_its_log_and_the_sweep_goes_on(
+        tmp_path, monkeypatch):
+    """The launcher fails as it does when vLLM refuses a flag (exit 2 during start-up, its usage on the log):
+    each configuration is recorded with the log's last lines, the next one is still tried, the report is
+    written, and the sweep exits 1."""
+    import json
+
+    from server.launcher import LaunchError, VllmServer
+
+    tried = []
+
+    def refuse(self, timeout_s=None):
+        tried.append(self.profile.extra_args)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("usage: api_server.py [-h] ...\n"
+                                 "api_server.py: error: unrecognized arguments: --no-such-vllm-flag\n")
+        raise LaunchError(f"vLLM exited with code 2 during start-up (log: {self.log_path})",
+                          log_tail=self.log_path.read_text())
+
+    monkeypatch.setattr(VllmServer, "start", refuse)
+    code, out, err = _sweep(tmp_path, "--profile", "cpu-tiny", "--set", "no_such_vllm_flag=1,2")
+    assert code == 1, err
+    assert tried == [("--no-such-vllm-flag", "1"), ("--no-such-vllm-flag", "2")]  # both tried, in order
+    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert doc["status"] == "partial"
+    assert [c["status"] for c in doc["configs"]] == ["failed_to_start", "failed_to_start"]
+    for c in doc["configs"]:
+        assert "unrecognized arguments: --no-such-vllm-flag" in c["log_tail"]
+        assert c["failure"].startswith("vLLM exited with code 2 during start-up") and "\n" not in c["failure"]
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "### no_such_vllm_flag=1: the server log's last lines" in md and "unrecognized arguments" in md
+    assert "No configuration recorded any requests" in md
+    assert "did not start; the sweep goes on" in err and "Traceback" not in err
