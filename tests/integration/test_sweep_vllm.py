@@ -5,6 +5,12 @@ The sweep launches the ``cpu-tiny`` profile twice, with ``max_num_seqs`` 4 and 1
 stage queues (half the requests wait about one request's length for a slot), with 16 it does not.
 The gate must pass two runs of the same configuration (the sweep's 16-slot run against a run on the
 session's server, also ``cpu-tiny`` with 16 slots) and fail the 4-slot run against the 16-slot one.
+
+The gate's intervals hold the noise within each run, not the drift between two runs on a shared 2-core
+box, and that drift is large for p95 TTFT at 8 users: two same-configuration pairs of this test measured
+-53% and +32% (and the first pair read the other way round, +115%). So the test allows what this box
+drifts, 200% (the allowances are the gate's settings for exactly this; docs/gate.md), while 4 slots
+against 16 move the 8-user p95 TTFT by +500% or more and its attainment by tens of points.
 """
 
 from __future__ import annotations
@@ -60,16 +66,18 @@ def test_a_two_configuration_sweep_and_the_gate_on_cpu_tiny(vllm_server, tmp_pat
     assert same.returncode == 0, same.stderr[-3000:]
     (again,) = runs.iterdir()
 
-    ok = _envelope("compare", str(sixteen), str(again), "--gate", "--out", str(tmp_path / "ok"),
+    drift = ("--max-ttft-regression", "200%", "--max-tpot-regression", "200%")
+    ok = _envelope("compare", str(sixteen), str(again), "--gate", *drift, "--out", str(tmp_path / "ok"),
                    "--junit", str(tmp_path / "ok.xml"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "Gate: pass" in ok.stdout
-    bad = _envelope("compare", str(sixteen), str(four), "--gate", "--out", str(tmp_path / "bad"),
+    bad = _envelope("compare", str(sixteen), str(four), "--gate", *drift, "--out", str(tmp_path / "bad"),
                     "--junit", str(tmp_path / "bad.xml"))
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "Gate: FAIL" in bad.stdout
     suite = ET.parse(tmp_path / "bad.xml").getroot()
     failed = [case.get("name") for case in suite.iter("testcase") if case.find("failure") is not None]
-    assert any("8" in name for name in failed), failed  # the 8-user stage's TTFT regressed
+    assert "chat / 8 users: TTFT p95" in failed, failed  # beyond even the 200% allowance
+    assert "chat / 8 users: attainment" in failed, failed
     assert int(suite.get("failures")) == len(failed) >= 1
 
