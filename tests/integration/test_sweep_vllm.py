@@ -7,8 +7,8 @@ The gate must pass two runs of the same configuration (the sweep's 16-slot run a
 session's server, also ``cpu-tiny`` with 16 slots) and fail the 4-slot run against the 16-slot one.
 
 The gate's intervals hold the noise within each run, not the drift between two runs on a shared 2-core
-box, and that drift is large for p95 TTFT at 8 users: two same-configuration pairs of this test measured
--53% and +32% (and the first pair read the other way round, +115%). So the test allows what this box
+box, and that drift is large: same-configuration pairs of this test measured p95 TTFT at 8 users -53%,
++32% and +16% apart (the first pair read the other way round, +115%), and p95 TPOT up to +79%. So the test allows what this box
 drifts, 200% (the allowances are the gate's settings for exactly this; docs/gate.md), while 4 slots
 against 16 move the 8-user p95 TTFT by +500% or more and its attainment by tens of points.
 """
