@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from analysis.cost import Price
@@ -130,8 +131,6 @@ def test_with_a_price_costs_and_plan(golden):
 
 
 def test_nan_and_infinity_become_null_and_numpy_numbers_plain():
-    np = pytest.importorskip("numpy")
-
     @dataclasses.dataclass(frozen=True)
     class Cells:
         a_ms: float
