@@ -37,6 +37,7 @@ from analysis.common import KV_PRESSURE_RATIO, METRIC_NAMES, finite, grouped_num
 from analysis.load import run_start_unix_s
 from analysis.envelope import flagged_caveat, last_safe_before, server_evidence, worst_failed_slo
 from analysis.failures import ServerStop, run_server_stop
+from envelope.capabilities import read_capabilities
 from analysis.rows import SloResult, TableRow
 from envelope.stages import StageRecord
 
@@ -96,6 +97,8 @@ class BrokeFirst:
     # what the server's latency histograms say at the first stage that failed its SLOs
     # (against the last safe stage below it; see analysis.envelope.server_evidence)
     server_evidence: tuple[str, ...] = ()
+    # False: the server has no /metrics at all (probed: capabilities.json); None: not probed
+    server_has_metrics: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,9 +316,11 @@ def what_broke_first(run: Any, rows: Sequence[TableRow]) -> BrokeFirst:
     events = break_events(stages=run.stages, rows=rows, frame=run.frame, metrics=metrics,
                           host=telemetry.get("host"), run_start_unix_s=zero, server_stop=run_server_stop(run))
     saturated = saturated_stage_indices(rows, telemetry.get("host"), run_start_unix_s=zero)
+    caps = read_capabilities(run.run_dir) if getattr(run, "run_dir", None) is not None else None
     fields = dict(events=tuple(events), first=events[0] if events else None,
                   server_metrics=_ok_metrics(metrics) is not None, saturated_stages=tuple(sorted(saturated)),
-                  server_evidence=tuple(_slo_stage_server_evidence(events, rows)))
+                  server_evidence=tuple(_slo_stage_server_evidence(events, rows)),
+                  server_has_metrics=None if caps is None else caps.metrics)
     sentence = broke_sentence(BrokeFirst(**fields, sentence=""))
     # the stages the sentence names: the first event's, and the first SLO failure's
     named = {e.stage_index for e in events[:1] + [e for e in events if e.kind == "slo"][:1]}
@@ -345,6 +350,9 @@ def broke_sentence(result: BrokeFirst) -> str:
 
 def _broke_sentence(result: BrokeFirst) -> str:
     no_server = "no server metrics were recorded, so only client-side SLOs can be ordered"
+    if result.server_has_metrics is False:
+        no_server = ("the server has no /metrics, so its queue, batch slots and KV cache could not be seen: "
+                     "only client-side SLOs and failed requests can be ordered")
     first = result.first
     if first is None:
         if result.server_metrics:

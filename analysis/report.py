@@ -28,6 +28,7 @@ from analysis import render
 from analysis import search_report as sr
 from analysis import tokens
 from analysis import workers as wk
+from analysis import capabilities as capa
 from analysis.boundary import pass_boundaries
 from analysis.common import METRIC_NAMES, adaptive_percent, finite, grouped_number, percent, split_key
 from analysis.cost import Price, format_amount, format_usd
@@ -402,6 +403,7 @@ _RUN = "Run"
 _SEARCH = "Search: how the boundary was found"
 _SOURCES = "Workload sources"
 _COST = "Cost and capacity"
+_CAPABILITIES = "Server capabilities"
 _CLIENTS = "Per client class"
 _CLASSES = "Client classes"
 _TURNS = "By conversation turn"
@@ -531,6 +533,8 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
             parts.append("\n".join(f"- {_md_escape(line)}" for line in lines) + "\n")
     parts.append(f"## {_RUN}\n")
     parts += ["\n".join(f"- {_md_escape(line)}" for line in _header_lines(run)), ""]
+    parts.append(f"## {_CAPABILITIES}\n")
+    parts.append(_capabilities_section(run))
     if costs is not None and rows:
         parts.append(f"## {_COST}\n")
         parts.append(_cost_section(costs, rows))
@@ -591,6 +595,26 @@ def _markdown(run: Any, table_md: str, graphs: Mapping[str, tuple[str, bytes]],
         parts.append("## Missing\n")
         parts.append("\n".join(f"- {_md_escape(m)}" for m in run.missing) + "\n")
     return "\n".join(parts)
+
+
+def _capabilities_section(run: Any) -> str:
+    """What the server did not do that the workloads ask of vLLM, and how each number was obtained instead."""
+    from envelope.capabilities import read_capabilities
+
+    caps = read_capabilities(run.run_dir) if getattr(run, "run_dir", None) is not None else None
+    out = [_md_escape(capa._engine_line(run.server or {})) + "\n"]
+    out += [_md_escape(line) + "\n" for line in capa.capabilities_lines(caps, run.frame)]
+    if caps is None:
+        return "\n".join(out)
+    out.append(_md_table(capa.capability_table(caps)) + "\n")
+    if any(e.forced_output != "honoured" for e in caps.endpoints):
+        names = {s.stage_index: s.stage_name for s in run.stages}
+        lengths = capa.output_length_rows(run.frame, names)
+        if lengths:
+            out.append("Output tokens asked for and given (successful requests): the server chose where to stop, "
+                       "so these, not the scenario's, are the lengths measured.\n")
+            out.append(_md_table(capa.output_length_table(lengths)) + "\n")
+    return "\n".join(out)
 
 
 COST_NOTE = (

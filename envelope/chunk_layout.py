@@ -19,7 +19,7 @@ import orjson
 __all__ = ["ChunkLayout"]
 
 # The observer's reading of one parsed event (envelope.stream.summarize_chunk): a tuple in the order
-# of envelope.stream.ChunkSummary, (error, prompt_tokens, completion_tokens, content, pieces, choices). It is
+# of envelope.stream.ChunkSummary, (error, prompt_tokens, completion_tokens, content, pieces, choices, finished). It is
 # passed in, so this module does not import the observer that uses it.
 Summarize = Callable[[Mapping[str, Any]], tuple]
 
@@ -118,8 +118,10 @@ class ChunkLayout:
         matching chunk as it does.
         """
         summary = summarize(obj)
-        _, _, completion_tokens, content, pieces, _ = summary
+        _, _, completion_tokens, content, pieces, _, finished = summary
         choices = obj.get("choices")
+        if finished:  # the end of the answer: the fast path reads only ordinary chunks
+            return None
         if not (content and type(choices) is list and len(choices) == 1 and type(choices[0]) is dict):
             return None
         if b"\n" in payload or b"\r" in payload or payload != payload.strip():
@@ -187,7 +189,7 @@ class ChunkLayout:
         return (None,
                 int(m[self.prompt_group]) if self.prompt_group else None,
                 int(m[self.completion_group]) if self.completion_group else None,
-                True, (m[1].decode(),) if self.keeps_text else (), True)
+                True, (m[1].decode(),) if self.keeps_text else (), True, False)
 
 
 def _text_span(payload: bytes, choice: dict) -> tuple[int, int] | None:

@@ -110,6 +110,13 @@ def _add_run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--model", help="served model name (default: the scenario's, else the first listed)")
     r.add_argument("--record-text", action="store_true",
                    help="store prompt and completion text in the records (off by default)")
+    r.add_argument("--tokenizer", metavar="DIR",
+                   help="the served model's tokenizer directory, for a server without /tokenize or usage "
+                        "(default: the model's own directory when it is on this machine)")
+    r.add_argument("--count-tokens", choices=("server", "tokenizer"),
+                   help="server (default): tokens from the server's usage, the tokenizer only where it gives none; "
+                        "tokenizer: count every request with the local tokenizer, as client-side tools do, "
+                        "the server's usage kept beside it")
     r.add_argument("--no-analysis", action="store_true", help="do not write the report at the end")
     _add_cost_arguments(r)
 
@@ -163,6 +170,8 @@ def locust_command(
     master_bind_port: int | None = None,
     model: str | None = None,
     record_text: bool = False,
+    tokenizer: str | None = None,
+    count_tokens: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """Locust's argv. It never carries the API key: that goes in the environment (:func:`locust_env`)."""
@@ -191,6 +200,10 @@ def locust_command(
         argv += ["--model", model]
     if record_text:
         argv.append("--record-text")
+    if tokenizer:
+        argv += ["--tokenizer", str(tokenizer)]
+    if count_tokens:
+        argv += ["--count-tokens", count_tokens]
     return argv
 
 
@@ -220,6 +233,7 @@ class _Plan:
     run_name: str | None = None  # the run directory's name (default: <time>-<scenario>)
     sweep: dict[str, Any] | None = None  # a sweep's configuration: recorded in run.json's options
     extra: dict[str, Any] = field(default_factory=dict)
+    launched_model: str | None = None  # the model name a launched server answers to, when it does not list it
 
 
 def _validate(args: argparse.Namespace, *, profile_override: Any = None) -> _Plan:
@@ -256,6 +270,13 @@ def _validate(args: argparse.Namespace, *, profile_override: Any = None) -> _Pla
     if args.api_key_env and args.api_key_file:
         raise UsageError("give at most one of --api-key-env and --api-key-file")
     _check_cost_arguments(args)
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer:
+        from envelope.tokenizer import find_local_tokenizer
+
+        if find_local_tokenizer([tokenizer]) is None:
+            raise UsageError(f"--tokenizer {tokenizer}: not a directory with a tokenizer "
+                             f"(tokenizer.json or tokenizer_config.json)")
     profile = profile_override
     if args.profile and profile is None:
         from server.profiles import load_profile
@@ -274,7 +295,8 @@ def _validate(args: argparse.Namespace, *, profile_override: Any = None) -> _Pla
                  profile=profile, api_key=key)
     if profile is not None:
         # what the launched server will serve is known now: no need to wait for vLLM to find out
-        _check_model(plan, scenario, f"profile {profile.name}", [profile.served_model_name])
+        if profile.served_model_name is not None:  # transformers serve answers to its model's path
+            _check_model(plan, scenario, f"profile {profile.name}", [profile.served_model_name])
         _check_length(plan, scenario, f"profile {profile.name}", profile.max_model_len)
     else:
         plan.server_info = _preflight_host(plan, scenario)
@@ -308,7 +330,12 @@ def _preflight_host(plan: _Plan, scenario: Any) -> dict[str, Any]:
                          f"(GET /v1/models answered HTTP {models})")
     if models != 200:
         what = f"answered HTTP {models}" if isinstance(models, int) else f"failed ({models.removeprefix('error: ')})"
-        raise UsageError(f"--host {url}: GET /v1/models {what}; is this an OpenAI-compatible server?")
+        if health == 200 and (args.model or scenario.model):
+            # it is up, and the model is named: a server that does not list what it serves (transformers
+            # serve lists its download cache); the probe before load learns what else it lacks
+            return info
+        raise UsageError(f"--host {url}: GET /v1/models {what}; is this an OpenAI-compatible server? "
+                         f"(if it serves a model it does not list, name it with --model)")
     names = [n for n in info.get("served_model_names") or [] if n]
     if not names:
         raise UsageError(f"--host {url}: the server lists no models (GET /v1/models)")
@@ -434,6 +461,8 @@ class _Runner:
                 "api_key_env": args.api_key_env,
                 "api_key_file": args.api_key_file,
                 "record_text": bool(args.record_text),
+                "tokenizer": getattr(args, "tokenizer", None),
+                "count_tokens": getattr(args, "count_tokens", None),
                 "no_analysis": bool(args.no_analysis),
                 "usd_per_hour": getattr(args, "usd_per_hour", None),
                 "power_w": getattr(args, "power_w", None),
@@ -501,12 +530,16 @@ class _Runner:
             from server.launcher import LaunchError, VllmServer
 
             server = self.server = VllmServer(self.plan.profile, run_dir=run_dir, api_key=self.plan.api_key)
-            self.say(f"launching vLLM (profile {self.plan.profile.name}); log: {server.log_path}")
+            engine = "vLLM" if self.plan.profile.engine == "vllm" else "transformers serve"
+            self.say(f"launching {engine} (profile {self.plan.profile.name}); log: {server.log_path}")
             try:
                 info = server.start()
             except LaunchError as exc:
                 raise _LaunchFailed(redact(str(exc), [self.plan.api_key])) from None
-            self.say(f"vLLM ready at {server.base_url} after {info.get('time_to_healthy_s')} s")
+            self.say(f"{engine} ready at {server.base_url} after {info.get('time_to_healthy_s')} s")
+            if self.plan.profile.engine != "vllm" and not self.args.model:
+                # a server that does not list what it serves: the launcher knows the name it answers to
+                self.plan.launched_model = info.get("served_model_name")
             return server.base_url
         from server.probe import probe_server
 
@@ -528,8 +561,10 @@ class _Runner:
                               host=base_url, run_dir=run_dir.resolve(), quick=args.quick,
                               duration_scale=args.duration_scale, processes=args.processes,
                               expect_workers=args.expect_workers, master_bind_host=args.master_bind_host,
-                              master_bind_port=args.master_bind_port, model=args.model,
-                              record_text=args.record_text)
+                              master_bind_port=args.master_bind_port,
+                              model=args.model or self.plan.launched_model,
+                              record_text=args.record_text, tokenizer=getattr(args, "tokenizer", None),
+                              count_tokens=getattr(args, "count_tokens", None))
         (run_dir / "locust").mkdir(exist_ok=True)
         log_path = run_dir / "locust" / "locust.log"
         proc: subprocess.Popen[bytes] | None = None

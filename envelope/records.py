@@ -112,6 +112,12 @@ class RequestRecord:
     output_tokens: int | None = None  # server usage.completion_tokens, else the estimate
     output_tokens_estimated: bool = False  # True when output_tokens is the client estimate
     output_tokens_client_estimate: int | None = None  # token chunks counted by the client
+    # where prompt_tokens/output_tokens came from: "server" (usage), "tokenizer" (the model's tokenizer on
+    # this machine, for a server without usage or with --count-tokens tokenizer), "chunks" (an estimate)
+    token_source: str | None = None
+    # with token_source "tokenizer": what the server's usage said, when it said anything (to compare)
+    prompt_tokens_server: int | None = None
+    output_tokens_server: int | None = None
     requested_prompt_tokens: int | None = None
     requested_output_tokens: int | None = None
     # outcome

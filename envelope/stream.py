@@ -33,7 +33,8 @@ class StreamObserver:
 
     A *token chunk* is an event with ``choices`` that carries a new output token:
     its ``usage.completion_tokens`` (continuous usage stats) rose over the last
-    count the stream reported (0 before any), or, when it has no usage, it
+    count the stream reported (an earlier chunk reported one, or this one carries
+    output: a finish chunk with the stream's only usage adds no token), or, when it has no usage, it
     carries output: non-empty ``delta.content`` (chat), ``text`` (completions),
     ``delta.reasoning_content`` / ``delta.reasoning`` (reasoning models) or
     ``delta.tool_calls``. So a token whose text is held back (an empty delta)
@@ -73,6 +74,7 @@ class StreamObserver:
         "_prompt_tokens",
         "_completion_tokens",
         "_done",
+        "_finished",
         "_error_category",
         "_error_detail",
         "_text",
@@ -95,6 +97,7 @@ class StreamObserver:
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
         self._done = False
+        self._finished = False  # a chunk carried a finish_reason
         self._error_category: str | None = None
         self._error_detail: str | None = None
         self._text: list[str] = []
@@ -163,7 +166,7 @@ class StreamObserver:
                 self._error_detail = _short(bytes(payload).decode("utf-8", "replace"))
             return
         summary = self._on_object(obj, now_s)
-        if summary is not None and summary.content and self._layout_tries:
+        if summary is not None and summary.content and not summary.finished and self._layout_tries:
             # A content chunk the layout (if any) did not match. Learn one from it when there is
             # none, or when two chunks in a row missed (the stream's shape changed); a chunk that
             # is merely unusual (the last one, with finish_reason) keeps the current layout.
@@ -185,17 +188,22 @@ class StreamObserver:
             self._prompt_tokens = summary.prompt_tokens
         completion_tokens = summary.completion_tokens
         if completion_tokens is not None:
+            counted_before = self._completion_tokens is not None
             before = self._completion_tokens or 0
             self._completion_tokens = completion_tokens
             if completion_tokens > before:
-                if summary.choices:
+                if summary.choices and (summary.content or counted_before):
                     self._token_chunk(now_s, completion_tokens - before)
                 else:
-                    self._tokens_known = False  # tokens no token chunk carried: chunk_tokens would not sum
+                    # tokens no token chunk carried (a usage-only chunk, or a finish chunk with the first
+                    # and only usage of the stream, as transformers serve sends it): chunk_tokens would not sum
+                    self._tokens_known = False
         elif summary.choices and summary.content:
             self._token_chunk(now_s, None)
         if summary.pieces and self.keep_text:
             self._text.extend(summary.pieces)
+        if summary.finished:
+            self._finished = True
         return summary
 
     def _token_chunk(self, now_s: float, tokens: int | None) -> None:
@@ -239,12 +247,15 @@ class StreamObserver:
         error_detail: str | None = None,
         http_status: int | None = None,
         usage_expected: bool = False,
+        done_expected: bool = True,
     ) -> dict[str, Any]:
         """End the observation at ``now_s``; return the record fields observed.
 
         An explicit ``error_category`` wins over errors seen in the stream; else
         the first observed error wins; else a stream without ``[DONE]`` is
-        ``incomplete_stream``; else, with ``usage_expected``, a stream that
+        ``incomplete_stream`` (with ``done_expected=False``, for a server that never
+        sends ``[DONE]``, a stream is complete when a chunk carried a
+        ``finish_reason``); else, with ``usage_expected``, a stream that
         reported no usage is ``missing_usage``. The caller says whether usage
         was expected: the request asked for it and the server is known to give
         it (see :func:`locustfiles.users.send_one`). Without usage
@@ -259,9 +270,10 @@ class StreamObserver:
 
         if error_category is None:
             error_category, error_detail = self._error_category, self._error_detail
-            if error_category is None and not self._done:
+            if error_category is None and not self._done and (done_expected or not self._finished):
                 error_category = ErrorCategory.INCOMPLETE_STREAM
-                error_detail = "stream ended without [DONE]"
+                error_detail = ("stream ended without [DONE]" if done_expected
+                                else "stream ended without a finish_reason")
             elif error_category is None and usage_expected and self._completion_tokens is None:
                 error_category = ErrorCategory.MISSING_USAGE
                 error_detail = "no usage in the stream, though asked for (stream_options.include_usage)"
@@ -310,6 +322,7 @@ class ChunkSummary(NamedTuple):
     content: bool  # carries output: text, completion text, reasoning or tool calls
     pieces: tuple[str, ...]  # the content / completion text it carries (not reasoning)
     choices: bool  # has a non-empty ``choices`` list (a usage-only chunk has none)
+    finished: bool = False  # a choice carries a finish_reason (the server's end of the answer)
 
 
 def summarize_chunk(obj: Mapping[str, Any]) -> ChunkSummary:
@@ -330,10 +343,12 @@ def summarize_chunk(obj: Mapping[str, Any]) -> ChunkSummary:
         prompt_tokens = usage.get("prompt_tokens")
         completion_tokens = usage.get("completion_tokens")
 
-    content = False
+    content = finished = False
     pieces: list[str] = []
     choices = obj.get("choices") or ()
     for choice in choices:
+        if choice.get("finish_reason"):
+            finished = True
         delta = choice.get("delta")
         if delta:
             piece = delta.get("content")
@@ -346,7 +361,7 @@ def summarize_chunk(obj: Mapping[str, Any]) -> ChunkSummary:
         if piece:
             content = True
             pieces.append(piece)
-    return ChunkSummary(None, prompt_tokens, completion_tokens, content, tuple(pieces), bool(choices))
+    return ChunkSummary(None, prompt_tokens, completion_tokens, content, tuple(pieces), bool(choices), finished)
 
 
 def _short(text: str) -> str:

@@ -105,6 +105,10 @@ class EnvelopeRun:
         self._samplers: dict[tuple, DatasetSampler] = {}
         self.model: str | None = getattr(options, "model", None) or self.scenario.model
         self.max_model_len: int | None = None
+        # what the server does with vLLM's extensions (envelope.capabilities), learned at the probe, and
+        # the model's tokenizer on this machine where the run counts or sizes tokens with it
+        self.capabilities = None
+        self.local_tokenizer = None
         self.started_unix_s = time.time()
         # requests being sent by this process now; on a master, each worker's last report
         self.in_flight = 0
@@ -330,7 +334,15 @@ class EnvelopeRun:
 
     def probe_server(self, host: str) -> list[str]:
         """Learn the served model and max length, calibrate prompts; return one-line problems, if any."""
-        facts = probe_server(host, headers=self.auth_headers(), model=self.model, scenario=self.scenario)
+        facts = probe_server(host, headers=self.auth_headers(), model=self.model, scenario=self.scenario,
+                             tokenizer=getattr(self.options, "tokenizer", None) or None,
+                             count_tokens=getattr(self.options, "count_tokens", None) or "server")
+        self.capabilities = facts.capabilities
+        self.local_tokenizer = facts.local_tokenizer
+        if facts.capabilities is not None and not self.is_worker:
+            from envelope.capabilities import write_capabilities
+
+            write_capabilities(self.ensure_run_dir(), facts.capabilities)
         if facts.model is not None:
             self.model = facts.model
         if facts.max_model_len is not None:

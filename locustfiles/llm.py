@@ -163,6 +163,14 @@ def _add_arguments(parser) -> None:
                             "links between hosts.", include_in_web_ui=False)
     parser.add_argument("--record-text", action="store_true", default=False,
                        help="Store prompt and completion text in the records (off by default).", include_in_web_ui=False)
+    parser.add_argument("--tokenizer", default="",
+                       help="Directory of the served model's tokenizer, for a server without /tokenize or usage "
+                            "(default: the model's own directory when the server names a local path).",
+                       include_in_web_ui=False)
+    parser.add_argument("--count-tokens", choices=("server", "tokenizer"), default="server",
+                       help="server: tokens from the server's usage (the tokenizer only where it gives none); "
+                            "tokenizer: every request counted with the local tokenizer, the server's usage kept "
+                            "beside it, as client-side tools count.", include_in_web_ui=False)
 
 
 def _fail(environment, message: str) -> None:

@@ -180,20 +180,22 @@ def build_request(ctx: EnvelopeRun, stage, client, rng: random.Random, plan: Req
         raise RuntimeError("prompts were not calibrated: test_start did not run")
     if plan is None:
         plan = _workload_plan(ctx, client, rng)
-    body: dict = {"model": ctx.model, "stream": True,
-                  "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-                  "temperature": workload.temperature}
+    path = "/v1/chat/completions" if client.endpoint == "chat" else "/v1/completions"
+    # what the probe found this server does with vLLM's extensions: refused fields are not sent
+    caps = ctx.capabilities.endpoint(path) if ctx.capabilities is not None else None
+    body: dict = {"model": ctx.model, "stream": True}
+    if caps is None or caps.stream_options:
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    body["temperature"] = workload.temperature
     built = plan.built
     if client.endpoint == "chat":
         body["messages"] = built.messages if built.messages is not None else [{"role": "user", "content": built.text}]
-        path = "/v1/chat/completions"
     else:
         body["prompt"] = built.text if built.text is not None else "\n".join(m["content"] for m in built.messages or ())
-        path = "/v1/completions"
     output_tokens = plan.output_tokens
     if output_tokens is not None:
         body["max_tokens"] = output_tokens
-        if workload.fixed_output:
+        if workload.fixed_output and (caps is None or caps.sends_forced_fields):
             body["min_tokens"] = output_tokens
             body["ignore_eos"] = True
     timeouts = stage.timeouts
@@ -234,19 +236,23 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     raised in whichever greenlet is running): the server has the request, so
     the record must exist before the interrupt goes on to stop the process.
 
-    A stream that ended properly without any ``usage`` although the request
-    asked for it (``stream_options.include_usage``) fails as ``missing_usage``,
-    but only once this process has received usage from the server
-    (``ctx.server_gave_usage``): a server that never gives usage is not failed
-    request by request, its records keep the client's token estimate. The
-    limitation: each process learns this on its own, so until a process has
-    got usage from the server, its requests without usage are successes.
+    A stream that ended properly without any ``usage`` from a server that the
+    probe saw giving usage (:mod:`envelope.capabilities`) fails as
+    ``missing_usage``; a server that never gives usage is not failed request by
+    request: its records are counted with the model's tokenizer where it is on
+    this machine, else they keep the client's chunk count (``token_source``).
+    Without a probe (a context built by hand), the process learns it from the
+    first stream that carried usage (``ctx.server_gave_usage``).
     """
     spec, plan = build_request(ctx, stage, client, rng, plan)
+    caps = ctx.capabilities.endpoint(spec.path) if ctx.capabilities is not None else None
+    counter = ctx.local_tokenizer if ctx.capabilities is not None and \
+        ctx.capabilities.token_counting == "tokenizer" else None
     wall_start = time.time() + ctx.clock_offset_s  # on the master's clock (0 unless a worker)
     t_start = perf_counter()
-    # a conversation keeps the server's answer for its history (recorded only with --record-text)
-    obs = StreamObserver(t_start, keep_text=ctx.record_text or on_answer is not None)
+    # a conversation keeps the server's answer for its history (recorded only with --record-text), and
+    # counting with the local tokenizer needs the answer's text
+    obs = StreamObserver(t_start, keep_text=ctx.record_text or on_answer is not None or counter is not None)
     interrupt: BaseException | None = None
     ctx.in_flight += 1
     try:
@@ -264,10 +270,15 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
         error_category=ErrorCategory.CANCELLED if cancelled else outcome.error_category,
         error_detail=_cancel_detail(interrupt) if cancelled else outcome.error_detail,
         http_status=None if cancelled else outcome.http_status,
-        usage_expected=ctx.server_gave_usage and _asks_for_usage(spec.body),
+        # probed: a server that gives usage must give it to every stream (else missing_usage); one that
+        # never does is noted once in capabilities.json, not failed request by request
+        usage_expected=(caps.usage != "none") if caps is not None else (
+            ctx.server_gave_usage and _asks_for_usage(spec.body)),
+        done_expected=caps.done_marker if caps is not None else True,
     )
     if obs.usage_seen:
         ctx.server_gave_usage = True
+    fields.update(_token_counts(fields, spec.body, counter, ctx.capabilities))
     answer_text = fields.pop("completion_text", None)
     record = RequestRecord(
         run_id=ctx.run_id,
@@ -346,6 +357,26 @@ def report(environment, rec: RequestRecord) -> None:
     if tpot is not None:
         fire(request_type="TPOT", name=name, response_time=tpot * 1000.0, response_length=0,
              exception=None, context={})
+
+
+def _token_counts(fields: dict, body: dict, counter, capabilities) -> dict:
+    """Where the record's token counts come from (``token_source``) and, when counting with the local
+    tokenizer (a server without usage, or ``--count-tokens tokenizer``), the counts themselves: the answer's
+    text and the prompt as the server renders it, the server's own usage kept beside them."""
+    server_said = not fields["output_tokens_estimated"]
+    if counter is None:
+        return {"token_source": "server" if server_said else "chunks"}
+    text = fields.get("completion_text") or ""
+    if "messages" in body:
+        prompt = counter.count_messages(body["messages"])
+    else:
+        prompt = counter.count_prompt(body.get("prompt") or "")
+    return {"token_source": "tokenizer",
+            "output_tokens": counter.count_text(text) if text else 0,
+            "output_tokens_estimated": False,
+            "prompt_tokens": prompt,
+            "output_tokens_server": fields["output_tokens"] if server_said else None,
+            "prompt_tokens_server": fields.get("prompt_tokens")}
 
 
 def _asks_for_usage(body: dict) -> bool:

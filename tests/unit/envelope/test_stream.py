@@ -620,13 +620,47 @@ def test_layout_refuses_what_it_cannot_prove():
 
 
 def test_summarize_chunk():
-    assert summarize_chunk(orjson.loads(chunk(b" a", b"3"))) == (None, 12, 3, True, (" a",), True)
-    assert summarize_chunk({"choices": [{"delta": {"reasoning": "r"}}]}) == (None, None, None, True, (), True)
+    assert summarize_chunk(orjson.loads(chunk(b" a", b"3"))) == (None, 12, 3, True, (" a",), True, False)
+    assert summarize_chunk({"choices": [{"delta": {"reasoning": "r"}}]}) == (None, None, None, True, (), True, False)
     assert summarize_chunk({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]}) == (
-        None, None, None, True, (), True)
-    assert summarize_chunk({"choices": [{"delta": {"content": ""}}]}) == (None, None, None, False, (), True)
+        None, None, None, True, (), True, False)
+    assert summarize_chunk({"choices": [{"delta": {"content": ""}}]}) == (None, None, None, False, (), True, False)
     assert summarize_chunk({"error": {"message": "m"}}).error == "m"
-    assert summarize_chunk({"choices": [], "usage": {"completion_tokens": 4}}) == (None, None, 4, False, (), False)
+    assert summarize_chunk({"choices": [], "usage": {"completion_tokens": 4}}) == (None, None, 4, False, (), False,
+                                                                                  False)
+    assert summarize_chunk({"choices": [{"delta": {}, "finish_reason": "length"}]}).finished is True
+    assert summarize_chunk({"choices": [{"delta": {"content": "a"}, "finish_reason": None}]}).finished is False
+
+
+# transformers serve 5.19 as it streams: usage only in the finish chunk, and no data: [DONE] at the end
+_TRANSFORMERS_STREAM = b"".join([
+    b'data: {"id":"c","choices":[{"delta":{"role":"assistant"},"index":0}],"object":"chat.completion.chunk"}\n\n',
+    *[b'data: {"id":"c","choices":[{"delta":{"content":" detail"},"index":0}],"object":"chat.completion.chunk"}\n\n']
+    * 3,
+    b'data: {"id":"c","choices":[{"delta":{},"index":0,"finish_reason":"length"}],"object":"chat.completion.chunk",'
+    b'"usage":{"completion_tokens":3,"prompt_tokens":15,"total_tokens":18}}\n\n',
+])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_server_without_done_ends_its_stream_with_the_finish_reason(fast):
+    obs = StreamObserver(0.0, keep_text=True, fast=fast)
+    obs.on_bytes(_TRANSFORMERS_STREAM, 0.5)
+    fields = obs.finish(0.6, usage_expected=True, done_expected=False)
+    assert fields["error_category"] is None
+    assert (fields["output_tokens"], fields["prompt_tokens"], fields["output_tokens_estimated"]) == (3, 15, False)
+    assert len(fields["chunk_offsets_s"]) == 3 and fields["completion_text"] == " detail" * 3
+    # the same stream from a server that does send [DONE] is cut short
+    obs = StreamObserver(0.0, fast=fast)
+    obs.on_bytes(_TRANSFORMERS_STREAM, 0.5)
+    assert obs.finish(0.6)["error_category"] == "incomplete_stream"
+    # without [DONE] and without a finish_reason, the stream was cut short either way
+    cut = _TRANSFORMERS_STREAM.rsplit(b"data:", 1)[0]
+    obs = StreamObserver(0.0, fast=fast)
+    obs.on_bytes(cut, 0.5)
+    fields = obs.finish(0.6, done_expected=False)
+    assert (fields["error_category"], fields["error_detail"]) == ("incomplete_stream",
+                                                                  "stream ended without a finish_reason")
 
 
 def test_layout_proof_rejects_a_wrong_reading():

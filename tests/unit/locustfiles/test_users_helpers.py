@@ -105,7 +105,7 @@ def _send_one_categories(sends: list[tuple[str, bool]]) -> dict:
                     "no_usage": [chunk("a"), chunk("b"), b"[DONE]"]}}
         written = []
         ctx = SimpleNamespace(record_text=False, clock_offset_s=0.0, in_flight=0, run_id="run", worker_id="h:1",
-                              server_gave_usage=False, note_result=lambda rec: None,
+                              server_gave_usage=False, capabilities=None, local_tokenizer=None, note_result=lambda rec: None,
                               record_writer=lambda: SimpleNamespace(write=written.append))
         environment = SimpleNamespace(events=SimpleNamespace(request=SimpleNamespace(fire=lambda **kw: None)))
         stage = SimpleNamespace(pass_name="p", index=0, name="s")
@@ -167,7 +167,7 @@ def test_an_interrupt_mid_request_is_recorded_then_goes_on():
 
         written = []
         ctx = SimpleNamespace(record_text=False, clock_offset_s=0.0, in_flight=0, run_id="run", worker_id="h:1",
-                              server_gave_usage=False, note_result=lambda rec: None,
+                              server_gave_usage=False, capabilities=None, local_tokenizer=None, note_result=lambda rec: None,
                               record_writer=lambda: SimpleNamespace(write=written.append))
         environment = SimpleNamespace(events=SimpleNamespace(request=SimpleNamespace(fire=lambda **kw: None)))
         spec = RequestSpec(path="/v1/chat/completions", body={"model": "m", "stream": True, "messages": []},
