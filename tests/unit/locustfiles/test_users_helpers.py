@@ -197,3 +197,73 @@ def test_an_interrupt_mid_request_is_recorded_then_goes_on():
         ["cancelled", "interrupted mid-request (SystemExit)", 1],
         ["cancelled", "stopped by Locust mid-request", 1],
     ]
+
+
+# -- the probed capabilities shape the request and the record -------------------------------------
+
+def test_requests_and_records_follow_the_probed_capabilities():
+    """transformers serve as probed (tests/fixtures/capabilities/transformers-serve.json): min_tokens and
+    ignore_eos refused, usage only in the finish chunk, no [DONE]. Requests go without the refused fields;
+    a stream that ends at its finish_reason is complete; one without usage from this server is
+    missing_usage; with token_counting "tokenizer" the counts are the local tokenizer's, the server's kept."""
+    code = textwrap.dedent("""
+        import json, random
+        from types import SimpleNamespace
+        from envelope.capabilities import EndpointCapabilities, ServerCapabilities
+        from envelope.prompts import calibrate
+        from envelope.scenario import load_scenario
+        import locustfiles.users as users
+        from locustfiles.transports import Outcome
+
+        scenario = load_scenario("scenarios/smoke.yaml")
+        stage = scenario.resolve()[0]
+        client = stage.clients[0]
+        chat = EndpointCapabilities(path="/v1/chat/completions", streams=True, usage="final", done_marker=False,
+                                    forced_output="rejected", stream_options=True, probe_output_tokens=8,
+                                    refused="HTTP 422")
+        out = {}
+        for counting in ("server", "tokenizer"):
+            caps = ServerCapabilities(models_listed=False, tokenize=False, metrics=False, endpoints=(chat,),
+                                      token_counting=counting, tokenizer_path="/t")
+            counter = SimpleNamespace(count_text=lambda text: len(text.split()),
+                                      count_messages=lambda messages: 99, count_prompt=lambda text: 98)
+            written = []
+            ctx = SimpleNamespace(record_text=False, clock_offset_s=0.0, in_flight=0, run_id="run", worker_id="h:1",
+                                  server_gave_usage=False, capabilities=caps, local_tokenizer=counter,
+                                  note_result=lambda rec: None, record_writer=lambda: SimpleNamespace(write=written.append),
+                                  factory=calibrate(None), model="/m", max_model_len=None, scenario=scenario,
+                                  auth_headers=lambda: {})
+            environment = SimpleNamespace(events=SimpleNamespace(request=SimpleNamespace(fire=lambda **kw: None)))
+            bodies = []
+            def transport(spec, obs, usage=True):
+                bodies.append(spec.body)
+                t = obs.t_start_s
+                for i in range(3):
+                    obs.on_bytes(b'data: {"choices":[{"index":0,"delta":{"content":" two words"}}]}\\n\\n', t + 0.01 * (i + 1))
+                last = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+                if usage:
+                    last["usage"] = {"prompt_tokens": 64, "completion_tokens": 5}
+                obs.on_bytes(b"data: " + json.dumps(last).encode() + b"\\n\\n", t + 0.05)
+                return Outcome(http_status=200)
+            for usage in (True, False):
+                users.send_one(ctx, environment, stage=stage, client=client, rng=random.Random(0), request_id="r",
+                               transport=lambda spec, obs, usage=usage: transport(spec, obs, usage))
+            out[counting] = {
+                "bodies": [sorted(b) for b in bodies],
+                "records": [[r.error_category, r.output_tokens, r.prompt_tokens, r.token_source, r.output_tokens_server,
+                             r.prompt_tokens_server, len(r.chunk_offsets_s)] for r in written]}
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for counting in ("server", "tokenizer"):
+        for body in out[counting]["bodies"]:  # fixed output asked by max_tokens alone
+            assert "min_tokens" not in body and "ignore_eos" not in body and "max_tokens" in body
+            assert "stream_options" in body  # accepted (ignored) by this server: still sent
+    # server counting: complete without [DONE]; the stream without usage from a server that gives it fails
+    assert out["server"]["records"] == [[None, 5, 64, "server", None, None, 3],
+                                        ["missing_usage", 3, None, "chunks", None, None, 3]]
+    # tokenizer counting: 3 chunks of " two words" are 6 tokens by the fake counter; the server's 5 kept beside
+    assert out["tokenizer"]["records"] == [[None, 6, 99, "tokenizer", 5, 64, 3],
+                                           ["missing_usage", 6, 99, "tokenizer", None, None, 3]]

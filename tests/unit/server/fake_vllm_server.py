@@ -4,7 +4,9 @@ Accepts the same flags (only --port, --host and --served-model-name matter) and
 behaves according to ``FAKE_VLLM_MODE``: ``ok`` serves /health, /v1/models
 (checking ``VLLM_API_KEY`` like vLLM; ``FAKE_MAX_MODEL_LEN`` overrides the reported length), /version and /metrics; ``crash`` logs a
 line and exits 1; ``never-healthy`` answers /health with 503; ``ignore-term``
-serves like ``ok`` but ignores SIGTERM, as does a child it forks.
+serves like ``ok`` but ignores SIGTERM, as does a child it forks. A POST to
+/v1/chat/completions is answered when its model is the served name (the
+transformers-serve launcher's warm-up).
 """
 
 import argparse
@@ -63,6 +65,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, "vllm:num_requests_running 0\n", "text/plain")
         else:
             self._send(404, {})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.path != "/v1/chat/completions":
+            self._send(404, {})
+        elif body.get("model") != args.served_model_name:  # as transformers serve pinned to one model
+            self._send(400, {"detail": f"Server is pinned to '{args.served_model_name}'"})
+        else:
+            self._send(200, {"object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "length"}]})
 
 
 ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()

@@ -210,3 +210,35 @@ def test_engine_nice_is_recorded_in_server_json_and_its_thread_stops_with_the_se
         assert keeper.is_alive()
         assert "cpu_arrangement" not in without.info
     assert not keeper.is_alive()
+
+
+# --- the transformers engine ---
+
+
+def test_command_for_the_transformers_profiles():
+    plain = build_command(load_profile("cpu-tiny-transformers"), model="/m", host="127.0.0.1", port=8123,
+                          program=["py", "-m", "t"])
+    assert plain == ["py", "-m", "t", "serve", "/m", "--host", "127.0.0.1", "--port", "8123", "--device", "cpu",
+                     "--dtype", "bfloat16", "--no-continuous-batching"]
+    cb = build_command(load_profile("cpu-tiny-transformers-cb"), model="/m", host="h", port=1, program=["p"])
+    assert cb == ["p", "serve", "/m", "--host", "h", "--port", "1", "--device", "cpu", "--dtype", "bfloat16",
+                  "--continuous-batching", "--cb-num-blocks", "512", "--cb-block-size", "32"]
+    # without a program: transformers' own command-line module, in this interpreter
+    assert build_command(load_profile("cpu-tiny-transformers"), model="/m", host="h", port=1)[:3] == [
+        sys.executable, "-m", "transformers.cli.transformers"]
+
+
+def test_a_transformers_server_is_ready_once_it_answers_a_chat_completion(tmp_path):
+    """No /v1/models to wait for: /health, then one answered completion (the warm-up); server.json names the
+    engine and the model name the server answers to (its model path)."""
+    profile = ServerProfile(name="fake-t", engine="transformers", device="cpu", model=str(tmp_path), max_model_len=64,
+                            env={"FAKE_VLLM_MODE": "ok"})
+    server = VllmServer(profile, run_dir=tmp_path / "run", command=[sys.executable, FAKE, "--served-model-name",
+                                                                    str(tmp_path)])
+    with server:
+        info = server.info
+        assert (info["engine"], info["continuous_batching"], info["vllm_version"]) == ("transformers", False, None)
+        assert info["served_model_name"] == str(tmp_path)
+        assert info["command"][4:6] == ["serve", str(tmp_path)]
+    with pytest.raises(LaunchError, match="transformers serve has no API key"):
+        VllmServer(profile, run_dir=tmp_path / "run2", api_key=Secret(KEY)).start()

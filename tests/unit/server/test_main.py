@@ -22,8 +22,8 @@ def _one_line_error(capsys) -> str:
 def test_unknown_profile_is_bad_input(capsys, tmp_path):
     assert main(["up", "--profile", "qwen3-7b", "--state", str(tmp_path / "s.json")]) == 2
     assert _one_line_error(capsys) == (
-        "error: unknown server profile 'qwen3-7b'; available: cpu-tiny, qwen3-8b, qwen3-8b-dummy "
-        "(or give a path to a .yaml file)"
+        "error: unknown server profile 'qwen3-7b'; available: cpu-tiny, cpu-tiny-transformers, "
+        "cpu-tiny-transformers-cb, qwen3-8b, qwen3-8b-dummy (or give a path to a .yaml file)"
     )
 
 

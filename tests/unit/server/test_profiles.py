@@ -1,11 +1,12 @@
 import pytest
 
 from envelope.config import ConfigError
-from server.profiles import BuiltinModel, available_profiles, load_profile
+from server.profiles import BuiltinModel, ServerProfile, available_profiles, load_profile
 
 
 def test_shipped_profiles_load():
-    assert available_profiles() == ["cpu-tiny", "qwen3-8b", "qwen3-8b-dummy"]
+    assert available_profiles() == ["cpu-tiny", "cpu-tiny-transformers", "cpu-tiny-transformers-cb", "qwen3-8b",
+                                    "qwen3-8b-dummy"]
     tiny = load_profile("cpu-tiny")
     assert tiny.model == BuiltinModel(builtin="tiny-qwen3", seed=0)
     assert (tiny.max_model_len, tiny.num_gpu_blocks_override, tiny.enforce_eager) == (4096, 128, True)
@@ -20,7 +21,8 @@ def test_unknown_name_lists_the_available_ones():
     with pytest.raises(ConfigError) as err:
         load_profile("qwen3-7b")
     assert str(err.value) == (
-        "unknown server profile 'qwen3-7b'; available: cpu-tiny, qwen3-8b, qwen3-8b-dummy (or give a path to a .yaml file)"
+        "unknown server profile 'qwen3-7b'; available: cpu-tiny, cpu-tiny-transformers, cpu-tiny-transformers-cb, "
+        "qwen3-8b, qwen3-8b-dummy (or give a path to a .yaml file)"
     )
 
 
@@ -63,7 +65,7 @@ def test_validation_errors_name_file_and_line(tmp_path, extra, expected):
 
 def test_missing_required_key(tmp_path):
     path = _write(tmp_path, "name: x\ndevice: cpu\nmodel: /m\nmax_model_len: 100\n")
-    with pytest.raises(ConfigError, match=r"p.yaml:1: served_model_name: missing required key 'served_model_name'$"):
+    with pytest.raises(ConfigError, match=r"p.yaml:1: served_model_name is required for engine: vllm$"):
         load_profile(path)
 
 
@@ -116,3 +118,25 @@ def test_price_and_power_are_profile_fields():
     assert (priced.usd_per_hour, priced.power_w) == (2.5, 700)
     with pytest.raises(ConfigError):
         with_overrides(p, {"usd_per_hour": -1})
+
+
+def test_engine_settings_belong_to_their_engine():
+    from envelope.config import ConfigError, validate_data
+
+    base = dict(name="t", engine="transformers", device="cpu", model="/m", max_model_len=64)
+    assert validate_data(base, ServerProfile, source="p").served_model_name is None
+    cases = {
+        "max_num_seqs is a vLLM setting": dict(base, max_num_seqs=4),
+        "leave served_model_name out": dict(base, served_model_name="x"),
+        "cb_num_blocks applies with continuous_batching: true only": dict(base, cb_num_blocks=8),
+        "continuous_batching applies to engine: transformers only": dict(base, engine="vllm", served_model_name="x",
+                                                                         continuous_batching=True),
+        "served_model_name is required for engine: vllm": dict(base, engine="vllm"),
+    }
+    for message, data in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            validate_data(data, ServerProfile, source="p")
+    for name in ("cpu-tiny-transformers", "cpu-tiny-transformers-cb"):
+        p = load_profile(name)
+        assert p.engine == "transformers" and p.model == load_profile("cpu-tiny").model  # the same tiny model
+    assert load_profile("cpu-tiny-transformers-cb").continuous_batching is True
