@@ -25,16 +25,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from analysis.boundary import PassBoundary, pass_boundaries
+from analysis.boundary import PassBoundary, pass_boundaries, row_level
 from analysis.common import finite, plain_number
 from analysis.cost import CapacityPlan
 from analysis.costing import ok_requests_per_s, run_price
 from envelope.sweep import SweepEntry, read_sweep
 
-__all__ = ["SweepCell", "SweepRow", "BestChoice", "SweepPlan", "SweepSummary", "sweep_rows", "best_choices",
-           "sweep_plans", "write_sweep_report", "SWEEP_GRAPH"]
+__all__ = ["SweepCell", "SweepRow", "CurvePoint", "BestChoice", "SweepPlan", "SweepSummary", "sweep_rows",
+           "best_choices", "sweep_plans", "write_sweep_report", "SWEEP_GRAPH", "ENVELOPES_GRAPH"]
 
 SWEEP_GRAPH = "sweep.png"
+ENVELOPES_GRAPH = "sweep_envelopes.png"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CurvePoint:
+    """One tested load level of one configuration's workload: the envelope's curve, point by point."""
+
+    level: float
+    unit: str
+    output_tokens_per_s: float | None
+    ttft_p95_ms: float | None
+    tpot_p95_ms: float | None
+    slo_pass: bool | None
+    requests: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +82,8 @@ class SweepRow:
     log_tail: str | None
     cells: dict[str, SweepCell] = field(default_factory=dict)
     price_source: str | None = None
+    # every tested level per workload, in load order (a level probed twice: the probe with more requests)
+    curves: dict[str, tuple[CurvePoint, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,7 +150,26 @@ def _row(sweep_dir: Path, e: SweepEntry) -> SweepRow:
     rows = envelope_table(run)
     price = run_price(run)
     cells = {b.pass_name: _cell(b, price) for b in pass_boundaries(rows, search_findings(rows, run.searches))}
-    return SweepRow(status=e.status, cells=cells, price_source=price.source if price is not None else None, **common)
+    return SweepRow(status=e.status, cells=cells, price_source=price.source if price is not None else None,
+                    curves=_curves(rows), **common)
+
+
+def _curves(rows: Sequence[Any]) -> dict[str, tuple[CurvePoint, ...]]:
+    best: dict[tuple[str, float], CurvePoint] = {}
+    for r in rows:
+        level, unit = row_level(r)
+        if level is None or r.trust.server_stopped:
+            continue
+        point = CurvePoint(level=level, unit=unit, output_tokens_per_s=_number(r.throughput.aggregate_output_tokens_per_s),
+                           ttft_p95_ms=_number(r.latency.ttft_p95_ms), tpot_p95_ms=_number(r.latency.tpot_p95_ms),
+                           slo_pass=r.slo.slo_pass, requests=int(r.counts.requests))
+        key = (r.pass_name, level)
+        if key not in best or point.requests > best[key].requests:
+            best[key] = point
+    out: dict[str, list[CurvePoint]] = {}
+    for (name, _), point in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.setdefault(name, []).append(point)
+    return {name: tuple(points) for name, points in out.items()}
 
 
 def sweep_rows(sweep_dir: str | Path) -> tuple[dict[str, Any], list[SweepRow]]:
@@ -367,6 +402,47 @@ def _draw(axes: Any, rows: Sequence[SweepRow], workloads: Sequence[str]) -> None
             ax.set_xlim(-0.6, len(rows) - 0.4)
 
 
+def _draw_envelopes(axes: Any, rows: Sequence[SweepRow], workloads: Sequence[str]) -> None:
+    """Every configuration's envelope on one set of axes per workload: output tokens/s (top), p95 TTFT
+    and p95 TPOT (below) against the load; a filled marker met the SLOs, a cross did not."""
+    import matplotlib
+
+    n = len(workloads)
+    colors = matplotlib.colormaps["tab10"]
+    for j, name in enumerate(workloads):
+        tp, ttft, tpot = axes[j], axes[n + j], axes[2 * n + j]
+        unit = "users"
+        for i, r in enumerate(rows):
+            points = r.curves.get(name) or ()
+            if not points:
+                continue
+            unit = points[0].unit
+            color = colors(i % 10)
+            xs = [p.level for p in points]
+            for ax, values in ((tp, [p.output_tokens_per_s for p in points]),
+                               (ttft, [p.ttft_p95_ms for p in points]), (tpot, [p.tpot_p95_ms for p in points])):
+                pairs = [(x, v) for x, v in zip(xs, values) if v is not None]
+                if not pairs:
+                    continue
+                ax.plot([x for x, _ in pairs], [v for _, v in pairs], color=color, alpha=0.8,
+                        label=r.label if ax is tp else None)
+                for p, (x, v) in zip([p for p, v in zip(points, values) if v is not None], pairs):
+                    ax.plot([x], [v], color=color, linestyle="none",
+                            marker="o" if p.slo_pass is not False else "x", markersize=6 if p.slo_pass else 7)
+        tp.set_title(f"{name}: the envelopes on one set of axes (o met the SLOs, x did not)", fontsize=9)
+        tp.set_ylabel("output tokens/s")
+        ttft.set_ylabel("p95 TTFT (ms)")
+        tpot.set_ylabel("p95 TPOT (ms)")
+        for ax in (ttft, tpot):
+            ax.set_yscale("log")
+        for ax in (tp, ttft, tpot):
+            ax.set_xscale("log", base=2)
+            ax.grid(True, alpha=0.3, which="both")
+        tpot.set_xlabel("concurrent users" if unit == "users" else "requests/s")
+        if tp.get_legend_handles_labels()[0]:
+            tp.legend(fontsize=7, loc="upper left")
+
+
 def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
     """Write the sweep report files into ``sweep_dir`` and return what they say."""
     from analysis import render
@@ -396,6 +472,8 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
     else:
         lines += ["No configuration produced a boundary: the scenario's passes set no SLOs.", ""]
     lines += [f"![Boundary and throughput per configuration]({SWEEP_GRAPH})", ""] if workloads else []
+    curves = any(r.curves for r in rows)
+    lines += [f"![Every configuration's envelope on one set of axes]({ENVELOPES_GRAPH})", ""] if curves else []
     for name in workloads:
         lines += [f"## {name}", "", _md(_table(rows, name, plans.get(name))), ""]
     prices = sorted({r.price_source for r in rows if r.price_source})
@@ -423,6 +501,13 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
                                 ncols=len(workloads), nrows=2, size_in=(max(8.0, 5.5 * len(workloads)), 7.0))
         (root / SWEEP_GRAPH).write_bytes(png)
         images[SWEEP_GRAPH] = png
+    if workloads and curves:
+        png = render_figure_png(lambda axes: _draw_envelopes(axes if isinstance(axes, list) else [axes], rows,
+                                                             workloads),
+                                ncols=len(workloads), nrows=3, size_in=(max(8.0, 6.0 * len(workloads)), 9.0),
+                                sharex=True)
+        (root / ENVELOPES_GRAPH).write_bytes(png)
+        images[ENVELOPES_GRAPH] = png
     (root / "sweep.md").write_text(document, encoding="utf-8")
     (root / "sweep.html").write_text(render.markdown_page(document, title=f"Sweep: {scenario}", images=images),
                                      encoding="utf-8")
@@ -450,6 +535,10 @@ def write_sweep_report(sweep_dir: str | Path) -> SweepSummary:
         text.append(f"{r.label}: {r.status.replace('_', ' ')}" + (f": {r.failure}" if r.failure else ""))
     return SweepSummary(rows=tuple(rows), workloads=tuple(workloads), best=tuple(best),
                         plans=tuple(plans.values()), text="\n".join(text))
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if finite(v) else None
 
 
 def _positive(v: Any) -> float | None:

@@ -2,7 +2,8 @@
 
 The configurations come from a profile and ``--set KEY=V1,V2`` grids (every
 combination, the first ``--set`` varying slowest), from a YAML list of settings
-(``--configs FILE``), or from ``--host`` URLs of servers already running. This
+(``--configs FILE``), from several profiles (``--profile`` repeated: engines side
+by side), or from ``--host`` URLs of servers already running. This
 module holds the pure pieces: parsing the grid and the file into
 :class:`SweepConfig`, naming each configuration's run directory, and the
 ``sweep.json`` log (:class:`SweepLog`) that the command keeps up to date as
@@ -12,7 +13,7 @@ each configuration finishes, so an interrupted sweep still says what ran.
 
     {"schema_version": 1, "scenario": "...", "scenario_path": "...", "profile": "cpu-tiny" | null,
      "started_unix_s": ..., "ended_unix_s": ... | null, "status": "running" | "complete" | "partial",
-     "configs": [{"label": "max_num_seqs=4", "settings": {"max_num_seqs": 4}, "host": null,
+     "configs": [{"label": "max_num_seqs=4", "settings": {"max_num_seqs": 4}, "host": null, "profile": null,
                   "run_dir": "01-max_num_seqs-4", "status": "pending" | "complete" | "partial" |
                   "failed" | "failed_to_start", "exit_code": 0 | null, "failure": null | "...",
                   "log_tail": null | "...", "started_unix_s": ..., "ended_unix_s": ...}, ...]}
@@ -42,6 +43,7 @@ __all__ = [
     "grid_configs",
     "load_config_file",
     "host_configs",
+    "profile_configs",
     "config_dir_name",
     "read_sweep",
 ]
@@ -55,10 +57,11 @@ _SET_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 class SweepConfig:
     """One server configuration of a sweep: profile ``settings`` to override, or a running ``host``."""
 
-    label: str  # "max_num_seqs=4, enable_prefix_caching=false", or the host URL
+    label: str  # "max_num_seqs=4, enable_prefix_caching=false", the host URL, or the profile's name
     settings: dict[str, Any] = field(default_factory=dict)
     host: str | None = None
     where: str | None = None  # "file:line" of a configuration read from a --configs file
+    profile: str | None = None  # a sweep over profiles (--profile repeated): this configuration's profile
 
 
 def _scalar(text: str) -> Any:
@@ -165,6 +168,17 @@ def host_configs(hosts: Sequence[str]) -> list[SweepConfig]:
     return out
 
 
+def profile_configs(profiles: Sequence[str]) -> list[SweepConfig]:
+    """One configuration per ``--profile`` (a name or a path; none twice): engines or whole setups side by side."""
+    out: list[SweepConfig] = []
+    for name in profiles:
+        label = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+        if any(c.profile == name or c.label == label for c in out):
+            raise ConfigError(f"--profile {name}: listed twice")
+        out.append(SweepConfig(label=label, profile=name))
+    return out
+
+
 def config_dir_name(index: int, config: SweepConfig) -> str:
     """``01-max_num_seqs-4_enable_prefix_caching-false``: the configuration's run directory in the sweep."""
     if config.host is not None:
@@ -185,6 +199,7 @@ class SweepEntry:
     settings: dict[str, Any]
     host: str | None
     run_dir: str  # relative to the sweep directory
+    profile: str | None = None  # a sweep over profiles: the configuration's profile
     status: str = "pending"  # pending | complete | partial | failed | failed_to_start | not_run
     exit_code: int | None = None
     failure: str | None = None
@@ -204,7 +219,7 @@ class SweepLog:
             "profile": profile, "options": options, "started_unix_s": started_unix_s, "ended_unix_s": None,
             "status": "running",
         }
-        self.entries = [SweepEntry(label=c.label, settings=dict(c.settings), host=c.host,
+        self.entries = [SweepEntry(label=c.label, settings=dict(c.settings), host=c.host, profile=c.profile,
                                    run_dir=config_dir_name(i, c)) for i, c in enumerate(configs)]
         self.write()
 

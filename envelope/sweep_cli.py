@@ -53,9 +53,13 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
         "envelope sweep --scenario scenarios/capstone.yaml --profile qwen3-8b --set max_num_seqs=32,64,128 "
         "--set enable_prefix_caching=true,false --usd-per-hour 3.50",
         "envelope sweep --scenario scenarios/capstone.yaml --configs my-configs.yaml --profile qwen3-8b",
+        "envelope sweep --scenario scenarios/engines.yaml --profile cpu-tiny --profile cpu-tiny-transformers "
+        "--profile cpu-tiny-transformers-cb",
         "envelope sweep --scenario scenarios/capstone.yaml --host http://box-a:8000 --host http://box-b:8000")
     p.add_argument("--scenario", required=True, help="scenario YAML file (normally with a search pass)")
-    p.add_argument("--profile", help="server profile the configurations are made from (a name or a .yaml path)")
+    p.add_argument("--profile", action="append", default=[],
+                   help="server profile the configurations are made from (a name or a .yaml path); repeat it to "
+                        "sweep over profiles (engines side by side), one configuration each")
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="a profile setting and its values (repeat for a grid); a key that is not a profile field "
                         "is passed to vLLM as --key-name VALUE (true/false: --key-name / --no-key-name)")
@@ -89,13 +93,20 @@ def _configs(args: argparse.Namespace) -> list[Any]:
     from envelope.sweep import grid_configs, host_configs, load_config_file
 
     if bool(args.profile) == bool(args.host):
-        raise UsageError("give --profile NAME (with --set or --configs) or --host URL (repeated), not both or neither")
+        raise UsageError("give --profile NAME (with --set or --configs, or repeated) or --host URL (repeated), "
+                         "not both or neither")
     if args.host:
         if args.set or args.configs:
             raise UsageError("--set and --configs apply to a --profile; with --host the servers are the configurations")
         if len(args.host) < 2:
             raise UsageError("a sweep over running servers needs at least two --host URLs (one is `envelope run`)")
         return host_configs(args.host)
+    if len(args.profile) > 1:
+        if args.set or args.configs:
+            raise UsageError("with --profile repeated the profiles are the configurations: no --set or --configs")
+        from envelope.sweep import profile_configs
+
+        return profile_configs(args.profile)
     if args.set and args.configs:
         raise UsageError("give --set grids or a --configs file, not both")
     if not args.set and not args.configs:
@@ -111,26 +122,24 @@ def _plans(args: argparse.Namespace, configs: list[Any], sweep_dir_placeholder: 
     from envelope.cli import _validate
     from envelope.sweep import config_dir_name
 
-    base = None
-    if args.profile:
-        from server.profiles import load_profile
+    from server.profiles import load_profile, with_overrides
 
+    bases: dict[str, Any] = {}
+    for name in args.profile:
         try:
-            base = load_profile(args.profile)
+            bases[name] = load_profile(name)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
     plans = []
     for i, c in enumerate(configs):
+        name = c.profile or (args.profile[0] if args.profile else None)
         override = None
-        if base is not None:
-            from server.profiles import with_overrides
-
+        if name is not None:
             try:
-                override = with_overrides(base, c.settings)
+                override = with_overrides(bases[name], c.settings)
             except ConfigError as exc:
                 raise UsageError(f"{c.where or '--set'}: configuration {c.label!r}: {exc}") from None
-        run_args = _run_args(args, out=sweep_dir_placeholder, profile=args.profile if base is not None else None,
-                             host=c.host)
+        run_args = _run_args(args, out=sweep_dir_placeholder, profile=name, host=c.host)
         plan = _validate(run_args, profile_override=override)
         plan.run_name = config_dir_name(i, c)
         plan.sweep = {"label": c.label, "settings": dict(c.settings), "index": i}
@@ -200,7 +209,8 @@ def run_sweep(args: argparse.Namespace, *, out: TextIO, err: TextIO) -> int:
     sweep_dir = _sweep_dir(args.out, scenario.name, now)
     options = {k: getattr(args, k, None) for k in ("quick", "duration_scale", "processes", "model", "usd_per_hour",
                                                     "power_w", "target_users", "target_rate")}
-    log = SweepLog(sweep_dir, scenario=scenario.name, scenario_path=str(args.scenario), profile=args.profile,
+    log = SweepLog(sweep_dir, scenario=scenario.name, scenario_path=str(args.scenario),
+                   profile=", ".join(args.profile) or None,
                    configs=configs, started_unix_s=now, options=options)
     say(f"sweep directory {sweep_dir} ({len(configs)} configurations)")
     code, interrupted = EXIT_OK, False

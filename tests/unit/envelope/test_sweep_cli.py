@@ -18,7 +18,7 @@ def _sweep(tmp_path, *args):
 
 
 @pytest.mark.parametrize("args, expect", [
-    ([], "give --profile NAME (with --set or --configs) or --host URL"),
+    ([], "give --profile NAME (with --set or --configs, or repeated) or --host URL"),
     (["--profile", "cpu-tiny"], "a sweep needs configurations: --set KEY=V1,V2"),
     (["--profile", "cpu-tiny", "--set", "max_num_seqs=4"], "a sweep needs at least two configurations"),
     (["--profile", "cpu-tiny", "--set", "max_num_seqs=4,0"], "--set: configuration 'max_num_seqs=0': setting max_num_seqs=0: "),
@@ -30,6 +30,10 @@ def _sweep(tmp_path, *args):
     (["--host", "http://a:1", "--host", "http://b:1", "--set", "max_num_seqs=4,8"], "--set and --configs apply"),
     (["--profile", "cpu-tiny", "--set", "max_num_seqs=4,8", "--usd-per-hour", "-1"],
      "--usd-per-hour must be a positive number"),
+    (["--profile", "cpu-tiny", "--profile", "cpu-tiny-transformers", "--set", "max_num_seqs=4,8"],
+     "with --profile repeated the profiles are the configurations"),
+    (["--profile", "cpu-tiny", "--profile", "cpu-tiny"], "--profile cpu-tiny: listed twice"),
+    (["--profile", "cpu-tiny", "--profile", "no-such-profile"], "unknown server profile 'no-such-profile'"),
 ])
 def test_bad_input_is_one_line_and_nothing_starts(tmp_path, args, expect):
     code, out, err = _sweep(tmp_path, *args)
@@ -87,3 +91,29 @@ def test_a_configuration_whose_server_does_not_start_is_reported_with_its_log_an
     assert "### no_such_vllm_flag=1: the server log's last lines" in md and "unrecognized arguments" in md
     assert "No configuration recorded any requests" in md
     assert "did not start; the sweep goes on" in err and "Traceback" not in err
+
+
+def test_a_sweep_over_profiles_has_one_configuration_per_profile(tmp_path):
+    """Engines side by side: each configuration is its profile, validated as `envelope run` would."""
+    import argparse
+
+    from envelope.sweep import config_dir_name
+    from envelope.sweep_cli import _configs, _plans
+
+    args = argparse.Namespace(profile=["cpu-tiny", "cpu-tiny-transformers", "cpu-tiny-transformers-cb"], host=[],
+                              set=[], configs=None)
+    configs = _configs(args)
+    assert [(c.label, c.profile, c.settings) for c in configs] == [
+        ("cpu-tiny", "cpu-tiny", {}), ("cpu-tiny-transformers", "cpu-tiny-transformers", {}),
+        ("cpu-tiny-transformers-cb", "cpu-tiny-transformers-cb", {})]
+    assert [config_dir_name(i, c) for i, c in enumerate(configs)] == [
+        "01-cpu-tiny", "02-cpu-tiny-transformers", "03-cpu-tiny-transformers-cb"]
+    from envelope.cli import _parser
+
+    run_args = _parser().parse_args(["sweep", "--scenario", SCENARIO, "--out", str(tmp_path),
+                                          "--profile", "cpu-tiny", "--profile", "cpu-tiny-transformers",
+                                          "--profile", "cpu-tiny-transformers-cb"])
+    plans = _plans(run_args, configs, tmp_path)
+    assert [(p.profile.name, p.profile.engine, p.args.profile) for p in plans] == [
+        ("cpu-tiny", "vllm", "cpu-tiny"), ("cpu-tiny-transformers", "transformers", "cpu-tiny-transformers"),
+        ("cpu-tiny-transformers-cb", "transformers", "cpu-tiny-transformers-cb")]
