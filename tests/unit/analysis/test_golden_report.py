@@ -32,6 +32,10 @@ Deliberate changes with the SLO search (all expected files regenerated, checked 
 With the cost plan: ``envelope.md`` gained a "Cost and capacity" section after "Run"; this run has no
 price, so it is the one line that says how to give one, and nothing else changed.
 
+With the second engine: ``envelope.md`` gained a "Server capabilities" section after "Run"; this run was
+recorded before the capability probe, so it names the engine (the simulator's vLLM version) and says the
+requests assumed a vLLM server, and nothing else changed.
+
 Columns renamed since then are mapped in ``RENAMED`` (old name -> new name); a column dropped
 because another one already said the same is mapped to that one, so its values are still checked.
 """
