@@ -49,6 +49,7 @@ __all__ = [
     "TokenCrossCheck",
     "counter_increase",
     "token_cross_check",
+    "run_probe_output_tokens",
     "saturated_stage_indices",
     "busiest_process_core_ratio",
     "break_events",
@@ -105,8 +106,10 @@ class BrokeFirst:
 class TokenCrossCheck:
     """Client output tokens (all records) vs the server's ``generation_tokens_total`` increase.
 
-    ``difference_tokens`` = client - server; ``difference_ratio`` = |difference| / server.
+    ``difference_tokens`` = client - (server - probe); ``difference_ratio`` = |difference| / server.
     Server fields are None when fewer than two metrics samples carry the counter.
+    ``probe_output_tokens``: what the capability probe made the server generate before the load
+    (``capabilities.json``): inside the counter's increase, in no record.
     """
 
     client_output_tokens: int
@@ -115,6 +118,7 @@ class TokenCrossCheck:
     difference_ratio: float | None
     counter_resets: int = 0
     samples: int = 0
+    probe_output_tokens: int = 0
 
 
 # --------------------------------------------------------------------------- cross-check
@@ -143,8 +147,10 @@ def counter_increase(values: Sequence[float]) -> tuple[float, int]:
     return total, resets
 
 
-def token_cross_check(frame: pd.DataFrame, metrics: pd.DataFrame | None) -> TokenCrossCheck:
-    """Compare the records' output tokens with the server counter between the first and last OK sample.
+def token_cross_check(frame: pd.DataFrame, metrics: pd.DataFrame | None, *,
+                      probe_output_tokens: int = 0) -> TokenCrossCheck:
+    """Compare the records' output tokens with the server counter between the first and last OK sample,
+    less the ``probe_output_tokens`` the capability probe generated before the load.
 
     Failed records count too: a request that streamed tokens before failing
     made the server generate them.
@@ -158,10 +164,17 @@ def token_cross_check(frame: pd.DataFrame, metrics: pd.DataFrame | None) -> Toke
         return TokenCrossCheck(client_output_tokens=client, server_generation_tokens=None,
                                difference_tokens=None, difference_ratio=None, samples=len(values))
     server, resets = counter_increase(values.tolist())
-    diff = client - server
+    diff = client - (server - probe_output_tokens)
     ratio = abs(diff) / server if server > 0 else (0.0 if diff == 0 else math.inf)
     return TokenCrossCheck(client_output_tokens=client, server_generation_tokens=server, difference_tokens=diff,
-                           difference_ratio=ratio, counter_resets=resets, samples=len(values))
+                           difference_ratio=ratio, counter_resets=resets, samples=len(values),
+                           probe_output_tokens=probe_output_tokens)
+
+
+def run_probe_output_tokens(run: Any) -> int:
+    """The capability probe's generated tokens for a loaded run (0 for a run without ``capabilities.json``)."""
+    caps = read_capabilities(run.run_dir) if getattr(run, "run_dir", None) is not None else None
+    return caps.probe_output_tokens if caps is not None else 0
 
 
 def cross_check_text(check: TokenCrossCheck) -> str:
@@ -172,7 +185,10 @@ def cross_check_text(check: TokenCrossCheck) -> str:
     text = (
         f"The records carry {check.client_output_tokens:,} output tokens; the server's "
         f"vllm:generation_tokens_total rose by {check.server_generation_tokens:,.0f} between the first and last "
-        f"metrics samples: a difference of {check.difference_tokens:+,.0f} tokens "
+        f"metrics samples"
+        + (f", {check.probe_output_tokens:,} of them the capability probe's before the load"
+           if check.probe_output_tokens else "")
+        + f": a difference of {check.difference_tokens:+,.0f} tokens "
         f"({percent(check.difference_ratio, digits=2)})."
     )
     if check.counter_resets:

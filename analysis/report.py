@@ -124,7 +124,8 @@ def write_report(run: Any, out_dir: str | Path, *, rule: WindowRule = WindowRule
     sentences = _sentences(run, rows, findings, searches)
     notes = _method_notes(rule, totals, rows)
     first = broke.what_broke_first(run, rows)
-    check = broke.token_cross_check(run.frame, run.telemetry.get("metrics"))
+    check = broke.token_cross_check(run.frame, run.telemetry.get("metrics"),
+                                    probe_output_tokens=broke.run_probe_output_tokens(run))
     extra = _extra(run)
     with open(out / "failures.csv", "w", encoding="utf-8", newline="") as fh:
         fail.write_failures_csv(extra.failures, fh)

@@ -36,6 +36,7 @@ from envelope.sse import SSEDecoder, event_data
 
 __all__ = [
     "CAPABILITIES_FILE",
+    "PROBE_HEADER",
     "EndpointCapabilities",
     "ServerCapabilities",
     "TELEMETRY_GROUPS",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 CAPABILITIES_FILE = "capabilities.json"
+# marks the probe's requests: a server ignores it; the simulator keeps them out of its faults and truth
+PROBE_HEADER = "x-envelope-probe"
 SCHEMA_VERSION = 1
 
 Usage = Literal["continuous", "final", "none"]
@@ -80,6 +83,7 @@ class EndpointCapabilities:
     forced_output: Forced  # min_tokens + ignore_eos: the length asked was given / not given / the fields refused
     stream_options: bool  # stream_options accepted (False: refused, so requests go without it)
     probe_output_tokens: int | None = None  # tokens the probe's request got (asked: _PROBE_TOKENS)
+    probe_prompt_tokens: int | None = None  # its prompt's tokens, as the server counted them (None: no usage)
     refused: str | None = None  # the server's answer to the fields it refused, one line
 
     @property
@@ -107,6 +111,17 @@ class ServerCapabilities:
 
     def endpoint(self, path: str) -> EndpointCapabilities | None:
         return next((e for e in self.endpoints if e.path == path), None)
+
+    @property
+    def probe_output_tokens(self) -> int:
+        """Output tokens the probe's answered requests made the server generate, before any load (a refused
+        request generates none): the server's token counter includes them, the records do not."""
+        return sum(e.probe_output_tokens or 0 for e in self.endpoints)
+
+    @property
+    def probe_prompt_tokens(self) -> int:
+        """Prompt tokens of the probe's answered requests, as the server counted them (0 where it did not say)."""
+        return sum(e.probe_prompt_tokens or 0 for e in self.endpoints)
 
     @property
     def telemetry_groups(self) -> dict[str, bool]:
@@ -200,6 +215,7 @@ class _StreamReading:
         self.content_chunks = 0
         self.chunks_with_usage = 0  # content chunks that carried usage
         self.completion_tokens: int | None = None
+        self.prompt_tokens: int | None = None
         self.done = False
         self.finished = False
         self.malformed: str | None = None
@@ -236,6 +252,8 @@ class _StreamReading:
                 self.chunks_with_usage += 1
         if usage.get("completion_tokens") is not None:
             self.completion_tokens = int(usage["completion_tokens"])
+        if usage.get("prompt_tokens") is not None:
+            self.prompt_tokens = int(usage["prompt_tokens"])
 
 
 def probe_endpoint(client: Any, path: str, model: str | None) -> tuple[EndpointCapabilities | None, str | None]:
@@ -248,7 +266,7 @@ def probe_endpoint(client: Any, path: str, model: str | None) -> tuple[EndpointC
     for forced, stream_options in attempts:
         body = _probe_body(path, model, forced=forced, stream_options=stream_options)
         try:
-            with client.stream("POST", path, json=body) as resp:
+            with client.stream("POST", path, json=body, headers={PROBE_HEADER: "capabilities"}) as resp:
                 status = resp.status_code
                 ctype = resp.headers.get("content-type", "")
                 if status != 200:
@@ -292,7 +310,8 @@ def probe_endpoint(client: Any, path: str, model: str | None) -> tuple[EndpointC
             forced_output = "honoured" if got >= _PROBE_TOKENS else "ignored"
         return EndpointCapabilities(path=path, streams=True, usage=usage, done_marker=reading.done,
                                     forced_output=forced_output, stream_options=stream_options,
-                                    probe_output_tokens=got, refused=refused), None
+                                    probe_output_tokens=got, probe_prompt_tokens=reading.prompt_tokens,
+                                    refused=refused), None
     raise AssertionError("unreachable: the last attempt returns")
 
 

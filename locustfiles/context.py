@@ -10,6 +10,7 @@ was running when the request was sent.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -334,15 +335,23 @@ class EnvelopeRun:
 
     def probe_server(self, host: str) -> list[str]:
         """Learn the served model and max length, calibrate prompts; return one-line problems, if any."""
+        from envelope.capabilities import ServerCapabilities, write_capabilities
+
+        known = None
+        shipped = getattr(self.options, "envelope_capabilities_json", None) if self.is_worker else None
+        if shipped:
+            # the master probed once for the whole run (its spawn messages carry the answer): the probe's
+            # requests are generated tokens the server counts, so they are sent once, not once per worker
+            known = ServerCapabilities.from_json(json.loads(shipped))
         facts = probe_server(host, headers=self.auth_headers(), model=self.model, scenario=self.scenario,
                              tokenizer=getattr(self.options, "tokenizer", None) or None,
-                             count_tokens=getattr(self.options, "count_tokens", None) or "server")
+                             count_tokens=getattr(self.options, "count_tokens", None) or "server",
+                             capabilities=known)
         self.capabilities = facts.capabilities
         self.local_tokenizer = facts.local_tokenizer
         if facts.capabilities is not None and not self.is_worker:
-            from envelope.capabilities import write_capabilities
-
             write_capabilities(self.ensure_run_dir(), facts.capabilities)
+            self.options.envelope_capabilities_json = json.dumps(facts.capabilities.to_json())
         if facts.model is not None:
             self.model = facts.model
         if facts.max_model_len is not None:

@@ -41,7 +41,7 @@ def dataset_key(source: DatasetSource, endpoint: str) -> tuple:
 
 def probe_server(host: str, *, headers: dict[str, str], model: str | None, scenario: Scenario,
                  timeout_s: float = 30.0, tokenizer: str | None = None,
-                 count_tokens: str = "server") -> ServerFacts:
+                 count_tokens: str = "server", capabilities: ServerCapabilities | None = None) -> ServerFacts:
     """Learn the served model (``model`` when named, else the first listed) and its max length,
     calibrate prompt lengths with the server's tokenizer (the local ``tokenizer``, or the model's
     directory, where it has no ``/tokenize``; an estimate without either), probe its capabilities
@@ -49,7 +49,8 @@ def probe_server(host: str, *, headers: dict[str, str], model: str | None, scena
 
     A server whose ``/v1/models`` does not answer (``transformers serve`` lists its download cache,
     not the model it was started with) is used when ``model`` is named. ``count_tokens="tokenizer"``
-    counts every request's tokens with the local tokenizer, the server's usage kept beside it."""
+    counts every request's tokens with the local tokenizer, the server's usage kept beside it.
+    ``capabilities``: what another process already probed (a worker gets the master's): not asked again."""
     import httpx
 
     from envelope.tokenizer import LocalTokenizer, find_local_tokenizer
@@ -100,13 +101,20 @@ def probe_server(host: str, *, headers: dict[str, str], model: str | None, scena
             factory = calibrate(probe)
         except (httpx.HTTPError, KeyError, ValueError):
             has_tokenize, probe = False, None
-        local_path = find_local_tokenizer((tokenizer, model, root))
+        local_path = find_local_tokenizer((tokenizer, capabilities.tokenizer_path if capabilities else None,
+                                           model, root))
         if tokenizer and local_path is None:
             return ServerFacts(model=model, problems=(f"--tokenizer {tokenizer}: no tokenizer files there "
                                                       f"(tokenizer.json or tokenizer_config.json)",))
+        length_problems = check_against_server(scenario, max_model_len=max_model_len) \
+            if max_model_len is not None else []
+        if length_problems:  # before the capability probe: nothing is sent to a server the scenario cannot use
+            return ServerFacts(model=model, max_model_len=max_model_len, factory=factory,
+                               problems=tuple(length_problems))
         paths = tuple(sorted({"/v1/chat/completions" if c.endpoint == "chat" else "/v1/completions"
                               for stage in scenario.resolve() for c in stage.clients}))
-        caps = probe_capabilities(client, model=model, paths=paths, models_listed=listed, tokenize=has_tokenize)
+        caps = capabilities if capabilities is not None else probe_capabilities(
+            client, model=model, paths=paths, models_listed=listed, tokenize=has_tokenize)
         caps = with_local_tokenizer(caps, local_path, count_with_tokenizer=count_tokens == "tokenizer")
         local = None
         if caps.tokenizer_path is not None:
@@ -124,7 +132,7 @@ def probe_server(host: str, *, headers: dict[str, str], model: str | None, scena
         if caps.problems:
             return ServerFacts(model=model, max_model_len=max_model_len, factory=factory, problems=caps.problems,
                                capabilities=caps)
-        problems = check_against_server(scenario, max_model_len=max_model_len) if max_model_len is not None else []
+        problems: list[str] = []
         datasets: dict[tuple, MeasuredDataset] = {}
         for stage in scenario.resolve():
             for c in stage.clients:

@@ -4,7 +4,9 @@
 ``{"error": "Unauthorized"}`` otherwise, like vLLM); ``/health``, ``/metrics``,
 ``/version``, ``/tokenize`` and ``/sim/*`` never do. ``GET /sim/truth?since=N``
 returns the truth records from index N; ``GET /sim/faults`` the injected
-fault counts.
+fault counts. A completion request with the ``x-envelope-probe`` header (Envelope's
+capability probe, before any load) is served as usual but gets no injected fault
+and counts neither in ``/sim/faults`` nor in the truth: those describe the load.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import orjson
 
 from server.sim.chunks import ChunkFormat, error_body
 from server.sim.config import FaultSpec, SimConfig
+
+PROBE_HEADER = "x-envelope-probe"  # envelope.capabilities.PROBE_HEADER
 from server.sim.engine import Engine, SimRequest, TruthLog, completion_text
 from server.sim.faults import FaultPlan
 from server.sim.http import Connection, HttpRequest
@@ -210,10 +214,15 @@ class SimApp:
             output_tokens = max(min(max_tokens, cfg.eos_after_tokens), min(min_tokens, max_tokens), 1)
         finish_reason = "length" if output_tokens == max_tokens else "stop"
 
-        self._counter += 1
-        request_id = req.headers.get("x-request-id") or f"sim-{self._counter}"
+        # Envelope's capability probe (a few short requests before the load) is served like any other
+        # request but is not part of the load: no injected fault, no count, no truth record
+        probe = bool(req.headers.get(PROBE_HEADER))
+        if not probe:
+            self._counter += 1
+        request_id = req.headers.get("x-request-id") or (f"probe-{uuid.uuid4().hex[:8]}" if probe
+                                                         else f"sim-{self._counter}")
         endpoint = "chat" if chat else "completions"
-        fault = self.faults.on_request(stream=stream)
+        fault = None if probe else self.faults.on_request(stream=stream)
         id_header = ((b"x-request-id", request_id.encode("latin-1", "replace")),)
         if fault is not None and fault.kind.startswith("http_"):
             self._send_fault(conn, req, fault, request_id, endpoint, stream, prompt_tokens, output_tokens, id_header)
@@ -225,6 +234,7 @@ class SimApp:
                          output_tokens=output_tokens, finish_reason=finish_reason, fault=fault,
                          include_usage=include_usage, continuous_usage=continuous, fmt=fmt, conn=conn,
                          t_arrival_s=req.t_arrival_s)
+        sim.in_truth = not probe
         engine = self.engine
         conn.on_close = lambda: engine.abort(sim, "client_disconnected")
         if stream:

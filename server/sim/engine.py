@@ -56,7 +56,7 @@ class SimRequest:
         "fault_done", "include_usage", "continuous_usage", "fmt", "conn", "on_complete",
         "t_arrival_s", "t_admitted_s", "t_first_token_s", "t_last_token_s", "t_done_s",
         "next_due", "itl_s", "tokens_sent", "chunks_sent", "offsets_s", "chunk_tokens", "handle",
-        "state", "outcome", "preemptions", "stall_s", "malformed_chunk", "kv_tokens",
+        "state", "outcome", "preemptions", "stall_s", "malformed_chunk", "kv_tokens", "in_truth",
     )
 
     def __init__(self, *, request_id: str, endpoint: str, stream: bool, prompt_tokens: int,
@@ -76,6 +76,7 @@ class SimRequest:
         self.fmt = fmt
         self.conn = conn
         self.on_complete = on_complete  # non-streamed: sends the whole response
+        self.in_truth = True  # False: Envelope's capability probe (served, but not part of the load's truth)
         self.t_arrival_s = t_arrival_s
         self.t_admitted_s: float | None = None
         self.t_first_token_s: float | None = None
@@ -229,7 +230,8 @@ class Engine:
         self._release(req)
         req.state = "done"
         req.t_done_s = time.perf_counter()
-        self.truth.add(req.truth())
+        if req.in_truth:
+            self.truth.add(req.truth())
 
     # token timing
     def _chunk_size(self, remaining: int) -> int:

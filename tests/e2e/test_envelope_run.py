@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
 def test_envelope_run_capstone_quick(tmp_path):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed")
-    from analysis.broke import cross_check_text, token_cross_check, what_broke_first
+    from analysis.broke import cross_check_text, run_probe_output_tokens, token_cross_check, what_broke_first
     from analysis.load import load_run
     from analysis.table import envelope_table
 
@@ -62,7 +62,8 @@ def test_envelope_run_capstone_quick(tmp_path):
     assert sum(1 for s in samples if s.get("ok")) >= 10
 
     run = load_run(run_dir)
-    check = token_cross_check(run.frame, run.telemetry.get("metrics"))
+    check = token_cross_check(run.frame, run.telemetry.get("metrics"),
+                              probe_output_tokens=run_probe_output_tokens(run))
     assert check.server_generation_tokens is not None and check.client_output_tokens > 0
     assert check.difference_ratio < 0.01, check
 

@@ -29,6 +29,15 @@ def run_locust(host: str, api_key: str | None, scenario: Path, run_dir: Path, *e
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
+def probe_tokens(run_dir: Path) -> tuple[int, int]:
+    """(output, prompt) tokens the run's capability probe made the server count before the load
+    (``capabilities.json``): in the server's counters, in no record."""
+    from envelope.capabilities import read_capabilities
+
+    caps = read_capabilities(run_dir)
+    return (0, 0) if caps is None else (caps.probe_output_tokens, caps.probe_prompt_tokens)
+
+
 def records(run_dir: Path) -> list[dict]:
     return list(read_records(iter_record_files(run_dir)))
 

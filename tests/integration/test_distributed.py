@@ -32,7 +32,7 @@ from analysis.cli import main as analysis_main
 from analysis.load import load_run
 from analysis.table import envelope_table
 from envelope.telemetry import parse_vllm_metrics
-from helpers.locust_runs import LOCUSTFILE, REPO, locust_request_count, records
+from helpers.locust_runs import LOCUSTFILE, REPO, locust_request_count, probe_tokens, records
 from helpers.locust_runs import stages as read_stage_dicts
 from helpers.netns import Topology, netns_unavailable_reason
 from locustfiles.live import LiveAggregator
@@ -132,9 +132,12 @@ def test_master_and_two_workers_on_separate_hosts(tmp_path):
     recs = records(run_dir)
     assert len(recs) == sum(counts.values()) == locust_request_count(run_dir) > OPEN_REQUESTS
     assert [r["error_category"] for r in recs if r["error_category"]] == []
-    # the token totals match the server's own counters (this server served only this run so far)
-    assert sum(r["output_tokens"] for r in recs) == dist_metrics["generation_tokens_total"]
-    assert sum(r["prompt_tokens"] for r in recs) == dist_metrics["prompt_tokens_total"]
+    # the token totals match the server's own counters (this server served only this run so far, and the
+    # master's capability probe before it: once for the run, not once per worker)
+    probe_output, probe_prompt = probe_tokens(run_dir)
+    assert probe_output > 0
+    assert sum(r["output_tokens"] for r in recs) + probe_output == dist_metrics["generation_tokens_total"]
+    assert sum(r["prompt_tokens"] for r in recs) + probe_prompt == dist_metrics["prompt_tokens_total"]
     assert not any(r["output_tokens_estimated"] for r in recs)
     opened = [r for r in recs if r["stage_name"] == "open"]
     assert len(opened) == OPEN_REQUESTS

@@ -15,6 +15,7 @@ from helpers.locust_runs import (
     files_containing,
     generation_tokens_total,
     locust_request_count,
+    probe_tokens,
     records,
     run_locust,
     stages,
@@ -37,9 +38,12 @@ def _assert_run_consistent(run_dir, server_tokens_delta):
     assert all(r["output_tokens"] == r["requested_output_tokens"] for r in done)
     assert all(not r["output_tokens_estimated"] for r in done)
     assert all(r["prompt_tokens"] == r["requested_prompt_tokens"] for r in done)
-    # one record per request Locust counted, and the server generated exactly what we recorded
+    # one record per request Locust counted, and the server generated exactly what we recorded (and what
+    # the capability probe asked for before the load, once per run)
     assert len(recs) == locust_request_count(run_dir)
-    assert sum(r["output_tokens"] for r in recs) == server_tokens_delta
+    probe_output, _ = probe_tokens(run_dir)
+    assert 0 < probe_output <= 16
+    assert sum(r["output_tokens"] for r in recs) + probe_output == server_tokens_delta
     return recs
 
 

@@ -74,6 +74,8 @@ def test_vllm_does_everything_the_workloads_ask():
         assert e.probe_output_tokens == 8 and e.refused is None
     assert caps.gaps == ()
     assert len(sent) == 2  # one request per endpoint: nothing was refused, nothing retried
+    # what the probe made the server count before any load: 8 tokens each, and the two prompts
+    assert (caps.probe_output_tokens, caps.probe_prompt_tokens) == (16, 21 + 10)
     assert all(b["min_tokens"] == b["max_tokens"] == 8 and b["ignore_eos"] is True for b in sent)
 
 
@@ -89,6 +91,7 @@ def test_transformers_serve_refuses_vllms_fields_and_gives_usage_only_at_the_end
         assert "422" in e.refused and "min_tokens" in e.refused and "ignore_eos" in e.refused
         assert e.stream_options is True  # transformers serve ignores it (with a log line) rather than refusing it
         assert e.usage == "final" and e.done_marker is False and e.probe_output_tokens == 8
+    assert (caps.probe_output_tokens, caps.probe_prompt_tokens) == (16, 21 + 10)  # the refused requests: none
     # the second request per endpoint went without the refused fields
     assert [("min_tokens" in b, "stream_options" in b) for b in sent] == [(True, True), (False, True)] * 2
     assert "/v1/chat/completions: no [DONE]" in caps.gaps and "no /metrics" in caps.gaps

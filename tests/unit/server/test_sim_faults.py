@@ -174,3 +174,25 @@ def test_stream_only_faults_skip_non_streamed_requests():
     kinds = [getattr(plan.on_request(stream=False), "kind", None) for _ in range(4)]
     assert kinds == [None, "http_503", None, "http_503"]
     assert plan.on_request(stream=True).kind == "no_done"
+
+
+def test_the_capability_probe_is_served_but_left_out_of_faults_count_and_truth():
+    """Envelope's probe (x-envelope-probe) before the load: a real answer, no injected fault, not counted."""
+    from envelope.capabilities import PROBE_HEADER, probe_capabilities
+
+    with sim(FaultSpec(kind="http_500")) as (url, c):  # every request of the load fails
+        with httpx.Client(base_url=url) as client:
+            caps = probe_capabilities(client, model="sim-model", paths=("/v1/chat/completions",),
+                                      models_listed=True, tokenize=True)
+        assert caps.problems == () and caps.endpoint("/v1/chat/completions").forced_output == "honoured"
+        state = c.get(f"{url}/sim/faults").json()
+        assert state["requests"] == 0 and state["injected"].get("http_500", 0) == 0
+        assert c.get(f"{url}/sim/truth").json() == []
+        # the same request without the header is the load: counted, faulted, in the truth
+        r = c.post(f"{url}/v1/chat/completions", json={**BODY, "stream": False, "stream_options": None})
+        assert r.status_code == 500
+        assert c.get(f"{url}/sim/faults").json()["requests"] == 1 and len(c.get(f"{url}/sim/truth").json()) == 1
+        # and the header on a load request would hide it: only the probe sets it
+        r = c.post(f"{url}/v1/chat/completions", json={**BODY, "stream": False, "stream_options": None},
+                   headers={PROBE_HEADER: "capabilities"})
+        assert r.status_code == 200
