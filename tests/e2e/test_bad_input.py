@@ -314,3 +314,69 @@ def test_401_or_404_on_the_first_requests_stops_the_run_early(tmp_path, faulty_s
     assert 0 < served_n < 20, served_n
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] != "complete"
+
+
+# --------------------------------------------------------------------------- a server that does not stream
+
+
+@pytest.fixture
+def plain_json_server():
+    """An OpenAI-looking server that answers every completion, streaming or not, with one JSON body."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posts: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._send(200, {})
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": "plain", "max_model_len": 4096}]})
+            else:
+                self._send(404, {"detail": "Not Found"})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path in ("/v1/chat/completions", "/v1/completions"):
+                posts.append(self.path)
+                self._send(200, {"id": "x", "object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+            else:
+                self._send(404, {"detail": "Not Found"})
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", posts
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.timeout(120)
+def test_a_server_that_answers_a_stream_with_one_json_body_is_stopped_before_any_load(tmp_path, plain_json_server):
+    """Such a server once took 687 requests in 25 s, each recorded as incomplete_stream: now the probe says it
+    in one line and no load is sent (the probe's one request is all the server saw)."""
+    url, posts = plain_json_server
+    proc = envelope(tmp_path, "--scenario", str(scenario(tmp_path, GOOD)), "--host", url, timeout_s=90)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    ours = [line for line in proc.stderr.splitlines() if "plain JSON body" in line]
+    assert len(ours) == 1, proc.stderr[-2000:]
+    assert ("POST /v1/chat/completions answered a streaming request (stream: true) with one plain JSON body, "
+            "not server-sent events") in ours[0]
+    assert posts == ["/v1/chat/completions"]
+    assert not list((tmp_path / "runs").glob("*/records/*.jsonl"))
