@@ -3,7 +3,8 @@
 It runs at ``--duration-scale 0.25`` (a search budget of a quarter) the capstone's chat search only, to
 keep CI short: the integration tests analyse the capstone's fixed passes on the session's server, the
 sweep test runs fixed stages through ``envelope run``'s launch twice, and ``make demo`` runs the whole
-scenario at ``--quick`` (0.4).
+scenario at ``--quick`` (0.4). The run is the ``launched_run`` fixture (tests/e2e/conftest.py), watched
+while it runs and shared with test_secrets.py, which checks where its API key went.
 
 The capstone ends with two SLO searches: the chat search must end with a bracket
 (the highest level that passed and the lowest that failed, both with confidence)
@@ -12,48 +13,25 @@ and name why it bends there from the server's own telemetry.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import secrets
-import subprocess
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.mark.timeout(1200)
-def test_envelope_run_capstone_quick(tmp_path):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed")
+def test_envelope_run_capstone_quick(launched_run):
     from analysis.broke import cross_check_text, run_probe_output_tokens, token_cross_check, what_broke_first
     from analysis.load import load_run
     from analysis.table import envelope_table
 
-    # the chat search (the demo runs every pass; tests/integration analyses the fixed ones)
-    scenario = yaml.safe_load((REPO / "scenarios" / "capstone.yaml").read_text())
-    scenario["passes"] = [p for p in scenario["passes"] if p["name"] == "chat-search"]
-    capstone = tmp_path / "capstone.yaml"
-    capstone.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    key = f"sk-e2e-{secrets.token_hex(16)}"
-    out = tmp_path / "runs"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
-    env["ENVELOPE_API_KEY"] = key
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from envelope.cli import main; sys.exit(main())", "run",
-         "--scenario", str(capstone), "--profile", "cpu-tiny", "--quick", "--duration-scale", "0.25",
-         "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1150,
-    )
+    proc = SimpleNamespace(returncode=launched_run["rc"], stdout=launched_run["stdout"].decode(errors="replace"),
+                           stderr=launched_run["stderr"].decode(errors="replace"))
+    key, run_dir = launched_run["key"], launched_run["run_dir"]
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    (run_dir,) = out.iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
     assert (run_dir / "report" / "envelope.md").is_file()
     assert (run_dir / "report" / "envelope.html").is_file()

@@ -327,11 +327,11 @@ def test_sigint_to_envelope_run_stops_the_vllm_it_launched(tmp_path):
     scenario.write_text(LONG.replace("users: 3", "users: 2").replace("users: 6", "users: 4"))
     out = tmp_path / "runs"
     err_path = tmp_path / "stderr.txt"
+    key = "sk-" + secrets.token_hex(16)  # from ENVELOPE_API_KEY (test_secrets' launched run reads a file)
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(envelope_argv("--scenario", str(scenario), "--profile", "cpu-tiny", "--out", str(out),
                                               "--no-analysis"),
-                                cwd=REPO, env=child_env("sk-" + secrets.token_hex(16)), stdout=subprocess.PIPE,
-                                stderr=err)
+                                cwd=REPO, env=child_env(key), stdout=subprocess.PIPE, stderr=err)
     server_pids: list[int] = []
     try:
         wait_for_records(proc, out, 10, timeout_s=600)
@@ -341,7 +341,7 @@ def test_sigint_to_envelope_run_stops_the_vllm_it_launched(tmp_path):
         server_pids = [p.pid for p in group_members(server["pgid"])]
         assert server["pid"] in server_pids and len(server_pids) >= 2  # the API server and its engine
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=240)
+        stdout, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -364,3 +364,6 @@ def test_sigint_to_envelope_run_stops_the_vllm_it_launched(tmp_path):
     records = whole_records(run_dir)
     assert sum(1 for r in records if r["error_category"] is None) >= 10
     assert_analysis_reports_partial(run_dir)
+    # the key given in the environment reached neither a file of the run (server.log included) nor the output
+    assert [p for p in run_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()] == []
+    assert key not in stderr and key.encode() not in stdout

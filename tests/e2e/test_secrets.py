@@ -1,30 +1,26 @@
 """Secrets and privacy: the API key and the prompt text stay out of everything a run leaves behind.
 
-One full ``envelope run --quick`` against the real CPU vLLM (the key from a
-file) is searched everywhere: every file of the run directory (records,
-run.json, server.json, server.log, Locust's logs, CSVs and HTML report, our
-report), what the command printed, and the command lines of every process it
-started, read from ``/proc/<pid>/cmdline`` while they ran (vLLM takes the key
-from ``VLLM_API_KEY`` and Locust from ``ENVELOPE_API_KEY``, so it must be in
-those two environments and nowhere else). Two short runs against the simulated server cover the key from a named
-environment variable and the ``--record-text`` opt-in, which also shows that
-the prompt-text detector finds prompts when they are there.
+One full ``envelope run --quick`` against the real CPU vLLM it launches (the key from a file) is
+searched everywhere: every file of the run directory (records, run.json, server.json, server.log,
+Locust's logs, CSVs and HTML report, our report), what the command printed, and the command lines of
+every process it started, read from ``/proc/<pid>/cmdline`` while they ran (vLLM takes the key from
+``VLLM_API_KEY`` and Locust from ``ENVELOPE_API_KEY``, so it must be in those two environments and
+nowhere else). That run is the ``launched_run`` fixture (tests/e2e/conftest.py): the capstone's chat
+search, whose report and search test_envelope_run.py checks; one launch of vLLM serves both files.
+Two short runs against the simulated server cover the key from a named environment variable and the
+``--record-text`` opt-in, which also shows that the prompt-text detector finds prompts when they are there.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
 
 from envelope.prompts import CANDIDATE_WORDS
@@ -73,137 +69,78 @@ def files_containing(root: Path, pattern: bytes | re.Pattern[bytes]) -> list[str
     return hits
 
 
-def read_proc(pid: int, name: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/{name}").read_bytes()
-    except OSError:
-        return b""
-
-
 # --------------------------------------------------------------------------- one real run
 
 
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """``envelope run --scenario smoke --profile cpu-tiny --quick --api-key-file F``, watched while it runs."""
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed")
-    tmp = tmp_path_factory.mktemp("secrets-real")
-    key = f"sk-secret-{secrets.token_hex(16)}"
-    key_file = tmp / "key.txt"
-    key_file.write_text(key + "\n")
-    out = tmp / "runs"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "envelope.cli", "run", "--scenario", "scenarios/smoke.yaml", "--profile", "cpu-tiny",
-         "--quick", "--api-key-file", str(key_file), "--out", str(out)],
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    cmdlines: dict[int, set[bytes]] = {}  # every command line seen per process (vLLM renames its own)
-    environs: dict[int, bytes] = {}
-    server_tree: set[int] = set()  # the vLLM API server and its descendants
-    unauthorized_status = authorized_status = None
-    try:
-        deadline = time.monotonic() + 900
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-            except psutil.Error:
-                tree = []
-            for pid in tree:
-                cmdline = read_proc(pid, "cmdline")
-                if cmdline:
-                    cmdlines.setdefault(pid, set()).add(cmdline)
-                    if pid not in environs:
-                        environs[pid] = read_proc(pid, "environ")
-                if b"vllm.entrypoints" in cmdline:
-                    try:
-                        server_tree.update([pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)])
-                    except psutil.Error:
-                        pass
-            server_json = next(out.glob("*/server.json"), None) if out.exists() else None
-            if server_json is not None and unauthorized_status is None:
-                base_url = json.loads(server_json.read_text())["base_url"]
-                unauthorized_status = httpx.get(f"{base_url}/v1/models", timeout=30).status_code
-                authorized_status = httpx.get(f"{base_url}/v1/models", timeout=30,
-                                              headers={"Authorization": f"Bearer {key}"}).status_code
-            time.sleep(0.25)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    (run_dir,) = out.iterdir()
-    return {"rc": proc.returncode, "key": key, "run_dir": run_dir, "stdout": stdout, "stderr": stderr,
-            "cmdlines": cmdlines, "environs": environs, "server_tree": server_tree,
-            "unauthorized": unauthorized_status,
-            "authorized": authorized_status}
+# launched_run (tests/e2e/conftest.py): the capstone's chat search, the key from --api-key-file, watched while it ran
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.timeout(1000)
-def test_real_run_completed_and_the_server_enforced_the_key(real_run):
-    assert real_run["rc"] == 0, real_run["stderr"].decode(errors="replace")[-3000:]
-    info = json.loads((real_run["run_dir"] / "run.json").read_text())
+@pytest.mark.timeout(1200)
+def test_real_run_completed_and_the_server_enforced_the_key(launched_run):
+    assert launched_run["rc"] == 0, launched_run["stderr"].decode(errors="replace")[-3000:]
+    info = json.loads((launched_run["run_dir"] / "run.json").read_text())
     assert info["status"] == "complete"
     assert info["options"]["api_key"] == "***"
     # the key was in force: without it the launched server refused, with it it answered
-    assert (real_run["unauthorized"], real_run["authorized"]) == (401, 200)
-    server = json.loads((real_run["run_dir"] / "server.json").read_text())
+    assert (launched_run["unauthorized"], launched_run["authorized"]) == (401, 200)
+    server = json.loads((launched_run["run_dir"] / "server.json").read_text())
     assert server["api_key_set"] is True and server["env"]["VLLM_API_KEY"] == "***"
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.timeout(1000)
-def test_key_is_in_no_file_log_or_report_of_the_run(real_run):
-    run_dir, key = real_run["run_dir"], real_run["key"].encode()
+@pytest.mark.timeout(1200)
+def test_key_is_in_no_file_log_or_report_of_the_run(launched_run):
+    run_dir, key = launched_run["run_dir"], launched_run["key"].encode()
     for part in ("run.json", "server.json", "server.log", "scenario.yaml", "locust/locust.log",
                  "locust/report.html", "locust/locust_stats.csv", "report/envelope.md", "report/envelope.html"):
         assert (run_dir / part).is_file(), f"{part} missing: the search below would not cover it"
     assert next((run_dir / "records").glob("*.jsonl")).stat().st_size > 0
     assert files_containing(run_dir, key) == []
-    assert key not in real_run["stdout"] and key not in real_run["stderr"]
+    assert key not in launched_run["stdout"] and key not in launched_run["stderr"]
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.timeout(1000)
-def test_key_is_in_no_command_line_and_only_in_the_server_and_locust_environments(real_run):
-    key = real_run["key"].encode()
-    seen = [(pid, cmd) for pid, cmds in real_run["cmdlines"].items() for cmd in cmds]
+@pytest.mark.timeout(1200)
+def test_key_is_in_no_command_line_and_only_in_the_server_and_locust_environments(launched_run):
+    key = launched_run["key"].encode()
+    seen = [(pid, cmd) for pid, cmds in launched_run["cmdlines"].items() for cmd in cmds]
     api_server = next((pid for pid, cmd in seen if b"vllm.entrypoints" in cmd), None)
     assert api_server is not None, "the vLLM API server was never seen"
-    assert len(real_run["server_tree"]) >= 2, "vLLM's engine process was never seen"
-    assert any(cmd.startswith(b"VLLM::") for pid, cmd in seen if pid in real_run["server_tree"]), seen
+    assert len(launched_run["server_tree"]) >= 2, "vLLM's engine process was never seen"
+    assert any(cmd.startswith(b"VLLM::") for pid, cmd in seen if pid in launched_run["server_tree"]), seen
     assert any(b"-m\0locust\0" in cmd for _, cmd in seen), "Locust was never seen"
     leaks = [(pid, cmd.replace(b"\0", b" ")[:200]) for pid, cmd in seen if key in cmd]
     assert leaks == []
     # vLLM gets the key from its environment (readable only by the same user), as VLLM_API_KEY
-    assert b"VLLM_API_KEY=" + key + b"\0" in real_run["environs"][api_server]
+    assert b"VLLM_API_KEY=" + key + b"\0" in launched_run["environs"][api_server]
     # ... and Locust, which sends it, as ENVELOPE_API_KEY; no other process of the run has it (the envelope
     # command read it from --api-key-file), and neither the server nor Locust under the other's name
     locust = {pid for pid, cmd in seen if b"-m\0locust\0" in cmd}
     # vLLM's processes (its tree, or renamed VLLM::… even if seen before its tree was)
-    server = real_run["server_tree"] | {pid for pid, cmd in seen if cmd.startswith(b"VLLM::") or b"vllm" in cmd}
-    holders = {pid for pid, env in real_run["environs"].items() if key in env}
+    server = launched_run["server_tree"] | {pid for pid, cmd in seen if cmd.startswith(b"VLLM::") or b"vllm" in cmd}
+    holders = {pid for pid, env in launched_run["environs"].items() if key in env}
     assert api_server in holders and holders & locust, (holders, server, locust)
     assert holders <= server | locust, (holders, server, locust)
     for pid in holders:
         name = b"ENVELOPE_API_KEY=" if pid in locust else b"VLLM_API_KEY="
-        assert name + key + b"\0" in real_run["environs"][pid], pid
+        assert name + key + b"\0" in launched_run["environs"][pid], pid
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.timeout(1000)
-def test_no_prompt_or_completion_text_without_opting_in(real_run):
-    run_dir = real_run["run_dir"]
+@pytest.mark.timeout(1200)
+def test_no_prompt_or_completion_text_without_opting_in(launched_run):
+    run_dir = launched_run["run_dir"]
     records = [json.loads(line) for path in (run_dir / "records").glob("*.jsonl")
                for line in path.read_bytes().splitlines()]
     assert len(records) >= 5
     assert {(r["prompt_text"], r["completion_text"]) for r in records} == {(None, None)}
     assert files_containing(run_dir, PROMPT_RUN) == []
-    assert PROMPT_RUN.search(real_run["stdout"] + real_run["stderr"]) is None
+    assert PROMPT_RUN.search(launched_run["stdout"] + launched_run["stderr"]) is None
 
 
 # --------------------------------------------------------------------------- the simulated server
