@@ -371,8 +371,12 @@ def _token_counts(fields: dict, body: dict, counter, capabilities) -> dict:
         prompt = counter.count_messages(body["messages"])
     else:
         prompt = counter.count_prompt(body.get("prompt") or "")
+    output = counter.count_text(text) if text else 0
+    chunk_tokens = fields.get("chunk_tokens")
     return {"token_source": "tokenizer",
-            "output_tokens": counter.count_text(text) if text else 0,
+            "output_tokens": output,
+            # the server's per-chunk counts sum to its own total: kept only where the tokenizer agrees with it
+            "chunk_tokens": chunk_tokens if chunk_tokens is not None and sum(chunk_tokens) == output else None,
             "output_tokens_estimated": False,
             "prompt_tokens": prompt,
             "output_tokens_server": fields["output_tokens"] if server_said else None,
