@@ -105,6 +105,13 @@ def _child(run_dir: str, out_dir: str) -> None:
     from analysis.table import envelope_table
 
     def peak_mib() -> float:
+        # VmHWM is this process's own peak; ru_maxrss would start at the parent's RSS at the fork
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     steps = {}
