@@ -3,7 +3,8 @@
 Writes N synthetic records (default 1,000,000) as JSON lines into a temporary
 run directory, split over 4 worker files and 4 stages (1, 5, 10, 20 users), then
 runs ``load_run``, the table and the full report in a child process and prints
-wall time per step and the child's peak RSS after each step.
+wall time per step and the child's peak RSS after each step; then does it again
+(``--runs``), when the first analysis has left its Parquet copy of the records in cache/.
 
 Each record has 128 content chunks of 1 token (``--chunks``, ``--tokens-per-chunk``):
 what a 128-token streamed reply from vLLM carries, so a million records hold
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,7 +128,7 @@ def _child(run_dir: str, out_dir: str) -> None:
     write_report(run, out_dir)
     steps["write_report (table again + graphs + md/html)"] = (time.perf_counter() - t, peak_mib())
     print(json.dumps({"steps": steps, "peak_rss_mib": peak_mib(), "imports_rss_mib": imported,
-                      "records": len(run.frame), "chunks": int(run.chunk_counts.sum()),
+                      "records": len(run.frame), "chunks": run.chunks.total_chunks,
                       "stages": len(rows), "p95_ttft_ms": [r["ttft_p95_ms"] for r in rows],
                       "p95_itl_ms": [r["itl_p95_ms"] for r in rows],
                       "tokens_per_s": [r["aggregate_output_tokens_per_s"] for r in rows]}))
@@ -139,6 +141,8 @@ def main() -> int:
     p.add_argument("--tokens-per-chunk", type=int, default=TOKENS_PER_CHUNK)
     p.add_argument("--run-dir", type=Path, help="generate the run here (or reuse it if it holds records) and keep it")
     p.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+    p.add_argument("--runs", type=int, default=2,
+                   help="analyses in a row: the first reads the JSON lines, later ones the Parquet copy it left")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -158,32 +162,40 @@ def main() -> int:
             generate(tmp, args.records, chunks=args.chunks, tokens_per_chunk=args.tokens_per_chunk)
             gen = f"generated in {time.perf_counter() - t:.1f} s"
         size_mib = sum(f.stat().st_size for f in (tmp / "records").iterdir()) / 2**20
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / "report")],
-                              capture_output=True, text=True)
-        total_s = time.perf_counter() - t
-        if proc.returncode != 0:
-            print(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
-            return 1
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"records: {res['records']:,}, content chunks: {res['chunks']:,}, "
-              f"{size_mib:,.0f} MiB of JSON lines ({gen}), {os.cpu_count()} CPUs")
-        print(f"{'step':<48} {'wall s':>8} {'peak RSS so far, MiB':>21}")
-        print(f"{'(imports)':<48} {'':>8} {res['imports_rss_mib']:>21.0f}")
-        for step, (s, rss) in res["steps"].items():
-            print(f"{step:<48} {s:>8.1f} {rss:>21.0f}")
-        print(f"{'child process total (incl. imports)':<48} {total_s:>8.1f} {res['peak_rss_mib']:>21.0f}")
-        print("p95 TTFT ms per stage:", [round(v, 3) for v in res["p95_ttft_ms"]])
-        print("p95 ITL ms per stage:", [round(v, 4) for v in res["p95_itl_ms"]])
-        print("output tokens/s per stage:", [round(v, 3) for v in res["tokens_per_s"]])
+        shutil.rmtree(tmp / "cache", ignore_errors=True)  # the first analysis reads the JSON lines
+        for i in range(args.runs):
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / "report")],
+                                  capture_output=True, text=True)
+            total_s = time.perf_counter() - t
+            if proc.returncode != 0:
+                print(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
+                return 1
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            cached = (tmp / "cache" / "records").is_dir() and any((tmp / "cache" / "records").iterdir())
+            if i == 0:
+                print(f"records: {res['records']:,}, content chunks: {res['chunks']:,}, "
+                      f"{size_mib:,.0f} MiB of JSON lines ({gen}), {os.cpu_count()} CPUs")
+            print(f"\nanalysis {i + 1} of {args.runs}" + (" (cache/ written by the one before)" if i else "")
+                  + (f"; cache/records holds {_size_mib(tmp / 'cache' / 'records'):,.0f} MiB" if cached else ""))
+            print(f"{'step':<48} {'wall s':>8} {'peak RSS so far, MiB':>21}")
+            print(f"{'(imports)':<48} {'':>8} {res['imports_rss_mib']:>21.0f}")
+            for step, (s, rss) in res["steps"].items():
+                print(f"{step:<48} {s:>8.1f} {rss:>21.0f}")
+            print(f"{'child process total (incl. imports)':<48} {total_s:>8.1f} {res['peak_rss_mib']:>21.0f}")
+            print("p95 TTFT ms per stage:", [round(v, 3) for v in res["p95_ttft_ms"]])
+            print("p95 ITL ms per stage:", [round(v, 4) for v in res["p95_itl_ms"]])
+            print("output tokens/s per stage:", [round(v, 3) for v in res["tokens_per_s"]])
         return 0
     finally:
         if args.keep:
             print(f"kept {tmp}")
         else:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _size_mib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir()) / 2**20
 
 
 if __name__ == "__main__":
