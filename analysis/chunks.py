@@ -34,12 +34,25 @@ __all__ = ["RequestChunks", "RequestChunksBuilder", "ChunkBlock", "compact_ints"
 
 
 def compact_ints(values: np.ndarray) -> np.ndarray:
-    """``values`` (integers) in the smallest integer dtype that holds them all exactly."""
+    """``values`` (integers) in the smallest integer dtype that holds them all exactly; when they are
+    all equal, one value broadcast to their shape (read-only, no memory per element: the usual
+    one token per chunk)."""
     if not values.size:
         return values.astype(np.uint8)
     lo, hi = int(values.min()), int(values.max())
     dtype = np.result_type(np.min_scalar_type(lo), np.min_scalar_type(hi))
+    if lo == hi:
+        return np.broadcast_to(np.array(lo, dtype=dtype), values.shape)
     return values.astype(dtype, copy=False)
+
+
+def _join_ints(parts: list[np.ndarray]) -> np.ndarray:
+    """:func:`compact_ints` parts joined, staying one broadcast value when they all are the same one."""
+    if parts and all(p.strides == (0,) for p in parts) and len({(p.dtype, p[0]) for p in parts if p.size}) <= 1:
+        first = next((p for p in parts if p.size), None)
+        value = np.array(first[0], dtype=first.dtype) if first is not None else np.array(0, dtype=np.uint8)
+        return np.broadcast_to(value, (sum(p.size for p in parts),))
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -55,7 +68,7 @@ class ChunkBlock:
     row_stop: int
     starts: np.ndarray  # int64, rows + 1
     offsets_s: np.ndarray  # float64: seconds after the request's start, as recorded
-    tokens: np.ndarray  # smallest integer dtype
+    tokens: np.ndarray  # smallest integer dtype (see compact_ints: may be one value broadcast)
 
     @property
     def chunks(self) -> int:
@@ -116,21 +129,22 @@ class RequestChunks:
                                               "attributed_output_tokens", "itl_counts", "wall_start_unix_s",
                                               "in_flight_end_unix_s", "arrival_min_unix_s", "arrival_max_unix_s",
                                               "arrival_tokens")]
-        return sum(a.nbytes for a in arrays) + sum(b.starts.nbytes + b.offsets_s.nbytes + b.tokens.nbytes
-                                                   for b in self.blocks)
+        return sum(a.nbytes for a in arrays) + sum(
+            b.starts.nbytes + b.offsets_s.nbytes + (0 if b.tokens.strides == (0,) else b.tokens.nbytes)
+            for b in self.blocks)
 
     # -- ITL ---------------------------------------------------------------------------------
 
     def itl_ms(self, records: np.ndarray | None = None) -> np.ndarray:
         """The per-token ITL values (ms) of the successful ``records`` (None: all), in row order.
 
-        float64 holding float32 values: what :func:`envelope.metrics.itl_values_ms` gives, rounded
-        to float32 as the run loader always kept them. A new array the caller may reorder.
+        What :func:`envelope.metrics.itl_values_ms` gives, rounded to float32 as the run loader
+        always kept them (~7 significant digits of ms). A new array the caller may reorder.
         """
         sel_all = self.ok & (self.n_chunks >= 2)
         if records is not None:
             sel_all = sel_all & records
-        out = np.empty(int(self.itl_counts[sel_all].sum()), dtype=np.float64)
+        out = np.empty(int(self.itl_counts[sel_all].sum()), dtype=np.float32)
         pos = 0
         for block in self.blocks:
             sel = sel_all[block.row_start:block.row_stop]
@@ -342,7 +356,7 @@ class RequestChunksBuilder:
             if values.shape != (rows,):
                 raise ValueError(f"{name}: one value per record expected")
             self._records[name].append(values)
-        self._pending.append((n_chunks, np.asarray(offsets_s, dtype=np.float64), tokens))
+        self._pending.append((n_chunks, np.asarray(offsets_s, dtype=np.float64), compact_ints(tokens)))
         self._pending_chunks += offsets_s.size
         self._rows += rows
         if self._pending_chunks >= self.block_chunks:
@@ -353,7 +367,7 @@ class RequestChunksBuilder:
             return
         n = np.concatenate([p[0] for p in self._pending])
         offsets = np.concatenate([p[1] for p in self._pending])
-        tokens = compact_ints(np.concatenate([p[2].astype(np.int64, copy=False) for p in self._pending]))
+        tokens = _join_ints([p[2] for p in self._pending])  # numpy's common type: still the smallest
         self._pending = []
         self._pending_chunks = 0
         starts = np.zeros(n.size + 1, dtype=np.int64)

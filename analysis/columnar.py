@@ -88,7 +88,7 @@ class RecordsAccumulator:
         # chunk offsets: one list per record (null: none)
         offsets_list = col["chunk_offsets_s"]
         n_chunks = _lengths(offsets_list)
-        offsets = offsets_list.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=True)
+        offsets = offsets_list.flatten().to_numpy(zero_copy_only=False)  # a view of Arrow's buffer
         chunk_start = np.cumsum(n_chunks) - n_chunks
         has = n_chunks > 0
         first_offset = np.full(n, np.nan)
@@ -102,8 +102,11 @@ class RecordsAccumulator:
         token_values = tokens_list.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         matched = ~_is_null(tokens_list) & (token_lengths == n_chunks) & has
         t_min, t_sum, t_max, t_ones, t_zeros, tok_first = _segment_stats(token_values, token_lengths)
-        per_chunk_tokens = np.ones(offsets.size, dtype=np.int64)
-        per_chunk_tokens[np.repeat(matched, n_chunks)] = token_values[np.repeat(matched, token_lengths)]
+        if token_values.size == offsets.size and np.array_equal(matched, has):
+            per_chunk_tokens = token_values  # the common case: every record with chunks has their counts
+        else:
+            per_chunk_tokens = np.ones(offsets.size, dtype=np.int64)
+            per_chunk_tokens[np.repeat(matched, n_chunks)] = token_values[np.repeat(matched, token_lengths)]
         usable = matched & (t_min >= 1)  # envelope.metrics.usable_chunk_tokens
 
         frame_cols: dict[str, Any] = {}
@@ -288,8 +291,8 @@ def _segment_stats(values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray,
         out[0][full] = np.minimum.reduceat(values, at)
         out[1][full] = np.add.reduceat(values, at)
         out[2][full] = np.maximum.reduceat(values, at)
-        out[3][full] = np.add.reduceat((values == 1).astype(np.int64), at)
-        out[4][full] = np.add.reduceat((values == 0).astype(np.int64), at)
+        out[3][full] = np.add.reduceat(values == 1, at, dtype=np.int64)
+        out[4][full] = np.add.reduceat(values == 0, at, dtype=np.int64)
         out[5][full] = values[at]
     return tuple(out)
 

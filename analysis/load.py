@@ -13,7 +13,9 @@ unreadable is described in :attr:`Run.missing`.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -134,14 +136,21 @@ def load_run(run_dir: str | os.PathLike[str], *, cache_min_bytes: int | None = C
     if not files:
         missing.append("records/: no record files, so no latency or throughput numbers")
     acc = RecordsAccumulator()
-    for part in read_record_tables(files, skipped=skipped, run_dir=root, cache_min_bytes=cache_min_bytes):
-        if isinstance(part, pa.Table):
-            acc.add_table(part)
-        else:
-            for batch in _batches(part, BATCH_RECORDS):
-                acc.add_records(batch)
-    loaded = acc.result()
-    pa.default_memory_pool().release_unused()  # the parse buffers, back to the system
+    # Arrow's default allocator (mimalloc) keeps what the parse freed: ~300 MiB for a million
+    # records. The system's malloc gives it back, and the reading is no slower with it.
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        for part in read_record_tables(files, skipped=skipped, run_dir=root, cache_min_bytes=cache_min_bytes):
+            if isinstance(part, pa.Table):
+                acc.add_table(part)
+            else:
+                for batch in _batches(part, BATCH_RECORDS):
+                    acc.add_records(batch)
+        loaded = acc.result()
+    finally:
+        pa.set_memory_pool(pool)
+    _return_freed_memory()
     frame = loaded.frame
 
     stages_from_records = False
@@ -181,6 +190,22 @@ def load_run(run_dir: str | os.PathLike[str], *, cache_min_bytes: int | None = C
         searches=searches,
         sources=read_source_log(root),
     )
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only; elsewhere nothing).
+
+    Reading leaves the heap full of holes where the per-batch parts were (~300 MiB for a
+    million records) that glibc keeps until told: ``malloc_trim``, as Dask's worker memory
+    docs recommend for the same pattern.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECORDS) -> LoadedRecords:
