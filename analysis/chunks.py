@@ -147,27 +147,27 @@ class RequestChunks:
         out = np.empty(int(self.itl_counts[sel_all].sum()), dtype=np.float32)
         pos = 0
         for block in self.blocks:
-            sel = sel_all[block.row_start:block.row_stop]
+            span = slice(block.row_start, block.row_stop)
+            sel = sel_all[span]
             if not sel.any():
                 continue
-            n = self.n_chunks[block.row_start:block.row_stop]
-            lengths = n[sel]
-            chunk_sel = np.repeat(sel, n)
-            offsets = block.offsets_s[chunk_sel]
-            gaps = np.diff(offsets)
+            n = self.n_chunks[span]
+            whole = bool(sel.all())  # a stage's records come in long runs: most blocks are all in or all out
+            lengths = n if whole else n[sel]
+            chunk_sel = None if whole else np.repeat(sel, n)
+            gaps = np.diff(block.offsets_s if whole else block.offsets_s[chunk_sel])
             # drop the "gap" from one record's last chunk to the next record's first
             keep = np.ones(gaps.size, dtype=bool)
             keep[np.cumsum(lengths)[:-1] - 1] = False
             gaps = gaps[keep]
-            usable = np.repeat(self.itl_tokens_usable[block.row_start:block.row_stop][sel], lengths)
-            if usable.any():
-                k = np.where(usable, block.tokens[chunk_sel], 1)[1:][keep]
-                if int(k.max()) > 1:
+            if not _all_ones(block.tokens):
+                usable = np.repeat(self.itl_tokens_usable[span] if whole else self.itl_tokens_usable[span][sel], lengths)
+                k = np.where(usable, block.tokens if whole else block.tokens[chunk_sel], 1)[1:][keep]
+                if k.size and int(k.max()) > 1:
                     # a chunk of k tokens gives k values of gap / k (see envelope.metrics)
                     gaps = np.repeat(gaps / k, k)
-            values = (gaps * 1000.0).astype(np.float32)
-            out[pos:pos + values.size] = values
-            pos += values.size
+            out[pos:pos + gaps.size] = gaps * 1000.0  # rounded to float32 as astype rounds
+            pos += gaps.size
         if pos != out.size:  # the counts and the values come from one rule; a mismatch is a bug
             raise AssertionError(f"ITL values {pos} != counted {out.size}")
         return out
@@ -265,11 +265,28 @@ class RequestChunks:
         this is for plots.
         """
         sums = np.zeros(edges.size - 1)
-        span = (float(edges[0]), float(edges[-1]))
-        for t, tok in self._arrival_parts(None):
-            part, _ = np.histogram(t - zero_unix_s, bins=edges.size - 1, range=span, weights=tok)
-            sums += part
+        bins, span = edges.size - 1, (float(edges[0]), float(edges[-1]))
+        attributing = self._attributing()
+        for block in self.blocks:
+            rows = slice(block.row_start, block.row_stop)
+            n = self.n_chunks[rows]
+            if attributing[rows].all() and (n > 0).all() and self.tokens_exact[rows].all():
+                # every chunk of the block, with its own count: no per-chunk selection needed
+                t = np.repeat(self.wall_start_unix_s[rows] - zero_unix_s, n) + block.offsets_s
+                if block.tokens.strides == (0,):  # one count for all: count chunks, then scale
+                    part, _ = np.histogram(t, bins=bins, range=span)
+                    sums += part * float(block.tokens[0]) if block.tokens.size else 0.0
+                else:
+                    sums += np.histogram(t, bins=bins, range=span, weights=block.tokens.astype(np.float64))[0]
+                continue
+            for t, tok in self._arrival_parts(np.flatnonzero(attributing[rows]) + block.row_start):
+                sums += np.histogram(t - zero_unix_s, bins=bins, range=span, weights=tok)[0]
         return sums
+
+
+def _all_ones(tokens: np.ndarray) -> bool:
+    """Whether a block's token counts are all 1 (one broadcast 1: no memory to read)."""
+    return tokens.strides == (0,) and (not tokens.size or int(tokens[0]) == 1)
 
 
 def _arrivals(sel: np.ndarray, n_chunks: np.ndarray, block: ChunkBlock, *, wall_start_unix_s: np.ndarray,
@@ -304,7 +321,7 @@ class RequestChunksBuilder:
     """Takes the chunks of consecutive batches of records (:meth:`add`) and gives the
     :class:`RequestChunks` of them all (:meth:`result`); blocks hold about ``block_chunks`` chunks."""
 
-    def __init__(self, *, block_chunks: int = 1 << 20) -> None:
+    def __init__(self, *, block_chunks: int = 1 << 18) -> None:
         self.block_chunks = block_chunks
         self._rows = 0
         self._block_start = 0
@@ -365,9 +382,12 @@ class RequestChunksBuilder:
     def _close_block(self) -> None:
         if not self._pending:
             return
-        n = np.concatenate([p[0] for p in self._pending])
-        offsets = np.concatenate([p[1] for p in self._pending])
-        tokens = _join_ints([p[2] for p in self._pending])  # numpy's common type: still the smallest
+        if len(self._pending) == 1:  # a batch as large as a block: kept as it came (no copy)
+            n, offsets, tokens = self._pending[0]
+        else:
+            n = np.concatenate([p[0] for p in self._pending])
+            offsets = np.concatenate([p[1] for p in self._pending])
+            tokens = _join_ints([p[2] for p in self._pending])  # numpy's common type: still the smallest
         self._pending = []
         self._pending_chunks = 0
         starts = np.zeros(n.size + 1, dtype=np.int64)

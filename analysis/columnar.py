@@ -59,7 +59,7 @@ class LoadedRecords:
 class RecordsAccumulator:
     """Adds batches of records (Arrow tables or dicts) and gives the :class:`LoadedRecords` of them all."""
 
-    def __init__(self, *, block_chunks: int = 1 << 20) -> None:
+    def __init__(self, *, block_chunks: int = 1 << 18) -> None:
         self._columns: dict[str, list[Any]] = {c: [] for c in FRAME_COLUMNS}
         self._chunks = RequestChunksBuilder(block_chunks=block_chunks)
         self._audit = TokenAuditBuilder()

@@ -323,3 +323,24 @@ def test_float32_percentiles_are_the_float64_ones_bit_for_bit(shape):
     got = metrics.percentiles(values.copy(), qs=qs, overwrite_input=True)
     assert {k: v for k, v in got.items() if k != "mean"} == {k: v for k, v in expected.items() if k != "mean"}
     assert got["mean"] == pytest.approx(expected["mean"], rel=1e-12)
+
+
+@pytest.mark.parametrize("tokens_per_chunk", [1, 2, None], ids=["one token", "two tokens", "mixed"])
+def test_blocks_of_clean_records_take_the_short_way_to_the_same_numbers(tmp_path, tokens_per_chunk):
+    """Blocks whose every record succeeded with counted chunks skip the per-chunk selection."""
+    rng = np.random.default_rng(11)
+    records = []
+    for i in range(300):
+        rec = _record(i, rng, chunk_offsets_s=[0.1 + 0.01 * j + 1e-5 * i for j in range(12)])
+        counts = [tokens_per_chunk or int(c) for c in rng.integers(1, 4, 12)]
+        rec.update(chunk_tokens=counts, output_tokens=sum(counts))
+        records.append(rec)
+    root = _write(tmp_path / "run", {"w_1.jsonl": [orjson.dumps(r) for r in records] + [b""]})
+    chunks = load_run(root, cache_min_bytes=None).chunks
+    assert len(chunks.blocks) == 1 and chunks.blocks[0].tokens.strides == ((0,) if tokens_per_chunk else (1,))
+    assert np.array_equal(chunks.itl_ms(), metrics.itl_values_ms(records).astype(np.float32))
+    times, tokens = chunks.arrivals()
+    edges = np.arange(0, 130, 5.0)
+    expected, _ = np.histogram(times - T0, bins=edges, weights=tokens)
+    assert np.allclose(chunks.token_histogram(edges, T0), expected, rtol=1e-12)
+    assert chunks.tokens_between(T0 + 20, T0 + 60) == float(tokens[(times >= T0 + 20) & (times < T0 + 60)].sum())
