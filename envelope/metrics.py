@@ -269,11 +269,6 @@ def _exact_difference(a: float, b: float) -> bool:
     if b < 0.0:
         return a >= 2.0 * b
     return False
-    mean = float(arr.mean())  # before np.percentile may reorder arr: the same sum, in the same order
-    points = np.percentile(arr, list(qs), overwrite_input=scratch)
-    out = {f"p{q:g}": float(p) for q, p in zip(qs, points)}
-    out["mean"] = mean
-    return out
 
 
 def _float_column(values: list[Any]) -> np.ndarray:
