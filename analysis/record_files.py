@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -224,8 +225,6 @@ def _plain_lines(block: bytes) -> int | None:
 
 def _has_null_rows(table: pa.Table) -> bool:
     """A row with every field null: a ``null`` line (not a record) or a ``{}`` one (a record): ask orjson."""
-    import pyarrow.compute as pc
-
     every = None
     for column in table.columns:
         missing = pc.is_null(column)
@@ -296,9 +295,9 @@ def _read_json_cached(path: Path, cache: Path, fingerprint: dict[bytes, bytes],
     try:
         for item in _read_json(path, skipped, skips):
             if writer is not None:
-                if isinstance(item, pa.Table):
-                    writer.add(item)
-                else:  # dicts: the copy could not say the same; read this file from JSON every time
+                if not isinstance(item, pa.Table) or not writer.add(item):
+                    # dicts (the copy could not say the same: read this file from JSON every time),
+                    # or the copy cannot be written (a full disk): the records are read all the same
                     writer.discard()
                     writer = None
             yield item
@@ -338,11 +337,16 @@ class _CacheWriter:
         except (OSError, pa.ArrowException):
             return None
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table) -> bool:
+        """Queue ``table`` for the copy; False when writing failed."""
         self.pending.append(table)
         self.rows += table.num_rows
         if self.rows >= CACHE_ROWS:
-            self._flush()
+            try:
+                self._flush()
+            except (OSError, pa.ArrowException):
+                return False
+        return True
 
     def _flush(self) -> None:
         if self.pending:

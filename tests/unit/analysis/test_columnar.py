@@ -344,3 +344,16 @@ def test_blocks_of_clean_records_take_the_short_way_to_the_same_numbers(tmp_path
     expected, _ = np.histogram(times - T0, bins=edges, weights=tokens)
     assert np.allclose(chunks.token_histogram(edges, T0), expected, rtol=1e-12)
     assert chunks.tokens_between(T0 + 20, T0 + 60) == float(tokens[(times >= T0 + 20) & (times < T0 + 60)].sum())
+
+
+def test_a_copy_that_cannot_be_written_leaves_the_records_read(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    root = _write(tmp_path / "run", {"w_1.jsonl": [orjson.dumps(_record(i, rng)) for i in range(40)] + [b""]})
+    monkeypatch.setattr(record_files, "CACHE_ROWS", 10)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(record_files.pq.ParquetWriter, "write_table", full_disk)
+    assert len(load_run(root, cache_min_bytes=0).frame) == 40
+    assert not _copy_of(root).exists() and not list((root / "cache" / "records").iterdir())
