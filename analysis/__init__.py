@@ -1,6 +1,8 @@
 """Analysis of an Envelope run directory: load, tables, plots, write-up, compare.
 
-Modules: :mod:`analysis.load` (run directory to frames), :mod:`analysis.table`
+Modules: :mod:`analysis.load` (run directory to frames; records read column by column by
+:mod:`analysis.record_files` and :mod:`analysis.columnar`, their chunks kept in
+:mod:`analysis.chunks`), :mod:`analysis.table`
 (the envelope table), :mod:`analysis.envelope` (what is safe, what broke
 first), :mod:`analysis.server_latency` (the server's own latency histograms per
 window), :mod:`analysis.broke` (events in time order, token cross-check),

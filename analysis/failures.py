@@ -28,6 +28,7 @@ from typing import IO, Any, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.chunks import RequestChunks
 from envelope.records import ErrorCategory
 from envelope.stages import StageRecord
 
@@ -149,14 +150,14 @@ def server_stop(
     *,
     metrics: pd.DataFrame | None = None,
     metrics_failed: pd.DataFrame | None = None,
-    chunk_unix_s: np.ndarray | None = None,
+    chunks: RequestChunks | None = None,
     min_requests: int = MIN_STOP_REQUESTS,
 ) -> ServerStop | None:
     """The moment the server stopped answering for good, or None (see the module docstring).
 
     ``frame`` needs ``error_category``, ``wall_start_unix_s`` and ``in_flight_end_unix_s``
     (as :func:`analysis.load.load_run` builds it); ``metrics``/``metrics_failed`` are the
-    good and failed ``/metrics`` samples; ``chunk_unix_s`` the arrival of every content chunk.
+    good and failed ``/metrics`` samples; ``chunks`` the records' content chunks (their arrivals).
     """
     if frame.empty or "in_flight_end_unix_s" not in frame.columns:
         return None
@@ -179,10 +180,10 @@ def server_stop(
         return None
     t_stop = float(end[after].min())
     last_answer = last_answered
-    if chunk_unix_s is not None and len(chunk_unix_s):
-        seen = chunk_unix_s[chunk_unix_s <= t_stop]
-        if seen.size:
-            last_answer = max(float(seen.max()), last_answer if last_answer is not None else -math.inf)
+    if chunks is not None:
+        seen = chunks.last_arrival_at_or_before(t_stop)
+        if seen is not None:
+            last_answer = max(seen, last_answer if last_answer is not None else -math.inf)
     by_cat = Counter(str(c) for c in cats[after].tolist())
     ordered = sorted(stages, key=lambda s: float(s.start_unix_s))
     running = None
@@ -213,7 +214,7 @@ def run_server_stop(run: Any) -> ServerStop | None:
     telemetry = getattr(run, "telemetry", {}) or {}
     return server_stop(run.frame, run.stages, metrics=telemetry.get("metrics"),
                        metrics_failed=telemetry.get("metrics_failed"),
-                       chunk_unix_s=getattr(run, "chunk_unix_s", None))
+                       chunks=getattr(run, "chunks", None))
 
 
 def _metrics_gap(metrics: pd.DataFrame | None,

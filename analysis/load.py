@@ -1,10 +1,11 @@
 """Load a run directory into one in-memory :class:`Run` for the tables and plots.
 
-Records are the only source of latency numbers: they are streamed in batches
-through :func:`envelope.metrics.per_request_frame`, so a million records never
-sit in memory as dicts at once. Per-token values that do not fit a one-row-per-
-request frame (inter-token latencies, chunk arrival times) are kept as flat
-arrays with a per-row count, aligned with the frame's rows.
+Records are the only source of latency numbers. They are read column by column
+(:mod:`analysis.record_files`: pyarrow's JSON reader, or the Parquet copy kept
+beside the records) and turned into the frame without a Python loop over records
+(:mod:`analysis.columnar`); per-chunk values that do not fit a one-row-per-request
+frame (chunk offsets and token counts, from which ITL values and chunk arrivals
+are derived) are kept compact in :class:`analysis.chunks.RequestChunks`.
 
 Every part of the directory except the records is optional; what is absent or
 unreadable is described in :attr:`Run.missing`.
@@ -12,21 +13,25 @@ unreadable is described in :attr:`Run.missing`.
 
 from __future__ import annotations
 
-import math
+import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
 
+from analysis.chunks import RequestChunks
+from analysis.columnar import ORIGIN_COLUMNS, LoadedRecords, RecordsAccumulator
+from analysis.record_files import CACHE_MIN_BYTES, read_record_tables
 from analysis.server_latency import SERVER_HISTOGRAMS
-from analysis.tokens import TokenAudit, TokenAuditBuilder
+from analysis.tokens import TokenAudit
 from analysis.workers import PLACEMENT_SLACK_S, placement_tolerance_s, read_workers
-from envelope import metrics
-from envelope.records import iter_record_files, read_records
+from envelope.records import iter_record_files
 from envelope.rundir import RunInfo
 from envelope.search_log import SearchEntry, read_search_log
 from envelope.source_log import SourceEntry, read_source_log
@@ -42,9 +47,10 @@ __all__ = [
     "completeness",
     "BATCH_RECORDS",
     "ORIGIN_COLUMNS",
+    "LoadedRecords",
 ]
 
-BATCH_RECORDS = 20_000  # records per per_request_frame call: bounds the dicts held at once
+BATCH_RECORDS = 20_000  # records per per_request_frame call (records_frame): bounds the dicts held at once
 
 
 class RunDirError(ValueError):
@@ -55,11 +61,12 @@ class RunDirError(ValueError):
 class Run:
     """One run directory, loaded.
 
-    ``frame`` has one row per record (the columns of ``per_request_frame`` plus
-    ``in_flight_end_unix_s``); ``itl_ms``/``itl_counts`` and the ``chunk_*``
-    arrays are flat per-token arrays whose per-row lengths are the counts, in
-    frame row order. ``token_audit`` is computed from the records as they
-    stream past (see :mod:`analysis.tokens`).
+    ``frame`` has one row per record (the columns of ``per_request_frame``, the
+    origin columns and ``in_flight_end_unix_s``: :data:`analysis.columnar.FRAME_COLUMNS`);
+    ``chunks`` holds every record's content chunks, from which ITL values and
+    chunk arrivals are derived (:class:`analysis.chunks.RequestChunks`).
+    ``token_audit`` is computed from the records as they stream past (see
+    :mod:`analysis.tokens`).
 
     ``workers`` / ``workers_info``: a distributed run's ``workers.json`` (its
     worker entries and top-level numbers; see :mod:`analysis.workers`), empty
@@ -74,11 +81,7 @@ class Run:
     server: dict
     stages: list[StageRecord]
     frame: pd.DataFrame
-    itl_ms: np.ndarray  # float32, ms
-    itl_counts: np.ndarray
-    chunk_unix_s: np.ndarray  # wall-clock arrival of every content chunk
-    chunk_output_tokens: np.ndarray  # float32 tokens attributed to that chunk (sums to output_tokens)
-    chunk_counts: np.ndarray
+    chunks: RequestChunks = field(default_factory=RequestChunks.empty)
     # metrics (good samples only), metrics_failed (t_unix_s, error of failed samples), gpu, host
     telemetry: dict[str, pd.DataFrame] = field(default_factory=dict)
     locust: dict[str, pd.DataFrame] = field(default_factory=dict)  # stats, history, failures
@@ -104,8 +107,12 @@ class Run:
         )
 
 
-def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECORDS) -> Run:
-    """Read ``run_dir``; raise :class:`RunDirError` when it is not a run directory."""
+def load_run(run_dir: str | os.PathLike[str], *, cache_min_bytes: int | None = CACHE_MIN_BYTES) -> Run:
+    """Read ``run_dir``; raise :class:`RunDirError` when it is not a run directory.
+
+    A record file of at least ``cache_min_bytes`` is read from its Parquet copy under ``cache/``, or
+    copied there as it is read (see :mod:`analysis.record_files`); None: never.
+    """
     root = Path(run_dir)
     if not root.is_dir():
         raise RunDirError(f"{root}: not a directory")
@@ -128,8 +135,23 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
     files = iter_record_files(root)
     if not files:
         missing.append("records/: no record files, so no latency or throughput numbers")
-    loaded = records_frame(_objects(read_records(files, skipped=skipped), skipped), batch_records=batch_records)
-    frame = loaded["frame"]
+    acc = RecordsAccumulator()
+    # Arrow's default allocator (mimalloc) keeps what the parse freed: ~300 MiB for a million
+    # records. The system's malloc gives it back, and the reading is no slower with it.
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        for part in read_record_tables(files, skipped=skipped, run_dir=root, cache_min_bytes=cache_min_bytes):
+            if isinstance(part, pa.Table):
+                acc.add_table(part)
+            else:
+                for batch in _batches(part, BATCH_RECORDS):
+                    acc.add_records(batch)
+        loaded = acc.result()
+    finally:
+        pa.set_memory_pool(pool)
+    _return_freed_memory()
+    frame = loaded.frame
 
     stages_from_records = False
     if stages is None:
@@ -154,17 +176,13 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
         server=server,
         stages=stages,
         frame=frame,
-        itl_ms=loaded["itl_ms"],
-        itl_counts=loaded["itl_counts"],
-        chunk_unix_s=loaded["chunk_unix_s"],
-        chunk_output_tokens=loaded["chunk_output_tokens"],
-        chunk_counts=loaded["chunk_counts"],
+        chunks=loaded.chunks,
         telemetry=telemetry,
         locust=locust,
         missing=missing,
         skipped_lines=skipped,
         stages_from_records=stages_from_records,
-        token_audit=loaded["token_audit"],
+        token_audit=loaded.token_audit,
         workers=workers,
         workers_info=workers_info,
         placement_tolerance_s=tolerance_s,
@@ -174,88 +192,31 @@ def load_run(run_dir: str | os.PathLike[str], *, batch_records: int = BATCH_RECO
     )
 
 
-def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECORDS) -> dict[str, Any]:
-    """Turn record dicts into the frame and the flat per-token arrays (see :class:`Run`)."""
-    frames: list[pd.DataFrame] = []
-    itl_parts: list[np.ndarray] = []
-    itl_count_parts: list[np.ndarray] = []
-    chunk_t_parts: list[np.ndarray] = []
-    chunk_tok_parts: list[np.ndarray] = []
-    chunk_count_parts: list[np.ndarray] = []
-    audit = TokenAuditBuilder()
-    for batch in _batches(records, batch_records):
-        frame = metrics.per_request_frame(batch)
-        if len(frame) != len(batch):  # the flat arrays rely on one row per record, in order
-            raise RunDirError("per_request_frame did not return one row per record")
-        _add_origin_columns(frame, batch)
-        e2e_ms = frame["e2e_ms"].to_numpy(dtype=float, na_value=np.nan)
-        itl_counts = np.empty(len(batch), dtype=np.int64)
-        offs: list[float] = []
-        toks: list[float] = []
-        chunk_counts = np.empty(len(batch), dtype=np.int64)
-        flight_s = np.empty(len(batch), dtype=float)
-        for i, rec in enumerate(batch):
-            itl_counts[i] = _itl_count(rec)
-            flight_s[i] = _flight_s(rec, e2e_ms[i])
-            chunk_counts[i] = _chunk_attribution(rec, flight_s[i], offs, toks)
-            audit.add(rec)
-        itl = metrics.itl_values_ms(batch)
-        if itl.size != int(itl_counts.sum()):
-            # the fast count disagrees with envelope.metrics: ask it record by record
-            itl_counts = np.array([len(metrics.itl_s(r)) for r in batch], dtype=np.int64)
-        wall = frame["wall_start_unix_s"].to_numpy(dtype=float)
-        frame["in_flight_end_unix_s"] = wall + flight_s
-        frames.append(frame)
-        itl_parts.append(itl.astype(np.float32))  # ~7 significant digits of ms; halves the largest array
-        itl_count_parts.append(itl_counts)
-        chunk_t_parts.append(np.repeat(wall, chunk_counts) + np.asarray(offs, dtype=float))
-        chunk_tok_parts.append(np.asarray(toks, dtype=np.float32))
-        chunk_count_parts.append(chunk_counts)
-    if frames:
-        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    else:
-        frame = metrics.per_request_frame([])
-        _add_origin_columns(frame, [])
-        frame["in_flight_end_unix_s"] = pd.Series(dtype=float)
-    del frames[:]
-    # Concatenate one array at a time and drop its parts at once, so the peak holds
-    # at most one array twice (a million records: ~1 GB less than joining all at the end).
-    return {
-        "frame": frame,
-        "itl_ms": _cat(itl_parts, np.float32),
-        "itl_counts": _cat(itl_count_parts, np.int64),
-        "chunk_unix_s": _cat(chunk_t_parts, float),
-        "chunk_output_tokens": _cat(chunk_tok_parts, np.float32),
-        "chunk_counts": _cat(chunk_count_parts, np.int64),
-        "token_audit": audit.result(),
-    }
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only; elsewhere nothing).
+
+    Reading leaves the heap full of holes where the per-batch parts were (~300 MiB for a
+    million records) that glibc keeps until told: ``malloc_trim``, as Dask's worker memory
+    docs recommend for the same pattern.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
-ORIGIN_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("source_index", "Int64"), ("conversation_id", "object"), ("turn_index", "Int64"))
-"""Where a request came from (dataset entry, conversation and turn): frame columns beside
-``per_request_frame``'s, None/NA for synthetic workloads and records written before they existed."""
+def records_frame(records: Iterable[Mapping], *, batch_records: int = BATCH_RECORDS) -> LoadedRecords:
+    """The frame, chunks and token audit of record dicts, record by record (see :mod:`analysis.columnar`).
 
-
-def _add_origin_columns(frame: pd.DataFrame, batch: Sequence[Mapping]) -> None:
-    for name, dtype in ORIGIN_COLUMNS:
-        if name in frame.columns:
-            continue
-        values = [rec.get(name) for rec in batch]
-        if dtype == "Int64":
-            values = [v if isinstance(v, int) and not isinstance(v, bool) else None for v in values]
-        else:
-            values = [None if v is None else str(v) for v in values]
-        frame[name] = pd.array(values, dtype=dtype)
-
-
-def _objects(records: Iterable[Any], skipped: list[str]) -> Iterator[Mapping]:
-    """The records that are JSON objects; any other JSON value is noted in ``skipped``."""
-    for rec in records:
-        if isinstance(rec, dict):
-            yield rec
-        else:
-            skipped.append(f"records/: a line holds {type(rec).__name__} {str(rec)[:40]!r}, not a JSON object; skipped")
+    Any JSON value that is not an object is ignored; :func:`load_run` reads files column by column.
+    """
+    acc = RecordsAccumulator()
+    for batch in _batches((r for r in records if isinstance(r, dict)), batch_records):
+        acc.add_records(batch)
+    return acc.result()
 
 
 def _batches(records: Iterable[Mapping], size: int) -> Iterator[list[Mapping]]:
@@ -267,67 +228,6 @@ def _batches(records: Iterable[Mapping], size: int) -> Iterator[list[Mapping]]:
             batch = []
     if batch:
         yield batch
-
-
-def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
-    """Concatenate ``parts`` and empty the list (frees them as soon as possible)."""
-    if not parts:
-        return np.empty(0, dtype=dtype)
-    out = np.concatenate(parts).astype(dtype, copy=False)
-    del parts[:]
-    return out
-
-
-def _itl_count(rec: Mapping) -> int:
-    """How many ITL values :func:`envelope.metrics.itl_values_ms` gives this record.
-
-    Checked against the values' total per batch; a mismatch falls back to
-    ``len(metrics.itl_s(rec))`` for every record of the batch.
-    """
-    offsets = rec.get("chunk_offsets_s") or ()
-    n = len(offsets)
-    if n < 2 or rec.get("error_category") is not None:
-        return 0
-    tokens = metrics.usable_chunk_tokens(offsets, rec.get("chunk_tokens"))
-    return sum(tokens) - tokens[0] if tokens else n - 1
-
-
-def _flight_s(rec: Mapping, e2e_ms: float) -> float:
-    """Seconds the request was in flight: E2E for successes, done - start for failures."""
-    if rec.get("error_category") is None and not math.isnan(e2e_ms):
-        return e2e_ms / 1000.0
-    t0 = rec.get("t_start_s")
-    for key in ("t_done_s", "t_last_token_s", "t_first_token_s", "t_first_byte_s"):
-        t = rec.get(key)
-        if t is not None and t0 is not None:
-            return max(0.0, t - t0)
-    return 0.0
-
-
-def _chunk_attribution(rec: Mapping, flight_s: float, offs: list[float], toks: list[float]) -> int:
-    """Append each content chunk's offset and output tokens; return how many were appended.
-
-    Tokens per chunk come from ``chunk_tokens`` when they add up to the record's
-    ``output_tokens``; otherwise ``output_tokens`` is spread evenly over the
-    chunks, so the attributed tokens of a record always sum to its output tokens.
-    A record with output tokens but no chunk times gets them all at its end.
-    """
-    out = rec.get("output_tokens") or 0
-    offsets = rec.get("chunk_offsets_s") or ()
-    n = len(offsets)
-    if out <= 0:
-        return 0
-    if n == 0:
-        offs.append(flight_s)
-        toks.append(float(out))
-        return 1
-    offs.extend(offsets)
-    per_chunk = rec.get("chunk_tokens")
-    if per_chunk is not None and len(per_chunk) == n and sum(per_chunk) == out:
-        toks.extend(per_chunk)
-    else:
-        toks.extend([out / n] * n)
-    return n
 
 
 def _read_json_object(path: Path, missing: list[str], label: str) -> dict:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.chunks import RequestChunks
 from analysis.common import METRIC_NAMES
 from analysis.rows import TableRow
 from envelope.stages import StageRecord
@@ -126,7 +127,7 @@ def plot_timeline(
     stages: Sequence[StageRecord],
     telemetry: Mapping[str, pd.DataFrame] | None = None,
     *,
-    chunks: tuple[np.ndarray, np.ndarray] | None = None,
+    chunks: RequestChunks | None = None,
     bucket_s: float = BUCKET_S,
     zero_unix_s: float | None = None,
 ) -> None:
@@ -135,8 +136,9 @@ def plot_timeline(
     ``axes[0]``: target users (step) and aggregate output tokens/s per bucket;
     ``axes[1]``: p95 TTFT per bucket of request start; ``axes[2]`` (optional):
     server requests running/waiting and KV-cache use, when telemetry has them.
-    ``chunks`` = (chunk wall times, tokens) gives exact throughput per bucket;
-    without it each request's tokens count at its end. Times count from
+    ``chunks`` (the records' content chunks, :class:`analysis.chunks.RequestChunks`)
+    gives throughput per bucket from when each chunk arrived; without it each
+    request's tokens count at its end. Times count from
     ``zero_unix_s`` (the run's start, :func:`analysis.load.run_start_unix_s`;
     default: the first stage's start).
     """
@@ -154,10 +156,10 @@ def plot_timeline(
     ax_users.set_xlabel("time since run start (s)")
     ax_users.set_title(f"Load and throughput over time ({bucket_s:g} s buckets)")
     ax_tps = ax_users.twinx()
-    if chunks is not None and len(chunks[0]):
-        t, tok = chunks
-        edges = _edges(t - t0, bucket_s)
-        sums, _ = np.histogram(t - t0, bins=edges, weights=tok)
+    last = chunks.last_arrival_unix_s() if chunks is not None else None
+    if last is not None:
+        edges = _edges(np.array([last - t0]), bucket_s)
+        sums = chunks.token_histogram(edges, t0)
     elif len(frame):
         ok = frame["ok"].to_numpy(dtype=bool)
         end = frame["in_flight_end_unix_s"].to_numpy(dtype=float)[ok] - t0

@@ -307,7 +307,7 @@ def _graphs(run: Any, rows: Sequence[TableRow]) -> dict[str, tuple[str, bytes]]:
         "The run over time",
         render_figure_png(
             lambda axes: plots.plot_timeline(
-                axes, run.frame, run.stages, run.telemetry, chunks=(run.chunk_unix_s, run.chunk_output_tokens),
+                axes, run.frame, run.stages, run.telemetry, chunks=run.chunks,
                 zero_unix_s=run_start_unix_s(run),
             ),
             nrows=n,

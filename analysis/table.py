@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.broke import CLIENT_SATURATED_CORE_RATIO, busiest_process_core_ratio
+from analysis.chunks import RequestChunks
 from analysis.failures import run_server_stop
 from analysis.saturation import over_capacity
 from analysis.load import run_start_unix_s
@@ -168,11 +169,9 @@ class _Columns:
     latency_ms: Mapping[str, np.ndarray]  # ttft, tpot, e2e
     send_lag_ms: np.ndarray
     from_intended_ms: Mapping[str, np.ndarray]  # ttft_from_intended, e2e_from_intended
-    itl_ms: np.ndarray
-    itl_counts: np.ndarray
-    chunk_unix_s: np.ndarray
-    chunk_output_tokens: np.ndarray
-    chunk_ok: np.ndarray
+    chunks: RequestChunks  # the whole run's: ITL values and chunk arrivals are read from it
+    rows: np.ndarray | None  # these records' rows in the run (None: all of them, in order)
+    itl_counts: np.ndarray  # ITL values of each record
     user_id: np.ndarray  # object: "<worker>/<n>", or None (open loop, or runs before user ids were recorded)
     stall_ms: np.ndarray  # the worst load-generator stall during each request (NaN: not recorded)
     flight_t: np.ndarray  # sorted start and end times of every request ...
@@ -182,22 +181,31 @@ class _Columns:
     users_flight_t: np.ndarray  # as flight_t/flight_n, less the quota requests
     users_flight_n: np.ndarray
 
-    def subset(self, keep: np.ndarray, chunk_counts: np.ndarray) -> "_Columns":
-        """The same arrays for the records ``keep`` marks only (``chunk_counts``: each record's chunks)."""
-        itl_keep = np.repeat(keep, self.itl_counts)
-        chunk_keep = np.repeat(keep, chunk_counts)
+    def subset(self, keep: np.ndarray) -> "_Columns":
+        """The same arrays for the records ``keep`` marks only."""
         start, end = self.start_unix_s[keep], self.end_unix_s[keep]
+        rows = np.flatnonzero(keep) if self.rows is None else self.rows[keep]
         return _Columns(
             stage_index=self.stage_index[keep], start_unix_s=start, end_unix_s=end, ok=self.ok[keep],
             category=self.category[keep], output_tokens=self.output_tokens[keep],
             prompt_tokens=self.prompt_tokens[keep],
             latency_ms={m: v[keep] for m, v in self.latency_ms.items()}, send_lag_ms=self.send_lag_ms[keep],
             from_intended_ms={c: v[keep] for c, v in self.from_intended_ms.items()},
-            itl_ms=self.itl_ms[itl_keep], itl_counts=self.itl_counts[keep],
-            chunk_unix_s=self.chunk_unix_s[chunk_keep], chunk_output_tokens=self.chunk_output_tokens[chunk_keep],
-            chunk_ok=self.chunk_ok[chunk_keep], user_id=self.user_id[keep], stall_ms=self.stall_ms[keep],
-            **_all_flight_steps(start, end, self.quota[keep]),
+            chunks=self.chunks, rows=rows, itl_counts=self.itl_counts[keep], user_id=self.user_id[keep],
+            stall_ms=self.stall_ms[keep], **_all_flight_steps(start, end, self.quota[keep]),
         )
+
+    def run_mask(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` over these records as a mask over the whole run's (what :attr:`chunks` takes)."""
+        if self.rows is None:
+            return mask
+        out = np.zeros(len(self.chunks), dtype=bool)
+        out[self.rows[mask]] = True
+        return out
+
+    def itl_ms(self, mask: np.ndarray) -> np.ndarray:
+        """The per-token ITL values (ms, float32) of the records ``mask`` marks: a new array."""
+        return self.chunks.itl_ms(self.run_mask(mask))
 
     @classmethod
     def of(cls, run: Any) -> "_Columns":
@@ -208,6 +216,11 @@ class _Columns:
         start = frame["wall_start_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
         end = frame["in_flight_end_unix_s"].to_numpy(dtype=float) if n else np.empty(0)
         quota = _quota(run.stages, stage_index, _num(frame, "send_lag_ms"))
+        chunks = getattr(run, "chunks", None)
+        if chunks is None and not n:
+            chunks = RequestChunks.empty()
+        if chunks is None or len(chunks) != n:
+            raise ValueError("run.chunks must describe the frame's records, one per row")
         return cls(
             stage_index=stage_index,
             start_unix_s=start,
@@ -219,11 +232,9 @@ class _Columns:
             latency_ms={m: _num(frame, f"{m}_ms") for m in ("ttft", "tpot", "e2e")},
             send_lag_ms=_num(frame, "send_lag_ms"),
             from_intended_ms={c: _num(frame, f"{c}_ms") for c in ("ttft_from_intended", "e2e_from_intended")},
-            itl_ms=run.itl_ms,
-            itl_counts=run.itl_counts,
-            chunk_unix_s=run.chunk_unix_s,
-            chunk_output_tokens=run.chunk_output_tokens,
-            chunk_ok=np.repeat(ok, run.chunk_counts),
+            chunks=chunks,
+            rows=None,
+            itl_counts=chunks.itl_counts,
             user_id=(frame["user_id"].to_numpy(dtype=object) if n and "user_id" in frame.columns
                      else np.full(n, None, dtype=object)),
             stall_ms=_num(frame, "client_stall_max_ms"),
@@ -311,7 +322,7 @@ def client_table(run: Any, *, rule: WindowRule = WindowRule(),
     by_stage = {r.stage_index: r for r in rows}
     # each class's records, and the arrays cut down to them, once for every stage
     classes = {name: named & (client == name) for name in sorted(set(client[named]))}
-    subsets = {name: cols.subset(keep, run.chunk_counts) for name, keep in classes.items()}
+    subsets = {name: cols.subset(keep) for name, keep in classes.items()}
     out: list[ClientRow] = []
     for plan in plans:
         stage = plan.stage
@@ -452,7 +463,10 @@ def _window_row(plan: _StagePlan, cols: _Columns, telemetry: Mapping[str, pd.Dat
     ws, we = plan.window_start_unix_s, plan.window_end_unix_s
     sel = _plan_select(plan, cols, departing)
     window = _window(stage, cols, ws, we, plan.note, run_start)
-    latency = _latency(cols, sel)
+    itl = cols.itl_ms(sel.ok)
+    coalesced = float(itl.size - np.count_nonzero(itl)) / itl.size if itl.size else None
+    latency = _latency(cols, sel, itl)  # reorders itl
+    del itl  # tens of millions of values: gone before the next large array
     settled = plan.settled_unix_s
     row = TableRow(
         window=window,
@@ -462,7 +476,8 @@ def _window_row(plan: _StagePlan, cols: _Columns, telemetry: Mapping[str, pd.Dat
         open_loop=_open_loop(stage, cols, sel),
         server=_server_telemetry(telemetry, ws, we),
         server_latency=_server_latency(telemetry, ws, we, latency.ttft_mean_ms if client_ttft else float("nan")),
-        integrity=_integrity(cols, sel, latency, settled_at_s=None if settled is None else settled - run_start),
+        integrity=_integrity(cols, sel, latency, coalesced_chunk_share=coalesced,
+                             settled_at_s=None if settled is None else settled - run_start),
         trust=trust,
     )
     goodput = _goodput(stage, slos, cols, sel, row.throughput.aggregate_output_tokens_per_s)
@@ -549,12 +564,12 @@ def _settled_at(stage: StageRecord, cols: _Columns) -> float | None:
     return float(flight_t[i + after[0]])
 
 
-def _integrity(cols: _Columns, sel: _Selection, latency: LatencyPercentiles, *,
+def _integrity(cols: _Columns, sel: _Selection, latency: LatencyPercentiles, *, coalesced_chunk_share: float | None,
                settled_at_s: float | None) -> WindowIntegrity:
-    """Departing users' requests, and the window's requests touched by a load-generator stall."""
+    """Departing users' requests, and the window's requests touched by a load-generator stall
+    (``coalesced_chunk_share``: the share of the window's ITL values that are 0)."""
     departing = int(sel.departing.sum())
-    itl = cols.itl_ms[np.repeat(sel.ok, cols.itl_counts)]
-    coalesced = float((itl == 0).mean()) if itl.size else None
+    coalesced = coalesced_chunk_share
     stall = cols.stall_ms[sel.counted]
     if not stall.size or np.isnan(stall).all():
         return WindowIntegrity(departing_user_requests=departing, settled_at_s=settled_at_s,
@@ -599,7 +614,7 @@ def _counts(cols: _Columns, sel: _Selection) -> RequestCounts:
         error_rate=(errors / requests) if requests else float("nan"),
         errors_by_category=", ".join(f"{k}:{v}" for k, v in sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))),
         cancelled=int(sel.cancelled.sum()),
-        itl_samples=int(np.repeat(sel.ok, cols.itl_counts).sum()),
+        itl_samples=int(cols.itl_counts[sel.ok].sum()),
         few_samples=",".join(few_sample_percentiles(ok_requests)),
         prompt_tokens_p50=_median(cols.prompt_tokens[sel.ok]),
         output_tokens_p50=_median(cols.output_tokens[sel.ok]),
@@ -608,11 +623,12 @@ def _counts(cols: _Columns, sel: _Selection) -> RequestCounts:
     )
 
 
-def _latency(cols: _Columns, sel: _Selection) -> LatencyPercentiles:
+def _latency(cols: _Columns, sel: _Selection, itl_ms: np.ndarray) -> LatencyPercentiles:
+    """The window's latency percentiles; ``itl_ms``: its ITL values (a scratch array: reordered here)."""
     cells: dict[str, float] = {}
     for m, values in cols.latency_ms.items():
         cells.update(_percentile_cells(m, values[sel.ok], mean=m in ("ttft", "e2e")))
-    cells.update(_percentile_cells("itl", cols.itl_ms[np.repeat(sel.ok, cols.itl_counts)]))
+    cells.update(_percentile_cells("itl", itl_ms, overwrite_input=True))
     return LatencyPercentiles(**cells)
 
 
@@ -670,8 +686,7 @@ def _saturation(stage: StageRecord, cols: _Columns, sel: _Selection, ws: float, 
 def _throughput(cols: _Columns, ws: float, we: float, mean_in_flight: float) -> Throughput:
     """Tokens of successful requests whose chunks *arrived* inside the window, per second of it."""
     window_s = max(we - ws, 0.0)
-    in_chunk = cols.chunk_ok & (cols.chunk_unix_s >= ws) & (cols.chunk_unix_s < we)
-    tokens = float(cols.chunk_output_tokens[in_chunk].sum(dtype=np.float64))
+    tokens = cols.chunks.tokens_between(ws, we, cols.run_mask(cols.ok))
     agg = tokens / window_s if window_s > 0 else float("nan")
     return Throughput(aggregate_output_tokens_per_s=agg,
                       per_user_output_tokens_per_s=(agg / mean_in_flight) if mean_in_flight > 0 else float("nan"))
@@ -830,7 +845,7 @@ def table_totals(run: Any) -> dict[str, Any]:
         "records": int(len(frame)),
         "ok_records": int(frame["ok"].sum()) if len(frame) else 0,
         "output_tokens": int(np.nansum(_num(frame, "output_tokens"))),
-        "attributed_output_tokens": float(run.chunk_output_tokens.sum(dtype=np.float64)),
+        "attributed_output_tokens": run.chunks.attributed_total(),
     }
 
 
@@ -960,8 +975,9 @@ def _overall(results: Sequence[SloResult]) -> bool | None:
     return all(checked)
 
 
-def _percentile_cells(metric: str, values: np.ndarray, *, mean: bool = False) -> dict[str, float]:
-    pct = metrics.percentiles(values, qs=PERCENTILES)
+def _percentile_cells(metric: str, values: np.ndarray, *, mean: bool = False,
+                      overwrite_input: bool = False) -> dict[str, float]:
+    pct = metrics.percentiles(values, qs=PERCENTILES, overwrite_input=overwrite_input)
     cells = {f"{metric}_p{q}_ms": float(pct[f"p{q}"]) for q in PERCENTILES}
     if mean:
         cells[f"{metric}_mean_ms"] = float(pct["mean"])
@@ -974,9 +990,18 @@ def _median(values: np.ndarray) -> float:
 
 
 def _num(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """The column as float64 (NaN where missing or not a number); read-only, and for a float64
+    column a view of the frame's own array (a million rows: 8 MB not copied, per column)."""
     if column not in frame.columns or not len(frame):
         return np.full(len(frame), np.nan)
-    return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    series = frame[column]
+    if series.dtype == np.float64:
+        values = series.to_numpy()
+    else:
+        values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    values = values.view()
+    values.flags.writeable = False
+    return values
 
 
 def _in_window(frame: pd.DataFrame | None, ws: float, we: float) -> pd.DataFrame | None:

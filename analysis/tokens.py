@@ -31,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 __all__ = ["TokenAudit", "TokenAuditBuilder", "CountComparison", "token_audit", "audit_lines"]
 
 
@@ -91,6 +93,21 @@ class _Comparison:
         if d > self.abs_max:
             self.abs_max = d
 
+    def add_many(self, server: np.ndarray, client: np.ndarray) -> None:
+        """:meth:`add` for each pair of two integer arrays."""
+        if not server.size:
+            return
+        d = server - client
+        self.requests += int(server.size)
+        self.server += int(server.sum())
+        self.client += int(client.sum())
+        self.equal += int((d == 0).sum())
+        self.more += int((d > 0).sum())
+        self.fewer += int((d < 0).sum())
+        d = np.abs(d)
+        self.abs_sum += int(d.sum())
+        self.abs_max = max(self.abs_max, int(d.max()))
+
     def result(self) -> CountComparison:
         return CountComparison(requests=self.requests, server_tokens=self.server, client_tokens=self.client,
                                equal=self.equal, server_more=self.more, server_fewer=self.fewer,
@@ -144,6 +161,49 @@ class TokenAuditBuilder:
         prompt, asked = rec.get("prompt_tokens"), rec.get("requested_prompt_tokens")
         if prompt is not None and asked is not None:
             self._prompt.add(int(prompt), int(asked))
+
+    def add_columns(self, *, ok: np.ndarray, n_chunks: np.ndarray, client_estimate: np.ndarray,
+                    output_tokens: np.ndarray, output_tokens_missing: np.ndarray, estimated: np.ndarray,
+                    chunk_tokens_known: np.ndarray, chunk_tokens_ones: np.ndarray, chunk_tokens_zeros: np.ndarray,
+                    chunk_tokens_sum: np.ndarray, chunk_tokens_max: np.ndarray, prompt_tokens: np.ndarray,
+                    prompt_tokens_missing: np.ndarray, requested_prompt_tokens: np.ndarray,
+                    requested_prompt_tokens_missing: np.ndarray) -> None:
+        """:meth:`add` for a batch of records given as per-record integer and boolean arrays.
+
+        ``client_estimate``: ``output_tokens_client_estimate``, else the record's chunks;
+        ``chunk_tokens_known``: its ``chunk_tokens`` has one count >= 0 per chunk; the other
+        ``chunk_tokens_*`` describe those counts (ignored where not known). Integer sums, so the
+        audit is the same as adding the records one by one.
+        """
+        n = self._n
+        n["requests"] += int(ok.sum())
+        n["content_chunks"] += int(n_chunks[ok].sum())
+        without = ok & (estimated | output_tokens_missing)
+        n["without_usage"] += int(without.sum())
+        n["estimated_output_tokens"] += int(output_tokens[without & ~output_tokens_missing].sum())
+        usage = ok & ~without
+        out, client = output_tokens[usage], client_estimate[usage]
+        self._output.add_many(out, client)
+        chunks = n_chunks[usage]
+        none = chunks == 0
+        if none.any():
+            n["requests_with_chunk_tokens"] += int(none.sum())
+            n["tokens_after_last_chunk"] += int(out[none].sum())
+            n["difference_in_chunked_requests"] += int((out[none] - client[none]).sum())
+        known = ~none & chunk_tokens_known[usage]
+        if known.any():
+            ones, zeros = chunk_tokens_ones[usage][known], chunk_tokens_zeros[usage][known]
+            total, k = chunk_tokens_sum[usage][known], chunks[known]
+            n["requests_with_chunk_tokens"] += int(known.sum())
+            n["chunks_with_tokens"] += int(k.sum())
+            n["multi_token_chunks"] += int((k - ones - zeros).sum())
+            n["tokens_in_multi_token_chunks"] += int((total - ones).sum())
+            n["zero_token_chunks"] += int(zeros.sum())
+            n["max_chunk_tokens"] = max(n["max_chunk_tokens"], int(chunk_tokens_max[usage][known].max()))
+            n["tokens_after_last_chunk"] += int((out[known] - total).sum())
+            n["difference_in_chunked_requests"] += int((out[known] - client[known]).sum())
+        both = ok & ~prompt_tokens_missing & ~requested_prompt_tokens_missing
+        self._prompt.add_many(prompt_tokens[both], requested_prompt_tokens[both])
 
     def result(self) -> TokenAudit:
         return TokenAudit(output=self._output.result(), prompt=self._prompt.result(), **self._n)

@@ -198,25 +198,77 @@ def achieved_send_rate_per_s(wall_starts_unix_s: Iterable[float], start_unix_s: 
     return sent / (end_unix_s - start_unix_s)
 
 
-def percentiles(values: Iterable[float | None], qs: Sequence[float] = (50, 90, 95, 99)) -> dict[str, float]:
+def percentiles(values: Iterable[float | None], qs: Sequence[float] = (50, 90, 95, 99), *,
+                overwrite_input: bool = False) -> dict[str, float]:
     """``{"p50": …, …, "mean": …}`` of ``values`` (None and NaN ignored).
 
     Uses numpy's default linear interpolation, like vLLM's benchmark. With no
     values every entry is NaN. Keys are ``f"p{q:g}"`` (``p99.9`` for 99.9).
+
+    ``overwrite_input``: ``values`` is an array the caller no longer needs,
+    which may be reordered instead of copied (tens of millions of ITL values
+    are hundreds of MB). A float32 one is then not converted either: its
+    percentiles come out exactly as from its float64 copy (see
+    :func:`_float32_percentiles`); its mean is accumulated in float64.
     """
     if isinstance(values, np.ndarray):
+        if overwrite_input and values.dtype == np.float32:
+            return _float32_percentiles(values, qs)
         arr = values.astype(float, copy=False)  # no Python walk: runs hold tens of millions of ITL values
+        scratch = overwrite_input or arr is not values  # astype made a copy of our own
     else:
         arr = np.asarray([v for v in values if v is not None], dtype=float)
-    arr = arr[~np.isnan(arr)]
+        scratch = True
+    # a sum is NaN when any value is (or +inf meets -inf): no mask the size of arr for clean data
+    if np.isnan(arr.sum()):
+        arr = arr[~np.isnan(arr)]
+        scratch = True
     if arr.size == 0:
         out = {f"p{q:g}": math.nan for q in qs}
         out["mean"] = math.nan
         return out
-    points = np.percentile(arr, list(qs))
+    mean = float(arr.mean())  # before np.percentile may reorder arr: the same sum, in the same order
+    points = np.percentile(arr, list(qs), overwrite_input=scratch)
     out = {f"p{q:g}": float(p) for q, p in zip(qs, points)}
-    out["mean"] = float(arr.mean())
+    out["mean"] = mean
     return out
+
+
+def _float32_percentiles(arr: np.ndarray, qs: Sequence[float]) -> dict[str, float]:
+    """:func:`percentiles` of a float32 array that may be reordered, without a float64 copy.
+
+    numpy interpolates between two neighbouring order statistics ``a <= b`` in float64 (the
+    quantiles and weights are float64 for a list of them), except ``b - a``, which it takes in
+    the array's float32. That difference is exact when ``b <= 2a`` (Sterbenz's lemma; likewise
+    for negatives, or when either is 0), so the result is then the float64 computation's, bit for
+    bit. Each neighbour pair numpy may have used is checked; if one is not so close, the
+    percentiles are computed from a float64 copy after all.
+    """
+    if np.isnan(arr.sum()):
+        arr = arr[~np.isnan(arr)]
+    n = arr.size
+    if n == 0:
+        return {**{f"p{q:g}": math.nan for q in qs}, "mean": math.nan}
+    mean = float(arr.mean(dtype=np.float64))
+    points = np.percentile(arr, list(qs), overwrite_input=True)
+    # numpy's lower neighbour is floor((n - 1) q / 100) up to rounding: check one rank either side
+    ranks = sorted({r for q in qs for k in [math.floor(q / 100 * (n - 1))] for r in range(k - 1, k + 3) if 0 <= r < n})
+    arr.partition(ranks)
+    stats = dict(zip(ranks, arr[ranks].astype(np.float64).tolist()))
+    if not all(_exact_difference(stats[r], stats[r + 1]) for r in ranks if r + 1 in stats):
+        points = np.percentile(arr.astype(np.float64), list(qs))
+    return {**{f"p{q:g}": float(p) for q, p in zip(qs, points)}, "mean": mean}
+
+
+def _exact_difference(a: float, b: float) -> bool:
+    """Whether ``b - a`` (``a <= b``, both float32 values) is exact in float32."""
+    if a == b or a == 0.0 or b == 0.0:
+        return True
+    if a > 0.0:
+        return b <= 2.0 * a
+    if b < 0.0:
+        return a >= 2.0 * b
+    return False
 
 
 def _float_column(values: list[Any]) -> np.ndarray:
