@@ -22,7 +22,7 @@ from gevent.lock import BoundedSemaphore
 from gevent.pool import Group
 
 from envelope.arrivals import arrival_offsets_s, process_share
-from envelope.scenario import ResolvedStage, pick_client_name
+from envelope.scenario import ClientRotation, ResolvedStage
 from locustfiles.transports import stream_fasthttp, stream_openai
 
 __all__ = ["OpenLoop", "concurrency_share"]
@@ -135,15 +135,15 @@ class OpenLoop:
                                      burstiness=stage.burstiness, phase_s=share.phase_s)
         cap = concurrency_share(stage.max_concurrency, processes, index)
         slots = BoundedSemaphore(cap) if cap else None
-        weights = [(c.name, c.weight) for c in clients]
+        rotation = ClientRotation([(c.name, c.weight) for c in clients])
+        by_name = {c.name: c for c in reversed(clients)}  # the first of a name, as before
         spawn = self.requests.spawn
         for n, offset in enumerate(schedule):
             t_intended = t0 + offset
             _wait_until(t_intended)
             if self.ctx.aborted:
                 return
-            name = pick_client_name(weights, n)
-            client = next(c for c in clients if c.name == name)
+            client = by_name[rotation.at(n)]
             spawn(self._one, stage, client, n, index, t_intended, slots, tag)
 
     def _dispatch_trace(self, stage: ResolvedStage, clients, processes: int, index: int, t0: float) -> None:
@@ -153,7 +153,8 @@ class OpenLoop:
 
         t0 = self._wait_ready(t0)
         replay = trace_plan(stage.trace)
-        weights = [(c.name, c.weight) for c in clients]
+        rotation = ClientRotation([(c.name, c.weight) for c in clients])
+        by_name = {c.name: c for c in reversed(clients)}  # the first of a name, as before
         spawn = self.requests.spawn
         seed = self.ctx.scenario.seed
         for n in range(index, len(replay.entries), processes):
@@ -161,8 +162,7 @@ class OpenLoop:
             limit = self.ctx.max_model_len
             if limit is not None and entry.prompt_tokens + entry.output_tokens > limit:
                 continue  # longer than the server takes: never sent, counted in sources.json
-            name = pick_client_name(weights, n)
-            client = next(c for c in clients if c.name == name)
+            client = by_name[rotation.at(n)]
             # built before its time: a prompt of a thousand words takes about a millisecond to make,
             # which would otherwise show as send lag
             plan = RequestPlan(built=trace_prompt(entry, self.ctx.factory, endpoint=client.endpoint,
