@@ -242,10 +242,35 @@ class EnvelopeRun:
     def enter_stage(self, index: int, *, now_unix_s: float | None = None) -> None:
         """Master/local: a new stage began (called from the shape's tick)."""
         self.stage_clock.enter(index, now_unix_s=time.time() if now_unix_s is None else now_unix_s,
-                               max_model_len=self.max_model_len)
+                               max_model_len=self.max_model_len, client_processes=self._sending_processes(),
+                               budget=self._client_budget())
         self._broadcast()
         if self.open_loop is not None:  # local runner: this process sends
             self.open_loop.enter(self.stages[index])
+
+    def _live_workers(self) -> list[str]:
+        """Master: the workers not declared missing, in Locust's worker order."""
+        runner = self.environment.runner
+        if runner is None or not hasattr(runner, "clients"):
+            return []
+        return sorted((node_id for node_id, node in runner.clients.items() if node.state != "missing"),
+                      key=runner.get_worker_index)
+
+    def _sending_processes(self) -> int:
+        """How many processes send this run's requests now: the live workers, or this one."""
+        return max(len(self._live_workers()), 1) if self.is_master else 1
+
+    def _client_budget(self):
+        """The stored per-process budget (None, with a log line once, when it cannot be read)."""
+        if not hasattr(self, "_budget"):
+            from envelope.client_budget import load_budget
+
+            try:
+                self._budget = load_budget()
+            except ValueError as exc:
+                log.warning("envelope: no load-generator budget, stages are not checked against it: %s", exc)
+                self._budget = None
+        return self._budget
 
     def end_stages(self, *, now_unix_s: float | None = None) -> None:
         if self.ledger is not None:  # workers that go from now on went with the run
@@ -265,8 +290,7 @@ class EnvelopeRun:
         if self.is_master and runner is not None:
             # each live worker's rank among the live ones splits an open-loop stage's rate and
             # concurrency cap (Locust's worker indexes keep gaps where a worker was lost)
-            live = sorted((node_id for node_id, node in runner.clients.items() if node.state != "missing"),
-                          key=runner.get_worker_index)
+            live = self._live_workers()
             stage = self.stage_clock.stage
             runner.send_message(STAGE_MESSAGE, {"run_dir": str(self.run_dir), "stage_index": self.current_index,
                                                 "stage_name": stage.name,
