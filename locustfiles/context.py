@@ -248,17 +248,12 @@ class EnvelopeRun:
         if self.open_loop is not None:  # local runner: this process sends
             self.open_loop.enter(self.stages[index])
 
-    def _live_workers(self) -> list[str]:
-        """Master: the workers not declared missing, in Locust's worker order."""
-        runner = self.environment.runner
-        if runner is None or not hasattr(runner, "clients"):
-            return []
-        return sorted((node_id for node_id, node in runner.clients.items() if node.state != "missing"),
-                      key=runner.get_worker_index)
-
     def _sending_processes(self) -> int:
         """How many processes send this run's requests now: the live workers, or this one."""
-        return max(len(self._live_workers()), 1) if self.is_master else 1
+        runner = self.environment.runner
+        if not self.is_master or runner is None:
+            return 1
+        return max(sum(1 for node in getattr(runner, "clients", {}).values() if node.state != "missing"), 1)
 
     def _client_budget(self):
         """The stored per-process budget (None, with a log line once, when it cannot be read)."""
@@ -290,7 +285,8 @@ class EnvelopeRun:
         if self.is_master and runner is not None:
             # each live worker's rank among the live ones splits an open-loop stage's rate and
             # concurrency cap (Locust's worker indexes keep gaps where a worker was lost)
-            live = self._live_workers()
+            live = sorted((node_id for node_id, node in runner.clients.items() if node.state != "missing"),
+                          key=runner.get_worker_index)
             stage = self.stage_clock.stage
             runner.send_message(STAGE_MESSAGE, {"run_dir": str(self.run_dir), "stage_index": self.current_index,
                                                 "stage_name": stage.name,
