@@ -50,8 +50,9 @@ SEND_LAG_BUDGET_MS = 2.0  # a rate is paced accurately when send-lag p99 stays w
 RATE_SHORTFALL = 0.02  # ...and the achieved rate within 2% of the asked
 # the per-process stream budget: concurrent streams of the accuracy benchmark's workload (64 +-8
 # tokens, TTFT 50 ms, ITL 20 ms, both jittered) on one process
-BUDGET_STREAMS = (50, 100, 150, 200, 300, 400, 500)
-BUDGET_STREAMS_QUICK = (50, 100, 200, 300, 500)
+# (the lowest level is the baseline: the machine's own floor of wake-ups, with next to no queueing)
+BUDGET_STREAMS = (10, 50, 100, 150, 200, 300, 400)
+BUDGET_STREAMS_QUICK = (10, 50, 100, 200, 300)
 
 
 def sim_config(itl_s: float, ttft_s: float):
@@ -228,10 +229,15 @@ def stream_budget_sweep(args, *, levels: list[int], workdir: Path, plan: c.CpuPl
 
 
 def streams_budget(rows: list[dict], budget_ms: float) -> float:
-    """The most streams whose TTFT error p99 is within ``budget_ms``, every smaller level within it too."""
+    """The most streams whose TTFT error p99 is at most ``budget_ms`` above the lowest level's (the
+    machine's floor: two wake-ups, no queueing to speak of), every smaller level within it too."""
     best = math.nan
-    for r in sorted(rows, key=lambda r: r["users"]):
-        if r["ttft_p99_ms"] <= budget_ms:
+    rows = sorted(rows, key=lambda r: r["users"])
+    if not rows:
+        return best
+    allowed = rows[0]["ttft_p99_ms"] + budget_ms
+    for r in rows:
+        if r["ttft_p99_ms"] <= allowed:
             best = r["users"]
         else:
             break
@@ -249,7 +255,8 @@ def write_budget(path: Path, *, streams: int, rate_per_s: float, args, budget_ro
         "method": (f"benchmarks/client_capacity.py --only budget,rate: one Locust process (fasthttp) pinned to one "
                    f"CPU, the simulator on another; streams: the most concurrent streams (64 +-8 tokens, TTFT 50 ms, "
                    f"ITL 20 ms, jittered) whose TTFT error p99 (client - simulator truth) stayed within "
-                   f"{args.ttft_error_budget_ms:g} ms; rate: the highest Poisson rate of 4-token requests whose send-lag "
+                   f"{args.ttft_error_budget_ms:g} ms of the {budget_rows[0]['users']}-stream figure (the machine's "
+                   f"wake-up floor); rate: the highest Poisson rate of 4-token requests whose send-lag "
                    f"p99 stayed within {SEND_LAG_BUDGET_MS:g} ms with the achieved rate within {RATE_SHORTFALL:.0%}; "
                    f"{args.duration_s:g} s stages, median of {args.repeats} run(s)"),
         "streams_measured": [{"streams": r["users"], "ttft_error_p99_ms": round(r["ttft_p99_ms"], 3),
@@ -588,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                         r["chunks_per_s"], f"{r['client_cpu_ratio']:.0%}", f"{r['client_wait_ratio']:.0%}",
                         f"{r['sim_cpu_ratio']:.0%}"] for r in budget_rows]))
         print(f"Budget: {stream_budget:g} streams per process (the most streams whose TTFT error p99 stays within "
-              f"{args.ttft_error_budget_ms:g} ms, with every smaller level within it too).")
+              f"{args.ttft_error_budget_ms:g} ms of the {budget_rows[0]['users']}-stream figure, "
+              f"{budget_rows[0]['ttft_p99_ms']:.2f} ms, with every smaller level within it too).")
     one_rate = rate_budget(rate_rows.get("1", []))
     if rate_rows.get("1"):
         print(f"Rate budget: {one_rate:g} requests/s per process (the highest asked rate paced accurately on one "
