@@ -47,7 +47,7 @@ OPENAI_OFFERED = (2_000, 4_000, 8_000, 16_000)
 # open-loop pacing: requests/s of short (4-token) outputs
 RATES = (100, 500, 1000)
 SEND_LAG_BUDGET_MS = 2.0  # a rate is paced accurately when send-lag p99 stays within this...
-RATE_SHORTFALL = 0.02  # ...and the achieved rate within 2% of the asked
+RATE_SHORTFALL = 0.02  # ...and the achieved rate within 2% of what its schedule held
 # the per-process stream budget: concurrent streams of the accuracy benchmark's workload (64 +-8
 # tokens, TTFT 50 ms, ITL 20 ms, both jittered) on one process
 # (the lowest level is the baseline: the machine's own floor of wake-ups, with next to no queueing)
@@ -148,6 +148,9 @@ def measure_rate(args, *, rate_per_s: float, processes_spec: str, repeat: int, w
     cpu_s = run.sampler.cpu_s(t0, t1)
     row.update(
         achieved_rate_per_s=len(sent) / span,
+        # what the Poisson schedule held for the window: the achieved rate is judged against it (a 15 s
+        # window of Poisson arrivals at 100/s differs from 100/s by about 3% at one standard deviation)
+        scheduled_rate_per_s=len(scheduled) / span,
         send_lag_p50_ms=c.pct(lag_ms, 50), send_lag_p99_ms=c.pct(lag_ms, 99), send_lag_max_ms=c.pct(lag_ms, 100),
         ttft_p50_ms=c.pct(err["ttft"], 50), ttft_p99_ms=c.pct(err["ttft"], 99),
         failed=sum(1 for r in sent if r.get("error_category") is not None),
@@ -189,7 +192,8 @@ def rate_budget(rows: list[dict]) -> float:
     lower rate also paced accurately; NaN when none is."""
     best = math.nan
     for r in sorted(rows, key=lambda r: r["rate_per_s"]):
-        if r["send_lag_p99_ms"] <= SEND_LAG_BUDGET_MS and r["achieved_rate_per_s"] >= (1 - RATE_SHORTFALL) * r["rate_per_s"]:
+        if (r["send_lag_p99_ms"] <= SEND_LAG_BUDGET_MS
+                and r["achieved_rate_per_s"] >= (1 - RATE_SHORTFALL) * r["scheduled_rate_per_s"]):
             best = r["rate_per_s"]
         else:
             break
@@ -575,11 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     if rate_rows:
         print(f"\nOpen-loop pacing (Poisson arrivals, 4-token outputs; send lag = actual send - intended send; "
               f"paced accurately: send-lag p99 <= {SEND_LAG_BUDGET_MS:g} ms and achieved within "
-              f"{RATE_SHORTFALL:.0%}):")
-        print(c.table(["--processes", "processes", "asked/s", "achieved/s", "send lag p50", "send lag p99",
+              f"{RATE_SHORTFALL:.0%} of the schedule's own count in the window):")
+        print(c.table(["--processes", "processes", "asked/s", "scheduled/s", "achieved/s", "send lag p50", "send lag p99",
                        "send lag max", "TTFT err p50", "TTFT err p99", "client CPU", "sim CPU",
                        "CPU wait client/sim", "failed"],
-                      [[spec, r["processes"], r["rate_per_s"], r["achieved_rate_per_s"], r["send_lag_p50_ms"],
+                      [[spec, r["processes"], r["rate_per_s"], r["scheduled_rate_per_s"], r["achieved_rate_per_s"],
+                        r["send_lag_p50_ms"],
                         r["send_lag_p99_ms"], r["send_lag_max_ms"], r["ttft_p50_ms"], r["ttft_p99_ms"],
                         f"{r['client_cpu_ratio']:.0%}", f"{r['sim_cpu_ratio']:.0%}",
                         f"{r['client_wait_ratio']:.0%} / {r['sim_wait_ratio']:.0%}", r["failed"]]
