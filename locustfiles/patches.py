@@ -66,10 +66,10 @@ def _socket_alive_without_yield():
     select, which yields to the hub even with a zero timeout, so other greenlets ran between a
     request's start stamp and its send (their turns showed as send delay: p50 0.38 ms before, 0.22
     ms after at 100 streams, 1.8 and 0.3 ms at 500; benchmarks/README.md). And ``select`` refuses
-    descriptors at or above 1024
-    (FD_SETSIZE); the check read that as a dead connection, so past about a thousand open
-    connections every request closed its connection and opened a new one. The unpatched ``poll``
-    asks the same question (readable, hung up or in error while idle: not reusable) with neither."""
+    descriptors at or above 1024 (FD_SETSIZE); the check read that as a dead connection, so past
+    about a thousand open connections every request closed its connection and opened a new one.
+    The unpatched ``poll`` asks the same question (readable, hung up or in error while idle: not
+    reusable) with neither."""
     original = connectionpool.ConnectionPool._is_socket_alive
     if getattr(original, "_envelope_no_yield", False):
         return original
