@@ -67,5 +67,5 @@ def test_the_kept_rotation_gives_pick_client_names_answer_at_every_position(weig
     skipping = ClientRotation(weights)
     assert [skipping.at(n) for n in range(1, 60, 3)] == expected[1:60:3]
     assert skipping.at(2) == expected[2] and skipping.at(2) == expected[2]  # back, then the same again
-    # one class: unlike a single-class capped assign_client, never None
+    # the one-class shortcut of assign_client still keeps the cap
     assert assign_client([("only", 1.0, 2)], 1) == "only" and assign_client([("only", 1.0, 2)], 2) is None
