@@ -228,6 +228,7 @@ class Trust:
     server_stopped: bool = False
     client_loop_lag_max_ms: float | None = None
     client_cpu_max_percent: float | None = None
+    client_over_budget: str | None = None  # why the load per process exceeded its budget (envelope.client_budget)
     load_generators_ended: tuple[Mapping[str, Any], ...] = ()
     trustworthy: bool = True
     untrustworthy_reasons: str = ""
@@ -407,6 +408,6 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "good_requests", "attainment", "attainment_low", "attainment_high", "attainment_target",
     "goodput_requests_per_s", "goodput_output_tokens_per_s", "over_capacity", "over_capacity_note",
     "server_prefix_cache_queried_tokens", "server_prefix_cache_hit_ratio", "quota_mean_in_flight",
-    "max_concurrency",
+    "max_concurrency", "client_over_budget",
 )
 assert set(TABLE_COLUMNS) == set(_PART_OF), "every column is a field of exactly one part"

@@ -81,6 +81,7 @@ from analysis.rows import (
 from analysis.workers import ending_reason, stage_endings, worker_endings
 from envelope import metrics
 from envelope.attainment import Attainment, attainment_target, good_mask, thresholds_from_slos
+from envelope.client_budget import over_budget_reason
 from envelope.records import ErrorCategory
 from envelope.search import probe_sample
 from envelope.stages import StageRecord
@@ -440,6 +441,10 @@ def _stage_row(plan: _StagePlan, cols: _Columns, telemetry: Mapping[str, pd.Data
     trust = Trust(host_cpu_max_core_ratio=host_cpu, client_saturated=saturated, server_stopped=plan.server_stopped,
                   client_loop_lag_max_ms=stage.client_loop_lag_max_ms,
                   client_cpu_max_percent=stage.client_cpu_max_percent,
+                  client_over_budget=over_budget_reason(
+                      kind=str(stage.kind), target_users=stage.target_users, target_rate_per_s=stage.target_rate_per_s,
+                      processes=stage.client_processes, streams_budget=stage.client_budget_streams_per_process,
+                      rate_budget_per_s=stage.client_budget_rate_per_s_per_process),
                   load_generators_ended=tuple(stage_endings(endings, stage)))
     row, sel = _window_row(plan, cols, telemetry, run_start=run_start, departing=departing, slos=stage.slos,
                            trust=trust)
@@ -735,6 +740,8 @@ def trust_reasons(row: TableRow) -> list[str]:
     cpu = trust.client_cpu_max_percent
     if trust.client_saturated or (cpu is not None and cpu >= CLIENT_CPU_LIMIT_PERCENT):
         reasons.append("load generator CPU-saturated" + (f" ({cpu:.0f}% of a core)" if cpu is not None else ""))
+    if trust.client_over_budget:
+        reasons.append(trust.client_over_budget)
     integrity = row.integrity
     if integrity.stalled_share is not None:  # the records say which requests a stall touched
         if stalls_matter(row):

@@ -35,7 +35,7 @@ SHARED_CLOCK = "clock_gettime(CLOCK_MONOTONIC)"
 
 __all__ = [
     "REPO", "CpuPlan", "cpu_plan", "check_shared_clock", "wakeup_rtt_us", "start_sim", "pin", "CpuSampler", "write_scenario",
-    "LocustRun", "run_locust", "fetch_truth", "Match", "match_truth", "errors_ms", "window_chunks", "pct",
+    "LocustRun", "run_locust", "processes_for", "fetch_truth", "Match", "match_truth", "errors_ms", "window_chunks", "pct",
     "median_of", "table", "machine_line",
 ]
 
@@ -231,10 +231,12 @@ class CpuSampler:
         return float(np.interp(t1, ts, vs) - np.interp(t0, ts, vs))
 
 
-def write_scenario(path: Path, *, users: int, duration_s: float, output_tokens: int | tuple[int, int],
+def write_scenario(path: Path, *, users: int | None = None, duration_s: float, output_tokens: int | tuple[int, int],
                    prompt_tokens: tuple[int, int] = (16, 2047), transport: str = "fasthttp",
-                   spawn_rate: float | None = None, total_timeout_s: float = 300.0) -> Path:
-    """A one-stage scenario YAML: ``users`` closed-loop users for ``duration_s``.
+                   spawn_rate: float | None = None, total_timeout_s: float = 300.0,
+                   rate_per_s: float | None = None, arrival: str = "poisson") -> Path:
+    """A one-stage scenario YAML: ``users`` closed-loop users for ``duration_s``, or (``rate_per_s``)
+    an open-loop stage whose requests arrive at that rate (``arrival``: poisson, constant, gamma).
 
     Prompt lengths are drawn uniformly from ``prompt_tokens`` so that a request's
     (prompt tokens, output tokens) pair, reported by the server to both sides,
@@ -245,8 +247,14 @@ def write_scenario(path: Path, *, users: int, duration_s: float, output_tokens: 
         return f"{low}" if low == high else f"{{distribution: uniform, min: {low}, max: {high}}}"
 
     prompt, output = tokens(prompt_tokens), tokens(output_tokens)
+    if rate_per_s is not None:
+        stage = f"{{rate_per_s: {rate_per_s:g}, arrival: {arrival}, duration_s: {duration_s:g}}}"
+        name = f"bench-{rate_per_s:g}rps"
+    else:
+        stage = f"{{users: {users}, spawn_rate: {spawn_rate or users:g}, duration_s: {duration_s:g}}}"
+        name = f"bench-{users}u"
     text = f"""# written by benchmarks/ (not a shipped scenario)
-name: bench-{users}u
+name: {name}
 seed: 0
 model: null
 defaults:
@@ -260,7 +268,7 @@ defaults:
 passes:
   - name: bench
     stages:
-      - {{users: {users}, spawn_rate: {spawn_rate or users:g}, duration_s: {duration_s:g}}}
+      - {stage}
 """
     path.write_text(text, encoding="utf-8")
     return path
@@ -285,7 +293,7 @@ class LocustRun:
             return ""
 
 
-def run_locust(host: str, scenario: Path, run_dir: Path, *, cpus: frozenset[int] | None, processes: int = 1,
+def run_locust(host: str, scenario: Path, run_dir: Path, *, cpus: frozenset[int] | None, processes: int | None = 1,
                timeout_s: float = 600.0) -> LocustRun:
     """Run ``locust -f locustfiles/llm.py --headless`` on ``cpus``; wait; read its records."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENVELOPE_")}
@@ -294,7 +302,7 @@ def run_locust(host: str, scenario: Path, run_dir: Path, *, cpus: frozenset[int]
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--scenario", str(scenario),
            "--host", host, "--run-dir", str(run_dir), "--csv", str(run_dir / "locust" / "locust"),
            "--only-summary", "--loglevel", "WARNING"]
-    if processes > 1:
+    if processes is not None and processes > 1:
         cmd += ["--processes", str(processes)]
 
     def pin_self() -> None:  # runs in the child before exec: Locust and every worker it forks inherit it
@@ -325,6 +333,20 @@ def run_locust(host: str, scenario: Path, run_dir: Path, *, cpus: frozenset[int]
             end = stages[-1].end_unix_s
             end_s = None if end is None else end - offset
     return LocustRun(run_dir, returncode, records, start_s, end_s, sampler, log_path)
+
+
+def processes_for(spec: str | int, *, users: int | None = None, rate_per_s: float | None = None,
+                  cpus: frozenset[int] | None = None) -> int | None:
+    """The ``--processes`` to give Locust: ``spec`` as a number (None for 1: no workers, one
+    process), or for ``"auto"`` what ``envelope run`` would choose for this load on ``cpus``
+    (the client's CPUs; all of this machine's when not pinned)."""
+    if str(spec) != "auto":
+        n = int(spec)
+        return None if n <= 1 else n
+    from envelope.client_budget import choose_processes
+
+    cores = len(cpus) if cpus else len(os.sched_getaffinity(0))
+    return choose_processes(peak_streams=users, peak_rate_per_s=rate_per_s, cores=cores).locust_processes
 
 
 def fetch_truth(base_url: str, since: int = 0) -> list[dict]:

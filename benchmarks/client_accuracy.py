@@ -58,10 +58,11 @@ def one_level(args, sim, users: int, repeat: int, workdir: Path, plan: c.CpuPlan
                                 output_tokens=outputs, spawn_rate=max(users / request_s, 1.0))
     since = _truth_count(sim)
     sim_cpu = c.CpuSampler(sim.pid).start()
-    run = c.run_locust(sim.base_url, scenario, run_dir / "run", cpus=plan.client)
+    processes = c.processes_for(args.processes, users=users, cpus=plan.client)
+    run = c.run_locust(sim.base_url, scenario, run_dir / "run", cpus=plan.client, processes=processes)
     sim_cpu.stop()
     truth = c.fetch_truth(sim.base_url, since)
-    row = {"users": users, "repeat": repeat, "returncode": run.returncode}
+    row = {"users": users, "repeat": repeat, "returncode": run.returncode, "processes": processes}
     if run.stage_start_s is None or run.stage_end_s is None or not run.records:
         row["failure"] = f"Locust exited {run.returncode} with {len(run.records)} records:\n{run.log_tail()}"
         return row
@@ -140,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--server-cpus", default=None, help="CPUs for the simulator, e.g. 0")
     p.add_argument("--client-cpus", default=None, help="CPUs for Locust, e.g. 1")
+    p.add_argument("--processes", default="1",
+                   help="Locust worker processes: a number, or 'auto' (what `envelope run` picks for each level "
+                        "on the client's CPUs; see envelope/client_budget.py)")
     args = p.parse_args(argv)
+    if args.processes != "auto" and not (args.processes.isdigit() and int(args.processes) >= 1):
+        p.error("--processes must be a positive integer or 'auto'")
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.duration_s = args.duration_s or (8.0 if args.quick else 20.0)
     args.warmup_s = args.warmup_s if args.warmup_s is not None else (2.0 if args.quick else 3.0)
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     c.check_shared_clock()
     plan = c.cpu_plan(server_cpus=args.server_cpus, client_cpus=args.client_cpus)
 
-    print(f"Client accuracy: Locust (1 process, fasthttp) against the simulator; {c.machine_line()}")
+    print(f"Client accuracy: Locust (--processes {args.processes}, fasthttp) against the simulator; "
+          f"{c.machine_line()}")
     print(f"Pinning: {plan.describe()}. Clock: perf_counter = {c.SHARED_CLOCK} on both sides.")
     print(f"Workload: {args.output_tokens} +-8 output tokens, TTFT {args.ttft_ms:g} ms +-20%, ITL {args.itl_ms:g} ms "
           f"+-25%; {args.duration_s:g} s per level, first {args.warmup_s:g} s left out, "
@@ -173,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {users} streams, run {repeat + 1}: FAILED: {row['failure']}", flush=True)
                         continue
                     rows.append(row)
-                    print(f"  {users:>5} streams, run {repeat + 1}: {row['matched']} requests matched, "
+                    print(f"  {users:>5} streams ({row['processes'] or 1} proc), run {repeat + 1}: "
+                          f"{row['matched']} requests matched, "
                           f"TTFT error p50 {row['ttft_p50_ms']:.3f} / p99 {row['ttft_p99_ms']:.3f} ms, "
                           f"client CPU {row['client_cpu_ratio']:.0%} ({time.monotonic() - t:.0f} s)", flush=True)
         finally:
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in rows if r["users"] == users]
         if not mine:
             continue
-        s = {"users": users, "runs": len(mine)}
+        s = {"users": users, "runs": len(mine), "processes": mine[0]["processes"]}
         for key in mine[0]:
             if key.endswith(("_ms", "_ratio", "_per_s")):
                 s[key] = c.median_of(mine, key)
@@ -197,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\nError of the client's measurement minus the server's truth (ms; median over runs):")
     print(c.table(
-        ["streams", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "chunks/s", "client CPU",
-         "requests"],
-        [[s["users"], s["ttft_p50_ms"], s["ttft_p99_ms"], s["itl_p50_ms"], s["itl_p99_ms"], s["e2e_p50_ms"],
-          s["e2e_p99_ms"], s["chunks_per_s"], f"{s['client_cpu_ratio']:.0%}", s["matched"]] for s in summary]))
+        ["streams", "processes", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "chunks/s",
+         "chunks/s/proc", "client CPU", "requests"],
+        [[s["users"], s["processes"] or 1, s["ttft_p50_ms"], s["ttft_p99_ms"], s["itl_p50_ms"], s["itl_p99_ms"],
+          s["e2e_p50_ms"], s["e2e_p99_ms"], s["chunks_per_s"], s["chunks_per_s"] / (s["processes"] or 1),
+          f"{s['client_cpu_ratio']:.0%}", s["matched"]] for s in summary]))
     print("\nWhere the TTFT error comes from (ms): send = server arrival - client send; "
           "first-token lag = client arrival - server write:")
     print(c.table(

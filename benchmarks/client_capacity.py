@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+import numpy as np  # noqa: E402
 
 TINY_TOKENIZER = Path("~/.cache/envelope/models/tiny-qwen3-seed0").expanduser()
 # offered chunks/s for 64 streams; the simulator's timer has 1 ms resolution, so
@@ -43,6 +44,15 @@ TINY_TOKENIZER = Path("~/.cache/envelope/models/tiny-qwen3-seed0").expanduser()
 FASTHTTP_OFFERED = (16_000, 32_000, 64_000, 128_000, 192_000, 256_000, 384_000)
 FASTHTTP_OFFERED_QUICK = (16_000, 64_000, 192_000)
 OPENAI_OFFERED = (2_000, 4_000, 8_000, 16_000)
+# open-loop pacing: requests/s of short (4-token) outputs
+RATES = (100, 500, 1000)
+SEND_LAG_BUDGET_MS = 2.0  # a rate is paced accurately when send-lag p99 stays within this...
+RATE_SHORTFALL = 0.02  # ...and the achieved rate within 2% of what its schedule held
+# the per-process stream budget: concurrent streams of the accuracy benchmark's workload (64 +-8
+# tokens, TTFT 50 ms, ITL 20 ms, both jittered) on one process
+# (the lowest level is the baseline: the machine's own floor of wake-ups, with next to no queueing)
+BUDGET_STREAMS = (10, 50, 100, 150, 200, 300, 400)
+BUDGET_STREAMS_QUICK = (10, 50, 100, 200, 300)
 
 
 def sim_config(itl_s: float, ttft_s: float):
@@ -104,6 +114,163 @@ def measure(args, *, label: str, transport: str, processes: int, streams: int, o
     return row
 
 
+def measure_rate(args, *, rate_per_s: float, processes_spec: str, repeat: int, workdir: Path,
+                 plan: c.CpuPlan) -> dict:
+    """One open-loop run of short outputs at ``rate_per_s`` against a fresh simulator: achieved rate,
+    send lag (actual send - intended send) and TTFT error."""
+    processes = c.processes_for(processes_spec, rate_per_s=rate_per_s, cpus=plan.client)
+    run_dir = workdir / f"rate-{rate_per_s:g}-{processes_spec}-r{repeat}"
+    run_dir.mkdir(parents=True)
+    scenario = c.write_scenario(run_dir / "scenario.yaml", rate_per_s=rate_per_s, duration_s=args.duration_s,
+                                output_tokens=4, prompt_tokens=(8, 263), arrival="poisson")
+    sim = c.start_sim(sim_config(0.0, args.ttft_ms / 1000), plan.server, log_path=run_dir / "sim.log")
+    try:
+        sim_cpu = c.CpuSampler(sim.pid).start()
+        run = c.run_locust(sim.base_url, scenario, run_dir / "run", cpus=plan.client, processes=processes,
+                           timeout_s=args.duration_s + 180)
+        sim_cpu.stop()
+        truth = c.fetch_truth(sim.base_url, 0)
+    finally:
+        sim.stop()
+    row: dict = {"label": f"rate-{processes_spec}", "rate_per_s": float(rate_per_s), "processes": processes or 1,
+                 "repeat": repeat}
+    if run.stage_start_s is None or run.stage_end_s is None or not run.records:
+        row["failure"] = f"Locust exited {run.returncode} with {len(run.records)} records:\n{run.log_tail()}"
+        return row
+    t0 = run.stage_start_s + min(args.warmup_s, args.duration_s / 2)
+    t1 = run.stage_end_s
+    span = t1 - t0
+    sent = [r for r in run.records if t0 <= r["t_start_s"] < t1]
+    scheduled = [r for r in run.records if r.get("t_intended_s") is not None and t0 <= r["t_intended_s"] < t1]
+    lag_ms = np.asarray([(r["t_start_s"] - r["t_intended_s"]) * 1000 for r in scheduled])
+    m = c.match_truth(sent, truth)
+    err = c.errors_ms(m.pairs)
+    cpu_s = run.sampler.cpu_s(t0, t1)
+    row.update(
+        achieved_rate_per_s=len(sent) / span,
+        # what the Poisson schedule held for the window: the achieved rate is judged against it (a 15 s
+        # window of Poisson arrivals at 100/s differs from 100/s by about 3% at one standard deviation)
+        scheduled_rate_per_s=len(scheduled) / span,
+        send_lag_p50_ms=c.pct(lag_ms, 50), send_lag_p99_ms=c.pct(lag_ms, 99), send_lag_max_ms=c.pct(lag_ms, 100),
+        ttft_p50_ms=c.pct(err["ttft"], 50), ttft_p99_ms=c.pct(err["ttft"], 99),
+        failed=sum(1 for r in sent if r.get("error_category") is not None),
+        client_cpu_ratio=cpu_s / span, sim_cpu_ratio=sim_cpu.cpu_s(t0, t1) / span,
+        client_wait_ratio=run.sampler.waited_s(t0, t1) / span, sim_wait_ratio=sim_cpu.waited_s(t0, t1) / span,
+        matched=len(m.pairs), unmatched=m.unmatched, ambiguous=m.ambiguous,
+        causality_violations=m.causality_violations,
+    )
+    return row
+
+
+def rate_sweep(args, *, processes_spec: str, rates: list[float], workdir: Path, plan: c.CpuPlan) -> list[dict]:
+    """Median rows per asked rate, ascending."""
+    out = []
+    for rate in rates:
+        runs = []
+        for repeat in range(args.repeats):
+            t = time.monotonic()
+            row = measure_rate(args, rate_per_s=rate, processes_spec=processes_spec, repeat=repeat, workdir=workdir,
+                               plan=plan)
+            if "failure" in row:
+                print(f"  rate {rate:g}/s --processes {processes_spec} run {repeat + 1}: FAILED: {row['failure']}",
+                      flush=True)
+                continue
+            runs.append(row)
+            print(f"  rate {rate:>6g}/s --processes {processes_spec} ({row['processes']} proc) run {repeat + 1}: "
+                  f"achieved {row['achieved_rate_per_s']:,.1f}/s, send lag p99 {row['send_lag_p99_ms']:.3f} ms, "
+                  f"TTFT error p99 {row['ttft_p99_ms']:.3f} ms, client CPU {row['client_cpu_ratio']:.0%} "
+                  f"({time.monotonic() - t:.0f} s)", flush=True)
+        if runs:
+            med = _median_row(runs)
+            med.update(rate_per_s=runs[0]["rate_per_s"], processes=runs[0]["processes"])
+            out.append(med)
+    return out
+
+
+def rate_budget(rows: list[dict]) -> float:
+    """The highest asked rate paced accurately (send-lag p99 within budget, achieved within 2%), with every
+    lower rate also paced accurately; NaN when none is."""
+    best = math.nan
+    for r in sorted(rows, key=lambda r: r["rate_per_s"]):
+        if (r["send_lag_p99_ms"] <= SEND_LAG_BUDGET_MS
+                and r["achieved_rate_per_s"] >= (1 - RATE_SHORTFALL) * r["scheduled_rate_per_s"]):
+            best = r["rate_per_s"]
+        else:
+            break
+    return best
+
+
+def stream_budget_sweep(args, *, levels: list[int], workdir: Path, plan: c.CpuPlan) -> list[dict]:
+    """The accuracy benchmark's workload (one process) at each number of streams; its rows."""
+    import client_accuracy as acc
+
+    acc_args = argparse.Namespace(ttft_ms=50.0, itl_ms=20.0, output_tokens=64, duration_s=args.duration_s,
+                                  warmup_s=args.warmup_s, processes="1")
+    rows = []
+    sim = c.start_sim(acc.sim_config(acc_args), plan.server, log_path=workdir / "budget-sim.log")
+    try:
+        for users in levels:
+            runs = []
+            for repeat in range(args.repeats):
+                t = time.monotonic()
+                row = acc.one_level(acc_args, sim, users, repeat, workdir / "budget", plan)
+                if "failure" in row:
+                    print(f"  budget {users} streams run {repeat + 1}: FAILED: {row['failure']}", flush=True)
+                    continue
+                runs.append(row)
+                print(f"  budget {users:>5} streams run {repeat + 1}: TTFT error p50 {row['ttft_p50_ms']:.3f} / p99 "
+                      f"{row['ttft_p99_ms']:.3f} ms, {row['chunks_per_s']:,.0f} chunks/s, client CPU "
+                      f"{row['client_cpu_ratio']:.0%} ({time.monotonic() - t:.0f} s)", flush=True)
+            if runs:
+                med = {"users": users, "runs": len(runs)}
+                for key in ("ttft_p50_ms", "ttft_p99_ms", "send_p99_ms", "first_token_lag_p99_ms", "chunks_per_s",
+                            "client_cpu_ratio", "client_wait_ratio", "sim_cpu_ratio"):
+                    med[key] = c.median_of(runs, key)
+                rows.append(med)
+    finally:
+        sim.stop()
+    return rows
+
+
+def streams_budget(rows: list[dict], budget_ms: float) -> float:
+    """The most streams whose TTFT error p99 is at most ``budget_ms`` above the lowest level's (the
+    machine's floor: two wake-ups, no queueing to speak of), every smaller level within it too."""
+    best = math.nan
+    rows = sorted(rows, key=lambda r: r["users"])
+    if not rows:
+        return best
+    allowed = rows[0]["ttft_p99_ms"] + budget_ms
+    for r in rows:
+        if r["ttft_p99_ms"] <= allowed:
+            best = r["users"]
+        else:
+            break
+    return best
+
+
+def write_budget(path: Path, *, streams: int, rate_per_s: float, args, budget_rows: list[dict],
+                 rate_rows: list[dict]) -> None:
+    """The measured budget as ``envelope.client_budget.ClientBudget`` reads it (with how it was measured)."""
+    data = {
+        "streams_per_process": streams,
+        "rate_per_s_per_process": rate_per_s,
+        "measured_on": c.machine_line(),
+        "measured_utc": time.strftime("%Y-%m-%d", time.gmtime()),
+        "method": (f"benchmarks/client_capacity.py --only budget,rate: one Locust process (fasthttp) pinned to one "
+                   f"CPU, the simulator on another; streams: the most concurrent streams (64 +-8 tokens, TTFT 50 ms, "
+                   f"ITL 20 ms, jittered) whose TTFT error p99 (client - simulator truth) stayed within "
+                   f"{args.ttft_error_budget_ms:g} ms of the {budget_rows[0]['users']}-stream figure (the machine's "
+                   f"wake-up floor); rate: the highest Poisson rate of 4-token requests whose send-lag "
+                   f"p99 stayed within {SEND_LAG_BUDGET_MS:g} ms with the achieved rate within {RATE_SHORTFALL:.0%}; "
+                   f"{args.duration_s:g} s stages, median of {args.repeats} run(s)"),
+        "streams_measured": [{"streams": r["users"], "ttft_error_p99_ms": round(r["ttft_p99_ms"], 3),
+                              "client_cpu_ratio": round(r["client_cpu_ratio"], 3)} for r in budget_rows],
+        "rates_measured": [{"rate_per_s": r["rate_per_s"], "send_lag_p99_ms": round(r["send_lag_p99_ms"], 3),
+                            "achieved_rate_per_s": round(r["achieved_rate_per_s"], 1)} for r in rate_rows],
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
 def sweep(args, *, label: str, transport: str, processes: int, offered: list[float], workdir: Path,
           plan: c.CpuPlan) -> list[dict]:
     """Median rows per offered load, ascending; stops once the client falls clearly behind."""
@@ -133,7 +300,8 @@ def sweep(args, *, label: str, transport: str, processes: int, offered: list[flo
 
 
 def _median_row(runs: list[dict]) -> dict:
-    med = {"label": runs[0]["label"], "offered_chunks_per_s": runs[0]["offered_chunks_per_s"], "runs": len(runs)}
+    med = {"label": runs[0]["label"], "offered_chunks_per_s": runs[0].get("offered_chunks_per_s", math.nan),
+           "runs": len(runs)}
     for key, value in runs[0].items():
         if isinstance(value, float) and key != "offered_chunks_per_s":
             med[key] = c.median_of(runs, key)
@@ -267,15 +435,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=512, help="output tokens (= chunks) per request")
     p.add_argument("--ttft-ms", type=float, default=1.0, help="simulated TTFT")
     p.add_argument("--ttft-error-budget-ms", type=float, default=1.0)
-    p.add_argument("--only", default="fasthttp,openai,processes2,short,vllm",
+    p.add_argument("--only", default="fasthttp,openai,processes2,short,vllm,rate,budget",
                    help="parts to run, comma-separated (default: all)")
+    p.add_argument("--rates", default=",".join(map(str, RATES)), help="rate part: requests/s, comma-separated")
+    p.add_argument("--rate-processes", default="1,auto",
+                   help="rate part: --processes values to run it with, comma-separated (default 1,auto)")
+    p.add_argument("--budget-streams", default=None,
+                   help="budget part: stream counts, comma-separated (default %s; --quick %s)" % (
+                       ",".join(map(str, BUDGET_STREAMS)), ",".join(map(str, BUDGET_STREAMS_QUICK))))
+    p.add_argument("--write-budget", default=None, metavar="PATH",
+                   help="write the measured per-process budget (streams and requests/s) as JSON to PATH "
+                        "(the project's is envelope/client_budget.json)")
     p.add_argument("--server-cpus", default=None, help="CPUs for the simulator, e.g. 0")
     p.add_argument("--client-cpus", default=None, help="CPUs for the client, e.g. 1")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.duration_s = args.duration_s or (6.0 if args.quick else 15.0)
     parts = {x.strip() for x in args.only.split(",") if x.strip()}
-    unknown = parts - {"fasthttp", "openai", "processes2", "short", "vllm"}
+    unknown = parts - {"fasthttp", "openai", "processes2", "short", "vllm", "rate", "budget"}
     if unknown:
         p.error(f"unknown part(s) in --only: {', '.join(sorted(unknown))}")
     c.check_shared_clock()
@@ -283,6 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     plan2 = c.cpu_plan(server_cpus=args.server_cpus, client_cpus=args.client_cpus, client_count=2)
     fast_offered = list(FASTHTTP_OFFERED_QUICK if args.quick else FASTHTTP_OFFERED)
     openai_offered = list(OPENAI_OFFERED[1:3] if args.quick else OPENAI_OFFERED)
+    try:
+        rates = [float(x) for x in args.rates.split(",") if x.strip()]
+        budget_levels = [int(x) for x in (args.budget_streams or ",".join(
+            map(str, BUDGET_STREAMS_QUICK if args.quick else BUDGET_STREAMS))).split(",") if x.strip()]
+    except ValueError:
+        p.error("--rates and --budget-streams take numbers separated by commas")
+    rate_specs = [x.strip() for x in args.rate_processes.split(",") if x.strip()]
+    if any(x != "auto" and not (x.isdigit() and int(x) >= 1) for x in rate_specs):
+        p.error("--rate-processes takes positive integers or 'auto', separated by commas")
 
     print(f"Client capacity: {args.streams} streams of {args.chunks} chunks; {c.machine_line()}")
     p2_cpus = ",".join(map(str, sorted(plan2.client or ()))) or "any"
@@ -300,8 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     vllm_line = ""
     vllm_res = None
+    rate_rows: dict[str, list[dict]] = {}
+    budget_rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="envelope-capacity-") as tmp:
         work = Path(tmp)
+        if "budget" in parts:
+            budget_rows = stream_budget_sweep(args, levels=budget_levels, workdir=work, plan=plan)
+        if "rate" in parts:
+            for spec in rate_specs:
+                rate_rows[spec] = rate_sweep(args, processes_spec=spec, rates=rates, workdir=work, plan=plan)
         if "fasthttp" in parts:
             results["fasthttp"] = sweep(args, label="fasthttp", transport="fasthttp", processes=1,
                                         offered=fast_offered, workdir=work, plan=plan)
@@ -383,6 +576,44 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['client_cpu_ratio']:.0%}, simulator CPU {s['sim_cpu_ratio']:.0%}")
     if vllm_line:
         print("\n" + vllm_line)
+    if rate_rows:
+        print(f"\nOpen-loop pacing (Poisson arrivals, 4-token outputs; send lag = actual send - intended send; "
+              f"paced accurately: send-lag p99 <= {SEND_LAG_BUDGET_MS:g} ms and achieved within "
+              f"{RATE_SHORTFALL:.0%} of the schedule's own count in the window):")
+        print(c.table(["--processes", "processes", "asked/s", "scheduled/s", "achieved/s", "send lag p50", "send lag p99",
+                       "send lag max", "TTFT err p50", "TTFT err p99", "client CPU", "sim CPU",
+                       "CPU wait client/sim", "failed"],
+                      [[spec, r["processes"], r["rate_per_s"], r["scheduled_rate_per_s"], r["achieved_rate_per_s"],
+                        r["send_lag_p50_ms"],
+                        r["send_lag_p99_ms"], r["send_lag_max_ms"], r["ttft_p50_ms"], r["ttft_p99_ms"],
+                        f"{r['client_cpu_ratio']:.0%}", f"{r['sim_cpu_ratio']:.0%}",
+                        f"{r['client_wait_ratio']:.0%} / {r['sim_wait_ratio']:.0%}", r["failed"]]
+                       for spec, rows in rate_rows.items() for r in rows]))
+    stream_budget = math.nan
+    if budget_rows:
+        stream_budget = streams_budget(budget_rows, args.ttft_error_budget_ms)
+        print(f"\nPer-process stream budget (one process; the accuracy benchmark's workload: 64 +-8 tokens, TTFT "
+              f"50 ms, ITL 20 ms, jittered):")
+        print(c.table(["streams", "TTFT err p50", "TTFT err p99", "send p99", "lag p99", "chunks/s", "client CPU",
+                       "CPU wait", "sim CPU"],
+                      [[r["users"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["send_p99_ms"], r["first_token_lag_p99_ms"],
+                        r["chunks_per_s"], f"{r['client_cpu_ratio']:.0%}", f"{r['client_wait_ratio']:.0%}",
+                        f"{r['sim_cpu_ratio']:.0%}"] for r in budget_rows]))
+        print(f"Budget: {stream_budget:g} streams per process (the most streams whose TTFT error p99 stays within "
+              f"{args.ttft_error_budget_ms:g} ms of the {budget_rows[0]['users']}-stream figure, "
+              f"{budget_rows[0]['ttft_p99_ms']:.2f} ms, with every smaller level within it too).")
+    one_rate = rate_budget(rate_rows.get("1", []))
+    if rate_rows.get("1"):
+        print(f"Rate budget: {one_rate:g} requests/s per process (the highest asked rate paced accurately on one "
+              "process, with every lower one too).")
+    if args.write_budget:
+        if math.isnan(stream_budget) or math.isnan(one_rate):
+            print("not writing the budget: run the 'budget' and 'rate' parts (with --rate-processes 1) and have "
+                  "each find a level within its limit")
+        else:
+            write_budget(Path(args.write_budget), streams=int(stream_budget), rate_per_s=one_rate, args=args,
+                         budget_rows=budget_rows, rate_rows=rate_rows["1"])
+            print(f"budget written to {args.write_budget}")
     print("\nReference figures from issue 7 (one core, 64 streams of 512 chunks, a fast server; another "
           "machine and server): vLLM's client ~89,000, bare aiohttp ~96,000, careful FastHttpUser ~115,000, "
           "GuideLLM ~13,500, openai SDK ~5,400 chunks/s. Goal: >= 180,000 chunks/s per process.")

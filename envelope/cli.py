@@ -47,7 +47,7 @@ from envelope.rundir import RunInfo, RunJson, RunStatus, file_sha256, tool_versi
 from envelope.secrets import DEFAULT_API_KEY_ENV, REDACTED, Secret, SecretError, redact, resolve_api_key
 from envelope.usage import HELP_FORMAT, OneLineParser, UsageError, examples, paragraph
 
-__all__ = ["main", "UsageError", "run_dir_name", "locust_command", "locust_env", "locustfile_path"]
+__all__ = ["main", "UsageError", "run_dir_name", "locust_command", "locust_env", "locustfile_path", "processes_arg"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -99,7 +99,10 @@ def _add_run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--quick", action="store_true", help="shortened stage durations (the scenario's quick: section)")
     r.add_argument("--duration-scale", type=float, help="scale every stage duration by this factor")
     r.add_argument("--out", default="runs", help="parent directory of the run directory (default: runs)")
-    r.add_argument("--processes", type=int, help="Locust worker processes on this machine")
+    r.add_argument("--processes", type=processes_arg,
+                   help="Locust worker processes on this machine, or 'auto': as many as the scenario's peak streams "
+                        "or rate need by the per-process budget (envelope/client_budget.json), up to the cores "
+                        "(default: auto when the peak needs more than one process, else one process)")
     r.add_argument("--expect-workers", type=int,
                    help="run as the master of N Locust workers started elsewhere "
                         "(locust -f locustfiles/llm.py --worker --master-host THIS-HOST)")
@@ -141,6 +144,16 @@ def _check_cost_arguments(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- pure pieces
+
+
+def processes_arg(text: str) -> int | str:
+    """``--processes``: a number (checked later: at least 1) or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a number of processes or 'auto'") from None
 
 
 def run_dir_name(scenario_name: str, now_unix_s: float) -> str:
@@ -230,6 +243,8 @@ class _Plan:
     profile: Any = None
     api_key: Secret | None = None
     server_info: dict[str, Any] | None = None  # --host: the probe made while validating
+    processes: int | None = None  # Locust's --processes (None: one process, or workers elsewhere)
+    process_choice: Any = None  # envelope.client_budget.ProcessChoice, when the auto rule decided
     run_name: str | None = None  # the run directory's name (default: <time>-<scenario>)
     sweep: dict[str, Any] | None = None  # a sweep's configuration: recorded in run.json's options
     extra: dict[str, Any] = field(default_factory=dict)
@@ -247,7 +262,7 @@ def _validate(args: argparse.Namespace, *, profile_override: Any = None) -> _Pla
         raise UsageError(str(exc)) from None
     if args.duration_scale is not None and not args.duration_scale > 0:
         raise UsageError(f"--duration-scale must be positive (got {args.duration_scale:g})")
-    if args.processes is not None and args.processes < 1:
+    if isinstance(args.processes, int) and args.processes < 1:
         raise UsageError(f"--processes must be at least 1 (got {args.processes})")
     if args.expect_workers is not None:
         if args.expect_workers < 1:
@@ -293,6 +308,7 @@ def _validate(args: argparse.Namespace, *, profile_override: Any = None) -> _Pla
         raise UsageError(f"--api-key-env {args.api_key_env}: the variable is not set or empty")
     plan = _Plan(args=args, scenario_path=path, scenario_name=scenario.name, planned_stages=stages,
                  profile=profile, api_key=key)
+    plan.processes, plan.process_choice = _choose_processes(args, stages, server_here=profile is not None)
     if profile is not None:
         # what the launched server will serve is known now: no need to wait for vLLM to find out
         if profile.served_model_name is not None:  # transformers serve answers to its model's path
@@ -301,6 +317,25 @@ def _validate(args: argparse.Namespace, *, profile_override: Any = None) -> _Pla
     else:
         plan.server_info = _preflight_host(plan, scenario)
     return plan
+
+
+def _choose_processes(args: argparse.Namespace, stages: Sequence[Any], *, server_here: bool) -> tuple[int | None, Any]:
+    """Locust's ``--processes`` for this run, and the auto rule's choice when it decided (see
+    :mod:`envelope.client_budget`): an explicit number wins; workers elsewhere (``--expect-workers``)
+    are the user's arrangement; otherwise auto, used when asked or when the peak needs more than one."""
+    if args.expect_workers is not None or isinstance(args.processes, int):
+        return (args.processes if isinstance(args.processes, int) else None), None
+    from envelope.client_budget import choose_processes, load_generator_cores, scenario_peak
+
+    peak = scenario_peak(stages)
+    try:
+        choice = choose_processes(peak_streams=peak.streams, peak_rate_per_s=peak.rate_per_s,
+                                  cores=load_generator_cores(server_here=server_here))
+    except ValueError as exc:  # the stored budget is unreadable
+        raise UsageError(str(exc)) from None
+    if args.processes is None and choice.needed <= 1:
+        return None, None  # one process does it: nothing to choose
+    return choice.locust_processes, choice
 
 
 def _key_source(args: argparse.Namespace) -> str:
@@ -451,7 +486,10 @@ class _Runner:
                 "host": args.host,
                 "profile": args.profile,
                 "duration_scale": args.duration_scale,
-                "processes": args.processes,
+                "processes": self.plan.processes,
+                "processes_requested": args.processes,
+                "processes_auto": (self.plan.process_choice.describe()
+                                   if self.plan.process_choice is not None else None),
                 "expect_workers": args.expect_workers,
                 "master_bind_host": args.master_bind_host,
                 "master_bind_port": args.master_bind_port,
@@ -487,6 +525,11 @@ class _Runner:
     # -- the whole thing --
 
     def run(self) -> int:
+        choice = self.plan.process_choice
+        if choice is not None:
+            self.say(f"--processes auto: {choice.describe()}")
+            if choice.warning():
+                self.say(f"warning: {choice.warning()}")
         run_dir = self.create_run_dir()
         self.say(f"run directory {run_dir}")
         previous = {s: signal.signal(s, self.interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -559,7 +602,7 @@ class _Runner:
         args = self.args
         argv = locust_command(locustfile=locustfile_path(), scenario=self.plan.scenario_path.resolve(),
                               host=base_url, run_dir=run_dir.resolve(), quick=args.quick,
-                              duration_scale=args.duration_scale, processes=args.processes,
+                              duration_scale=args.duration_scale, processes=self.plan.processes,
                               expect_workers=args.expect_workers, master_bind_host=args.master_bind_host,
                               master_bind_port=args.master_bind_port,
                               model=args.model or self.plan.launched_model,

@@ -117,11 +117,11 @@ class PromptFactory:
         )
 
     def _words(self, rng: random.Random, n: int) -> str:
-        n = max(n, 1)
-        choice = rng.choice
-        words = self.words
-        # a leading space keeps the first word the same token as every other
-        return " " + " ".join(choice(words) for _ in range(n))
+        # One ``choices`` call, not a ``choice`` per word: the next request's prompt is built in the
+        # load generator's one event loop while every other stream's chunks wait to be read (a
+        # 2,000-token prompt took about 0.7 ms word by word, 0.2 ms so).
+        # A leading space keeps the first word the same token as every other.
+        return " " + " ".join(rng.choices(self.words, k=max(n, 1)))
 
     def text_of(self, n_tokens: int, rng: random.Random) -> str:
         """``n_tokens`` single-token words (a leading space each): text of a known length."""

@@ -41,6 +41,7 @@ from envelope.stages import StageKind, StageRecord, WorkloadSummary
 
 __all__ = [
     "pick_client_name",
+    "ClientRotation",
     "assign_client",
     "Distribution",
     "TokenCount",
@@ -855,17 +856,44 @@ def pick_client_name(names_weights: list[tuple[str, float]], n: int) -> str:
     """The client for the n-th user of this process: a smooth weighted round-robin.
 
     With weights 3:1 users 0..3 get a, a, b, a (never a long run of one client),
-    so even a handful of users mixes clients in proportion.
+    so even a handful of users mixes clients in proportion. It walks the rotation
+    from the start (O(n)); a caller that asks for one request after another uses
+    :class:`ClientRotation`.
     """
-    current = {name: 0.0 for name, _ in names_weights}
-    total = sum(w for _, w in names_weights)
-    chosen = names_weights[0][0]
-    for _ in range(n + 1):
-        for name, weight in names_weights:
-            current[name] += weight
-        chosen = max(names_weights, key=lambda nw: current[nw[0]])[0]
-        current[chosen] -= total
-    return chosen
+    return ClientRotation(names_weights).at(n)
+
+
+class ClientRotation:
+    """The rotation of :func:`pick_client_name`, kept between calls: ``at(n)`` for a non-decreasing
+    ``n`` costs only the steps since the last call (an open-loop dispatcher asks once per request;
+    walking from the start each time made a stage's sends quadratic in its length)."""
+
+    __slots__ = ("_names_weights", "_total", "_current", "_next", "_chosen")
+
+    def __init__(self, names_weights: list[tuple[str, float]]) -> None:
+        self._names_weights = list(names_weights)
+        self._total = sum(w for _, w in self._names_weights)
+        self._restart()
+
+    def _restart(self) -> None:
+        self._current = {name: 0.0 for name, _ in self._names_weights}
+        self._next = 0  # the next position to compute
+        self._chosen = self._names_weights[0][0]
+
+    def at(self, n: int) -> str:
+        """The client of position ``n`` (0-based)."""
+        if len(self._names_weights) == 1:
+            return self._chosen
+        if n < self._next - 1:
+            self._restart()
+        current, names_weights, total = self._current, self._names_weights, self._total
+        while self._next <= n:
+            for name, weight in names_weights:
+                current[name] += weight
+            chosen = self._chosen = max(names_weights, key=lambda nw: current[nw[0]])[0]
+            current[chosen] -= total
+            self._next += 1
+        return self._chosen
 
 
 def assign_client(classes: list[tuple[str, float, int | None]], n: int) -> str | None:
@@ -874,6 +902,9 @@ def assign_client(classes: list[tuple[str, float, int | None]], n: int) -> str |
     None when every class is full: that user sends nothing in this stage."""
     if not classes:
         return None
+    if len(classes) == 1:
+        name, _, cap = classes[0]
+        return name if cap is None or n < cap else None
     counts = {name: 0 for name, _, _ in classes}
     current = {name: 0.0 for name, _, _ in classes}
     chosen: str | None = None

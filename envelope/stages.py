@@ -89,6 +89,10 @@ class StageRecord:
     master's wall clock; ``end_unix_s`` is None while the stage runs or when the
     run was cut short in it. ``client_loop_lag_max_ms`` and
     ``client_cpu_max_percent``: the load generator's worst health in the stage.
+    ``client_processes``: how many processes sent its requests when it began;
+    ``client_budget_streams_per_process`` / ``client_budget_rate_per_s_per_process``:
+    what one of them handles accurately (:mod:`envelope.client_budget`), so the
+    analysis can flag a stage run with more load per process than that.
 
     Set only by the analysis, never written: ``end_inferred`` (the end came from
     the next stage's start, the run's end or the last record) and ``derived``
@@ -115,6 +119,9 @@ class StageRecord:
     end_unix_s: float | None = None
     client_loop_lag_max_ms: float | None = None
     client_cpu_max_percent: float | None = None
+    client_processes: int | None = None
+    client_budget_streams_per_process: int | None = None
+    client_budget_rate_per_s_per_process: float | None = None
     end_inferred: bool = False
     derived: bool = False
 
@@ -158,6 +165,10 @@ class StageRecord:
         out.update(start_unix_s=self.start_unix_s, end_unix_s=self.end_unix_s,
                    client_loop_lag_max_ms=self.client_loop_lag_max_ms,
                    client_cpu_max_percent=self.client_cpu_max_percent)
+        if self.client_processes is not None:
+            out.update(client_processes=self.client_processes,
+                       client_budget_streams_per_process=self.client_budget_streams_per_process,
+                       client_budget_rate_per_s_per_process=self.client_budget_rate_per_s_per_process)
         return out
 
     @classmethod
@@ -209,6 +220,9 @@ class StageRecord:
             end_unix_s=num("end_unix_s"),
             client_loop_lag_max_ms=num("client_loop_lag_max_ms"),
             client_cpu_max_percent=num("client_cpu_max_percent"),
+            client_processes=whole("client_processes"),
+            client_budget_streams_per_process=whole("client_budget_streams_per_process"),
+            client_budget_rate_per_s_per_process=num("client_budget_rate_per_s_per_process"),
         )
 
 

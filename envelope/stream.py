@@ -29,7 +29,9 @@ class StreamObserver:
     """Observe one streamed completion and produce the fields of its record.
 
     ``t_start_s`` is the ``time.perf_counter()`` reading taken just before the
-    request was sent; every ``now_s`` passed in must come from the same clock.
+    request was sent; a transport that can stamp closer to the send (after the
+    request is built and its connection is ready) replaces it with :meth:`sent`.
+    Every ``now_s`` passed in must come from the same clock.
 
     A *token chunk* is an event with ``choices`` that carries a new output token:
     its ``usage.completion_tokens`` (continuous usage stats) rose over the last
@@ -104,6 +106,15 @@ class StreamObserver:
         self._layout: ChunkLayout | None = None
         self._layout_tries = _LAYOUT_TRIES if fast else 0  # layouts this stream may still learn
         self._layout_misses = 0  # content chunks in a row that did not match the layout
+
+    def sent(self, t_start_s: float) -> None:
+        """The request is handed to the socket now (``t_start_s``): the stamp its times count from.
+
+        Only before anything was fed: offsets already taken count from the old stamp.
+        """
+        if self._decoder is not None or self._t_first_event_s is not None:
+            raise RuntimeError("StreamObserver.sent() after the response began")
+        self.t_start_s = t_start_s
 
     # -- feeding ---------------------------------------------------------------
 

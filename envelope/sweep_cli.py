@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from envelope.cli import processes_arg
 from envelope.config import ConfigError
 from envelope.usage import HELP_FORMAT, UsageError, examples, paragraph
 
@@ -70,7 +71,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="shortened stage durations (the scenario's quick: section)")
     p.add_argument("--duration-scale", type=float, help="scale every stage duration by this factor")
     p.add_argument("--out", default="runs", help="parent directory of the sweep directory (default: runs)")
-    p.add_argument("--processes", type=int, help="Locust worker processes on this machine")
+    p.add_argument("--processes", type=processes_arg,
+                   help="Locust worker processes on this machine, or 'auto' (see envelope run --help)")
     p.add_argument("--api-key-env", help="environment variable holding the API key")
     p.add_argument("--api-key-file", help="file whose first line is the API key")
     p.add_argument("--model", help="served model name (default: the scenario's, else the first listed)")

@@ -247,10 +247,30 @@ class EnvelopeRun:
     def enter_stage(self, index: int, *, now_unix_s: float | None = None) -> None:
         """Master/local: a new stage began (called from the shape's tick)."""
         self.stage_clock.enter(index, now_unix_s=time.time() if now_unix_s is None else now_unix_s,
-                               max_model_len=self.max_model_len)
+                               max_model_len=self.max_model_len, client_processes=self._sending_processes(),
+                               budget=self._client_budget())
         self._broadcast()
         if self.open_loop is not None:  # local runner: this process sends
             self.open_loop.enter(self.stages[index])
+
+    def _sending_processes(self) -> int:
+        """How many processes send this run's requests now: the live workers, or this one."""
+        runner = self.environment.runner
+        if not self.is_master or runner is None:
+            return 1
+        return max(sum(1 for node in getattr(runner, "clients", {}).values() if node.state != "missing"), 1)
+
+    def _client_budget(self):
+        """The stored per-process budget (None, with a log line once, when it cannot be read)."""
+        if not hasattr(self, "_budget"):
+            from envelope.client_budget import load_budget
+
+            try:
+                self._budget = load_budget()
+            except ValueError as exc:
+                log.warning("envelope: no load-generator budget, stages are not checked against it: %s", exc)
+                self._budget = None
+        return self._budget
 
     def end_stages(self, *, now_unix_s: float | None = None) -> None:
         if self.ledger is not None:  # workers that go from now on went with the run

@@ -58,11 +58,21 @@ class StageClock:
         """The stage in the log that has not ended, if any."""
         return self.log[-1] if self.log and self.log[-1].end_unix_s is None else None
 
-    def enter(self, index: int, *, now_unix_s: float, max_model_len: int | None = None) -> StageRecord:
-        """A new stage began: close the running one, log the new one, say so."""
+    def enter(self, index: int, *, now_unix_s: float, max_model_len: int | None = None,
+              client_processes: int | None = None, budget: Any = None) -> StageRecord:
+        """A new stage began: close the running one, log the new one, say so.
+
+        ``client_processes``: how many processes send its requests; ``budget``: what one handles
+        accurately (an :class:`envelope.client_budget.ClientBudget`), both kept in its record.
+        """
         self._close(now_unix_s)
         self.current_index = index
         record = self.stages[index].record(max_model_len=max_model_len).replace(start_unix_s=now_unix_s)
+        if client_processes is not None:
+            record = record.replace(
+                client_processes=int(client_processes),
+                client_budget_streams_per_process=None if budget is None else budget.streams_per_process,
+                client_budget_rate_per_s_per_process=None if budget is None else budget.rate_per_s_per_process)
         self.log.append(record)
         self._changed()
         return record

@@ -264,6 +264,7 @@ def send_one(ctx: EnvelopeRun, environment, *, stage, client, rng: random.Random
     finally:
         ctx.in_flight -= 1
     t_done = perf_counter()
+    t_start = obs.t_start_s  # the transport may have stamped closer to the send (StreamObserver.sent)
     cancelled = interrupt is not None
     fields = obs.finish(
         t_done,

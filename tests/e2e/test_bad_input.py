@@ -225,7 +225,7 @@ def test_invalid_profile_file_names_its_line(tmp_path):
 
 @pytest.mark.parametrize("args, pattern", [
     (["--processes", "0"], r"--processes must be at least 1 \(got 0\)"),
-    (["--processes", "two"], r"argument --processes: invalid int value: 'two'"),
+    (["--processes", "two"], r"argument --processes: invalid value 'two': a number of processes or 'auto'"),
     (["--duration-scale", "-1"], r"--duration-scale must be positive \(got -1\)"),
     (["--api-key-env", "ENVELOPE_TEST_NEVER_SET"], r"--api-key-env ENVELOPE_TEST_NEVER_SET: the variable is not set"),
     (["--colour", "red"], r"unrecognized arguments: --colour red"),

@@ -79,14 +79,15 @@ def test_table_column_and_server_section(builders, tmp_path):
     assert row.server.server_prefix_cache_queried_tokens == pytest.approx(1300.0)
     assert row.server.server_prefix_cache_hit_ratio == pytest.approx(900.0 / 1300.0)
     # new columns go at the end of table.csv, so earlier columns keep their places
-    assert TABLE_COLUMNS[-4:-2] == ("server_prefix_cache_queried_tokens", "server_prefix_cache_hit_ratio")
+    assert TABLE_COLUMNS[-5:-3] == ("server_prefix_cache_queried_tokens", "server_prefix_cache_hit_ratio")
 
     out = tmp_path / "report"
     write_report(run, out)
     table_md = (out / "table.md").read_text(encoding="utf-8")
     assert "| prefix cache hits |" in table_md and "| 69.2% |" in table_md
     csv_text = (out / "table.csv").read_text(encoding="utf-8")
-    assert csv_text.splitlines()[1].endswith(",1300.0,0.692308,,")  # then the quota and cap columns, empty here
+    # then the quota, cap and load-generator budget columns, empty here
+    assert csv_text.splitlines()[1].endswith(",1300.0,0.692308,,,")
     md = (out / "envelope.md").read_text(encoding="utf-8")
     assert "Prefix cache: 69.2% of the 1,300 prompt tokens the server looked up were cache hits." in md
     assert "## Where the time goes (server-side, per stage)" in md  # shown for the counters alone

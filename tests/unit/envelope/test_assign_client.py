@@ -2,7 +2,7 @@
 
 import pytest
 
-from envelope.scenario import assign_client, pick_client_name
+from envelope.scenario import ClientRotation, assign_client, pick_client_name
 
 
 @pytest.mark.parametrize(
@@ -55,3 +55,17 @@ def test_a_cap_of_zero_never_gets_a_user():
 def test_no_classes_gives_none():
     assert assign_client([], 0) is None
     assert assign_client([], 7) is None
+
+
+@pytest.mark.parametrize("weights", [[("a", 3.0), ("b", 1.0)], [("x", 0.5), ("y", 2.0), ("z", 1.5)], [("only", 1.0)]])
+def test_the_kept_rotation_gives_pick_client_names_answer_at_every_position(weights):
+    """The open-loop dispatcher keeps one rotation and asks position after position (a trace replay
+    skips positions; asking an earlier one starts over): the answers are pick_client_name's."""
+    expected = [pick_client_name(weights, n) for n in range(60)]
+    rotation = ClientRotation(weights)
+    assert [rotation.at(n) for n in range(60)] == expected
+    skipping = ClientRotation(weights)
+    assert [skipping.at(n) for n in range(1, 60, 3)] == expected[1:60:3]
+    assert skipping.at(2) == expected[2] and skipping.at(2) == expected[2]  # back, then the same again
+    # the one-class shortcut of assign_client still keeps the cap
+    assert assign_client([("only", 1.0, 2)], 1) == "only" and assign_client([("only", 1.0, 2)], 2) is None

@@ -302,3 +302,74 @@ def test_interrupt_marks_partial_and_still_analyses(tmp_path, sim):
     assert (run_dir / "locust" / "locust_stats.csv").is_file()  # Locust wrote its CSVs on SIGINT
     assert stdout.strip().splitlines()[-1].startswith("report: ")
     assert "Traceback" not in stderr
+
+
+# --------------------------------------------------------------------------- --processes auto
+
+
+def _budget(tmp_path: Path, monkeypatch, streams: int) -> Path:
+    path = tmp_path / "budget.json"
+    path.write_text(json.dumps({"streams_per_process": streams, "rate_per_s_per_process": 1000,
+                                "measured_on": "test", "method": "test"}))
+    monkeypatch.setenv("ENVELOPE_CLIENT_BUDGET", str(path))
+    return path
+
+
+@pytest.mark.parametrize(("budget", "cores", "flags", "processes", "decided"), [
+    (100, 8, [], None, False),  # the peak (2 users) fits one process: nothing to decide
+    (1, 8, [], 2, True),  # the peak needs two: auto by default
+    (1, 8, ["--processes", "3"], 3, False),  # an explicit number wins
+    (100, 8, ["--processes", "auto"], None, True),  # asked for: decided, and one process it is
+    (1, 2, [], None, True),  # 2 cores less the launched server's two: one process, short of cores
+    (1, 8, ["--expect-workers", "2"], None, False),  # workers elsewhere are the user's arrangement
+])
+def test_processes_default_to_auto_when_the_peak_needs_more_than_one(tmp_path, monkeypatch, budget, cores, flags,
+                                                                     processes, decided):
+    from envelope.cli import _parser, _validate
+
+    _budget(tmp_path, monkeypatch, budget)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    args = _parser().parse_args(["run", "--scenario", str(tiny_scenario(tmp_path, 2)), "--profile", "cpu-tiny",
+                                 *flags])
+    plan = _validate(args)
+    assert plan.processes == processes
+    assert (plan.process_choice is not None) == decided
+    if decided:
+        assert plan.process_choice.cores == max(cores - 2, 1)  # --profile: the server runs here
+
+
+def test_processes_must_be_a_number_or_auto(tmp_path):
+    assert_usage_error(tmp_path, ["run", "--scenario", str(SMOKE), "--host", "http://127.0.0.1:9",
+                                  "--processes", "many"], r"argument --processes: invalid value 'many': a number of "
+                                                          r"processes or 'auto'")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_too_few_cores_warn_in_one_line_before_the_run_and_the_stage_over_budget_is_flagged(tmp_path, sim,
+                                                                                            monkeypatch):
+    url, key = sim
+    out = tmp_path / "runs"
+    budget = _budget(tmp_path, monkeypatch, 1)  # one stream per process: the 2-user stage is over it
+    proc = subprocess.run(envelope_cmd("run", "--scenario", str(tiny_scenario(tmp_path, 2)), "--host", url,
+                                       "--out", str(out)),
+                          env={**os.environ, "ENVELOPE_API_KEY": key, "ENVELOPE_CLIENT_BUDGET": str(budget)},
+                          capture_output=True, text=True, timeout=170, cwd=REPO,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.splitlines()
+    warnings = [line for line in err if line.startswith("envelope: warning:")]
+    assert warnings == ["envelope: warning: this machine has 1 core for the load generator but the scenario's peak "
+                        "(peak 2 streams) needs 2 processes (one process times 1 streams or paces 1000 requests/s "
+                        "accurately); stages above the budget will be flagged in the report"]
+    assert err.index(warnings[0]) < next(i for i, line in enumerate(err) if "Locust started" in line)
+    (run_dir,) = out.iterdir()
+    stages = json.loads((run_dir / "stages.json").read_text())["stages"]
+    assert [(s["client_processes"], s["client_budget_streams_per_process"]) for s in stages] == [(1, 1), (1, 1)]
+    import csv
+
+    with open(run_dir / "report" / "table.csv", newline="") as fh:
+        rows = {r["target_users"]: r for r in csv.DictReader(fh)}
+    assert rows["1"]["client_over_budget"] == ""
+    assert rows["2"]["client_over_budget"].startswith("load generator over its budget: 2 streams per process")
+    assert rows["2"]["trustworthy"] == "False" and "over its budget" in rows["2"]["untrustworthy_reasons"]
