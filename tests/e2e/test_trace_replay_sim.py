@@ -99,12 +99,18 @@ def test_a_trace_is_replayed_on_time_with_its_lengths_and_shared_prefixes(sim_ur
     assert Counter(r["stage_name"] for r in recs) == {"x1": 60, "x4": 60}
     assert all(r["error_category"] is None for r in recs)
 
-    # on time: send lag (actual send minus schedule), from the records and as the table reports it
+    # on time: send lag (actual send minus schedule), from the records and as the table reports it.
+    # How close to the schedule one process paces is a benchmark's figure (client_capacity.py --only rate:
+    # p99 about 1 ms at 100/s on an idle box), not this test's: on this 2-vCPU VM a single send among 60
+    # sometimes wakes 5-8 ms late even when idle (one such send is the p99 of 60), so a 5 ms bound failed
+    # on noise. What the test holds is that the replay keeps its schedule at all: a dispatcher that slept
+    # whole gaps, or dispatched late by a rotation walk, was tens of ms to seconds late at the median.
     table = {r.stage_name: r for r in envelope_table(load_run(run_dir))}
     for stage in ("x1", "x4"):
         lag_ms = np.array([(r["t_start_s"] - r["t_intended_s"]) * 1000 for r in recs if r["stage_name"] == stage])
-        assert np.percentile(lag_ms, 99) <= 5.0, (stage, np.percentile(lag_ms, [50, 99]))
-        assert table[stage].open_loop.send_lag_p99_ms is not None and table[stage].open_loop.send_lag_p99_ms <= 5.0
+        p50, p99 = np.percentile(lag_ms, [50, 99])
+        assert 0 <= lag_ms.min() and p50 <= 2.0 and p99 <= 25.0, (stage, np.round(lag_ms, 2).tolist())
+        assert table[stage].open_loop.send_lag_p99_ms == pytest.approx(p99, abs=1e-6)
     # the schedule itself: gaps as recorded, then a quarter of them
     for stage, speed in (("x1", 1.0), ("x4", 4.0)):
         mine = sorted((r for r in recs if r["stage_name"] == stage), key=lambda r: r["source_index"])
