@@ -12,6 +12,8 @@ from gevent import monkey
 from geventhttpclient import connectionpool
 from locust import argument_parser, runners, stats
 
+from locustfiles.transports import JUST_CHECKED
+
 # Seconds of silence before the master calls a worker missing (Locust's default is 3 missed
 # 1-second heartbeats). On a box shared with the server, a worker's event loop can stall for
 # several seconds; a worker declared missing has its users moved to the others mid-stage, and
@@ -69,7 +71,12 @@ def _socket_alive_without_yield():
     descriptors at or above 1024 (FD_SETSIZE); the check read that as a dead connection, so past
     about a thousand open connections every request closed its connection and opened a new one.
     The unpatched ``poll`` asks the same question (readable, hung up or in error while idle: not
-    reusable) with neither."""
+    reusable) with neither.
+
+    A connection the pool was told about under :data:`JUST_CHECKED` passes without the question:
+    the transport took it from this pool a moment before (checked then, or opened then) and nothing
+    ran since. Asking again would read a server that resets a connection at accept as a stale
+    idle connection and reconnect silently, so a refused connection would never fail a request."""
     original = connectionpool.ConnectionPool._is_socket_alive
     if getattr(original, "_envelope_no_yield", False):
         return original
@@ -80,6 +87,8 @@ def _socket_alive_without_yield():
     def _is_socket_alive(self, sock) -> bool:
         if sock is None:
             return False
+        if sock is self.__dict__.pop(JUST_CHECKED, None):
+            return True  # handed over by transports._connect_ahead: answered (or opened) just now
         try:
             fd = sock.fileno()
             if fd < 0:

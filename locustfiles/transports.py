@@ -18,9 +18,12 @@ from envelope.records import ErrorCategory
 from envelope.stream import StreamObserver
 from locustfiles.errors import category_for_exception
 
-__all__ = ["Outcome", "RequestSpec", "stream_fasthttp", "stream_openai"]
+__all__ = ["JUST_CHECKED", "Outcome", "RequestSpec", "stream_fasthttp", "stream_openai"]
 
 perf_counter = time.perf_counter
+# The pool attribute naming the connection whose liveness was settled a moment ago, for the pool's
+# very next check only (_connect_ahead sets it; the check in patches.py takes it).
+JUST_CHECKED = "_envelope_just_checked"
 _yield = gevent.sleep  # gevent.sleep() with no delay: a turn for every other ready greenlet
 
 
@@ -154,12 +157,20 @@ def _connect_ahead(client) -> None:
     greenlets run meanwhile. Done here, before the start stamp, the request then
     finds this connection on top of its pool (a LIFO queue; no other greenlet
     runs in between) and goes from the stamp to the socket without a yield.
-    The liveness check it repeats does not yield either (``patches.py``).
+
+    The pool checks an idle connection before handing it out (a stale keep-alive
+    connection is replaced, as every client does); the request's own take is told
+    that this one was settled just now (:data:`JUST_CHECKED`, read in ``patches.py``) and does not ask
+    again. A connection opened here goes to the request unchecked, as one opened
+    inside ``request`` would: a server that resets it at accept fails this request
+    (``connection_closed``) instead of being replaced by a silent reconnect.
     """
     cp = getattr(client, "_connection_pool", None)
     if cp is None or not hasattr(cp, "get_socket"):
         return
-    cp.return_socket(cp.get_socket())
+    sock = cp.get_socket()
+    cp.return_socket(sock)
+    setattr(cp, JUST_CHECKED, sock)
 
 
 def stream_fasthttp(pool, base_url: str, spec: RequestSpec, obs: StreamObserver) -> Outcome:
