@@ -78,7 +78,8 @@ def test_a_constant_rate_is_delivered_on_schedule_and_its_send_lag_recorded(sim_
     with open(run_dir / "report" / "table.csv", newline="") as fh:
         (row,) = [r for r in csv.DictReader(fh) if r["stage_name"] == "c20"]
     assert float(row["achieved_rate_per_s"]) == pytest.approx(achieved)
-    assert float(row["send_lag_p99_ms"]) == pytest.approx(float(np.percentile(lags, 99)) * 1000.0)
+    # table.csv holds 6 decimals (analysis/table.py): at a sub-millisecond lag that is 6 digits, not 7
+    assert float(row["send_lag_p99_ms"]) == pytest.approx(float(np.percentile(lags, 99)) * 1000.0, abs=1e-6)
     assert (row["trustworthy"] == "True") == (achieved >= 20.0 * 0.98 and not row["untrustworthy_reasons"])
 
 
