@@ -23,10 +23,11 @@ _CODE = textwrap.dedent("""
     import locust  # monkey-patches the standard library, as in a real run
     import gevent, greenlet, time
     from gevent import socket as gsocket
-    from geventhttpclient.client import HTTPClientPool
     from envelope.stream import StreamObserver
+    sys.path.insert(0, "tests")
+    from helpers.fasthttp_sim import chat_spec, client_pool
     from locustfiles import patches
-    from locustfiles.transports import RequestSpec, stream_fasthttp
+    from locustfiles.transports import stream_fasthttp
     from server.sim import SimConfig, SimServer
 
     if sys.argv[1] == "patched":
@@ -59,11 +60,7 @@ _CODE = textwrap.dedent("""
 
     sim = SimServer(SimConfig(ttft_s=0.005, itl_s=0.001)).start_in_subprocess()
     try:
-        body = {"model": "sim-model", "messages": [{"role": "user", "content": " a b c"}], "stream": True,
-                "max_tokens": 4}
-        spec = RequestSpec(path="/v1/chat/completions", body=body, headers={}, connect_timeout_s=5,
-                           first_token_timeout_s=10, total_timeout_s=20)
-        pool = HTTPClientPool(connection_timeout=5, network_timeout=30)
+        spec, pool = chat_spec(), client_pool()
         outcomes = []
 
         def two_requests():
