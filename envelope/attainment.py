@@ -21,7 +21,9 @@ honest at small counts and at attainment near 1, where the normal approximation
 is not. **Goodput** = good requests (and their output tokens) per second.
 
 Pure: no Locust, no pandas (the analysis applies the same thresholds to its
-frame through :func:`good_mask`).
+frame through :func:`good_mask`). scipy is imported on first use, since most
+importers never compute an interval; a process that computes them while it
+measures calls :func:`preload_statistics` before the load starts.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "thresholds_from_slos",
     "attainment_target",
     "wilson_interval",
+    "preload_statistics",
     "judge_record",
     "good_mask",
 ]
@@ -93,6 +96,18 @@ def attainment_target(slos: Mapping[str, float]) -> float:
     """The share of good requests a stage must reach (``attainment_min``, default 0.95)."""
     value = slos.get("attainment_min")
     return DEFAULT_ATTAINMENT_TARGET if value is None else float(value)
+
+
+def preload_statistics() -> None:
+    """Import what :func:`wilson_interval` and :func:`envelope.search.requests_to_pass` use, now.
+
+    Importing ``scipy.stats`` takes 1.9 s of CPU on a slow 2-core box. The Locust process that steers a
+    search, or serves the live LLM tab, computes intervals while requests are in flight; imported there on
+    first use (the first probe's first decision) it blocked the gevent loop for 1.1-1.9 s, and every
+    request in flight measured it: their TTFT and ITL grew by it, and the probe was flagged NOT TRUSTWORTHY
+    for a stall of the load generator's own making. So that process calls this before the load starts.
+    """
+    import scipy.stats  # noqa: F401  (binomtest, norm)
 
 
 def wilson_interval(good: int, judged: int, *, confidence: float = 0.95) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from locustfiles.search_driver import SearchDriver, announced_stage
 from locustfiles.server_probe import dataset_key, probe_server
 from locustfiles.sources import DatasetSampler, MeasuredDataset
 from locustfiles.stage_clock import ManualStage, StageClock
+from locustfiles.transports import preload_openai
 
 __all__ = ["EnvelopeRun", "ManualStage", "STAGE_MESSAGE", "WorkerReport"]
 
@@ -151,6 +152,8 @@ class EnvelopeRun:
         # Without a scenario, or with --manual, the operator drives the user count from the web UI.
         manual = not self.scenario_path or bool(getattr(options, "manual", False))
         self.stage_clock = StageClock(stages, manual=manual, on_change=self.files.write_stages)
+        if any(c.transport == "openai" for s in stages for c in s.clients):
+            preload_openai()
         # the master (or the one local process) steers search passes; workers follow its announcements
         self.search: SearchDriver | None = None
         if not manual and not self.is_worker and any(s.search is not None for s in stages):

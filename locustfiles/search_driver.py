@@ -28,7 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from envelope.attainment import Attainment, attainment_target, judge_record, thresholds_from_slos
+from envelope.attainment import (Attainment, attainment_target, judge_record, preload_statistics,
+                                 thresholds_from_slos)
 from envelope.progress import RecordTailer
 from envelope.scenario import ResolvedStage, probe_stage_name
 from envelope.search import ProbeResult, bracket, min_requests_for, next_probe, probe_sample
@@ -59,6 +60,7 @@ class SearchDriver:
         self._probes: dict[str, list[ProbeResult]] = {}
         self._entries: dict[str, SearchEntry] = {}
         self._decided: set[int] = set()  # stage indexes of probes already judged
+        preload_statistics()  # not in the middle of the first probe, where it would stall every request in flight
 
     @property
     def entries(self) -> list[SearchEntry]:

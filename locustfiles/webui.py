@@ -52,6 +52,7 @@ import gevent.lock
 from flask import Blueprint, Response, jsonify, make_response, request, send_file, send_from_directory
 from locust import events
 
+from envelope.attainment import preload_statistics
 from envelope.progress import RecordTailer
 from locustfiles import live
 
@@ -145,6 +146,7 @@ class LiveConsole:
             {"href": "./llm/report.zip", "title": "Download the envelope report with tables and graphs (zip)"},
         ])
         self.environment.events.reset_stats.add_listener(self._on_reset_stats)
+        preload_statistics()  # the tab's attainment interval: not imported mid-load, stalling the requests
         self._greenlets = [gevent.spawn(self._tick_loop), gevent.spawn(self._scrape_loop)]
 
     def _on_reset_stats(self, **_kw) -> None:

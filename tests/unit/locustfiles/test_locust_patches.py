@@ -214,3 +214,31 @@ def test_a_worker_runs_the_masters_scenario_whatever_it_was_given(tmp_path):
     assert out["model"] == "tiny-qwen3"
     assert out["warnings"] == ["envelope: this worker's --scenario differs from the master's; running the master's "
                                "(/on/the/master/capstone.yaml)"]
+
+
+def test_a_scenario_with_openai_users_imports_the_sdk_before_the_load(tmp_path):
+    """Imported on the first openai request, in the gevent loop, the SDK (1.7 s of CPU on a slow box)
+    stalled every request in flight; a scenario with an openai client class has it imported when the run
+    is set up, and one without never pays for it."""
+    scenarios = {}
+    for transport in ("fasthttp", "openai"):
+        path = tmp_path / f"{transport}.yaml"
+        path.write_text(f"name: mix\nclients:\n  - {{name: app, client: {transport}}}\n  - {{name: bench}}\n"
+                        "passes:\n  - name: p\n    stages: [{users: 2, duration_s: 5}]\n")
+        scenarios[transport] = str(path)
+    out = _run(f"""
+        import json, sys, locust
+        from types import SimpleNamespace
+        from locustfiles.context import EnvelopeRun
+
+        seen = {{}}
+        for transport, path in {scenarios!r}.items():
+            options = SimpleNamespace(worker=False, master=False, scenario=path, quick=False, duration_scale=None,
+                                      manual=False, model="", api_key_env="", api_key_file="", record_text=False,
+                                      run_dir="", csv_prefix=None)
+            ctx = EnvelopeRun(SimpleNamespace(runner=None), options)
+            seen[transport] = ("openai" in sys.modules, sorted({{c.transport for s in ctx.stages for c in s.clients}}))
+        print(json.dumps(seen))
+    """)
+    assert out["fasthttp"] == [False, ["fasthttp"]]  # set up first: nothing imported openai yet
+    assert out["openai"] == [True, ["fasthttp", "openai"]]

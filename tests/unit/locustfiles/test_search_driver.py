@@ -126,3 +126,43 @@ def test_judging_waits_until_requests_in_flight_fall_to_the_probes_users(tmp_pat
     # sent from 1012 s (when the slow ones ended), ended by 1020 s, not in the last second
     expected = sum(1 for i in range(40) if 1012.0 <= 1005.0 + 0.45 * i < 1019.0)
     assert (entry.probes[0].good, entry.probes[0].judged) == (expected, expected)
+
+
+_NOTHING_IMPORTED_MID_PROBE = '''
+import sys, orjson
+from envelope.scenario import load_scenario
+from locustfiles.search_driver import SearchDriver
+from locustfiles.stage_clock import StageClock
+
+text = "name: s\\ndefaults: {slos: {ttft_ms: 200}}\\npasses:\\n  - name: find\\n    search: {start: 4, probe_s: 20}\\n"
+clock = StageClock(load_scenario("s.yaml", text=text).resolve(), manual=False, on_change=lambda log: None)
+records = sys.argv[1]
+driver = SearchDriver(clock, records_dir=lambda: __import__("pathlib").Path(records), write=lambda e: None)
+with open(records + "/h_1.jsonl", "wb") as fh:
+    for i in range(100):
+        done = 1003.0 + 0.5 * i
+        fh.write(orjson.dumps({"stage_index": 0, "pass_name": "find", "wall_start_unix_s": done - 0.5,
+                               "t_start_s": 10.0, "t_first_token_s": 10.1, "t_last_token_s": 10.4, "t_done_s": 10.5,
+                               "output_tokens": 10, "error_category": None}) + b"\\n")
+clock.enter(0, now_unix_s=1000.0)
+before = set(sys.modules)
+assert driver.step(stage_index=0, stage_elapsed_s=55.0, now_unix_s=1055.0)  # judged: interval and request count
+print(sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("scipy", "numpy", "pandas")))
+'''
+
+
+def test_deciding_a_probe_imports_nothing_while_requests_are_in_flight(tmp_path):
+    """The driver is built before the load; its first decision comes mid-probe, in the gevent loop that times
+    every request in flight. Importing scipy.stats there (1.9 s on a slow box) stalled them all, so the
+    driver imports it when it is built (envelope.attainment.preload_statistics)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    records = tmp_path / "records"
+    records.mkdir()
+    repo = Path(__file__).resolve().parents[3]
+    proc = subprocess.run([sys.executable, "-c", _NOTHING_IMPORTED_MID_PROBE, str(records)], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
