@@ -111,7 +111,7 @@ class SweepSummary:
 def _level(v: float | None, unit: str) -> str:
     if v is None:
         return "-"
-    return f"{plain_number(v)} {'users' if unit == 'users' else 'req/s'}"
+    return f"{plain_number(v)} {('user' if v == 1 else 'users') if unit == 'users' else 'req/s'}"
 
 
 def _cell(b: PassBoundary, price: Any) -> SweepCell:
@@ -294,7 +294,9 @@ def _bracket_text(c: SweepCell | None) -> str:
     if c.passed_level is None and c.failed_level is None:
         return f"({c.status})"
     if c.passed_level is None:
-        return f"below {_level(c.failed_level, c.unit)} (failed at the lowest)"
+        # a search's lower levels may be unresolved, not failed; fixed stages have no such third verdict
+        why = "none passed with confidence" if c.kind == "search" else "failed at the lowest"
+        return f"below {_level(c.failed_level, c.unit)} ({why})"
     if c.failed_level is None:
         return f"≥ {_level(c.passed_level, c.unit)} (nothing failed)"
     return f"{_level(c.passed_level, c.unit)} [failed at {plain_number(c.failed_level)}]"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from analysis.sweep import SweepCell, SweepRow, best_choices
+import dataclasses
+
+from analysis.sweep import SweepCell, SweepRow, _table, best_choices
 
 
 def _cell(passed, failed, tps=100.0, unit="users", flagged=False):
@@ -76,3 +78,13 @@ def test_every_configuration_is_planned_for_one_common_target():
     unpriced = [SweepRow(label="a", settings={}, host=None, run_dir="a", status="complete", failure=None,
                          log_tail=None, cells={"chat": priced(4, 5, usd=None)})]
     assert sweep_plans(unpriced, ["chat"]) == []
+
+
+def test_the_boundary_column_says_what_each_end_was():
+    """A search whose lowest levels were unresolved did not fail there: only fixed stages fail at the lowest."""
+    stages = dataclasses.replace(_cell(None, 1), kind="stages")
+    rows = [_row("vllm", _cell(4, None)), _row("plain", _cell(None, 2)), _row("cb", _cell(2, 4)),
+            _row("fixed", stages)]
+    cells = {r[0]: r[2] for r in _table(rows, "chat")[1:]}
+    assert cells == {"vllm": "≥ 4 users (nothing failed)", "plain": "below 2 users (none passed with confidence)",
+                     "cb": "2 users [failed at 4]", "fixed": "below 1 user (failed at the lowest)"}
