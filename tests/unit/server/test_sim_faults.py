@@ -109,7 +109,9 @@ def test_stall_before_first_token_and_after_k():
         _, ev = read_stream(c, url)
         content = ev[1:-2]  # drop role, usage-only and [DONE]
         gaps = [b[0] - a[0] for a, b in zip(content, content[1:])]
-        assert gaps[1] >= 0.3 and max(gaps[:1] + gaps[2:]) < 0.15
+        # the stall falls between the 2nd and 3rd chunks; read times, not send times, so a late read of the
+        # 2nd chunk shortens the gap a little (0.298 s seen on a slow box): the stall is what stands out
+        assert gaps[1] >= 0.25 and max(gaps[:1] + gaps[2:]) < 0.15, gaps
         assert injected(c, url) == {"stall": 2}
         assert [t["stall_s"] for t in c.get(f"{url}/sim/truth").json()] == [0.3, 0.3]
 
