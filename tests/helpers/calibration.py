@@ -4,7 +4,7 @@ Machines differ (CI's 2 cores have run 3x slower than the day before), so a test
 to pass one load and fail another cannot fix the target in milliseconds: it measures the workload's
 streamed requests on the session's ``cpu-tiny`` server, ``n`` at once, just before, and sets the target
 between what a request that starts at once sees and what one that waits for a batch slot sees.
-An idle ``cpu-tiny`` server costs no CPU (measured: 0.00 CPU-seconds a second, all its processes), so
+An idle ``cpu-tiny`` server costs about no CPU (measured: 0.01 CPU-seconds a second, all its processes), so
 the session's server may stay up while a test launches another.
 """
 
