@@ -23,7 +23,7 @@ from gevent.pool import Group
 
 from envelope.arrivals import arrival_offsets_s, process_share
 from envelope.scenario import ClientRotation, ResolvedStage
-from locustfiles.transports import stream_fasthttp, stream_openai
+from locustfiles.transports import openai_client, stream_fasthttp, stream_openai
 
 __all__ = ["OpenLoop", "concurrency_share"]
 
@@ -199,8 +199,8 @@ class OpenLoop:
     def _transport(self, client, stage: ResolvedStage):
         host = self.environment.host
         if client.transport == "openai":
-            openai_client = self._openai_client(stage)
-            return lambda spec, obs: stream_openai(openai_client, spec, obs)
+            sdk = self._openai_client(stage)
+            return lambda spec, obs: stream_openai(sdk, spec, obs)
         pool = self._fasthttp_pool(stage)
         return lambda spec, obs: stream_fasthttp(pool, host, spec, obs)
 
@@ -217,15 +217,8 @@ class OpenLoop:
 
     def _openai_client(self, stage: ResolvedStage):
         if self._openai is None:
-            import httpx
-            import openai
-
             key = self.ctx.api_key.get() if self.ctx.api_key else "EMPTY"
-            self._openai = openai.OpenAI(
-                base_url=self.environment.host.rstrip("/") + "/v1", api_key=key, max_retries=0,
-                timeout=httpx.Timeout(None, connect=stage.timeouts.connect_s),
-                http_client=httpx.Client(limits=httpx.Limits(max_connections=_MAX_CONNECTIONS,
-                                                             max_keepalive_connections=_MAX_CONNECTIONS)),
-            )
+            self._openai = openai_client(self.environment.host, key, stage.timeouts.connect_s,
+                                         max_connections=_MAX_CONNECTIONS)
         return self._openai
 

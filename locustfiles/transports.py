@@ -18,7 +18,7 @@ from envelope.records import ErrorCategory
 from envelope.stream import StreamObserver
 from locustfiles.errors import category_for_exception
 
-__all__ = ["JUST_CHECKED", "Outcome", "RequestSpec", "stream_fasthttp", "stream_openai"]
+__all__ = ["JUST_CHECKED", "Outcome", "RequestSpec", "openai_client", "stream_fasthttp", "stream_openai"]
 
 perf_counter = time.perf_counter
 # The pool attribute naming the connection whose liveness was settled a moment ago, for the pool's
@@ -283,6 +283,24 @@ def preload_openai() -> None:
     first request instead, in the gevent loop, it stalls every request then in flight (a client mix whose
     openai users start while fasthttp users stream), and they measure the stall as server latency."""
     import openai  # noqa: F401
+
+
+def openai_client(base_url: str, api_key: str, connect_timeout_s: float, max_connections: int | None = None):
+    """An ``openai.OpenAI`` client for ``base_url`` (the server root): no retries, no read timeout (our
+    own timers keep time), ``connect_timeout_s`` to connect, and ``max_connections`` if given.
+
+    The timeout and the connection pool are built with the SDK's own types, never ``httpx``'s by name:
+    from openai 3.6x the SDK runs on ``httpx2`` and refuses an ``httpx.Timeout`` with a TypeError when
+    the client is made."""
+    import openai
+
+    extra = {}
+    if max_connections is not None:
+        limits_type = type(openai.DEFAULT_CONNECTION_LIMITS)  # httpx.Limits or httpx2.Limits
+        limits = limits_type(max_connections=max_connections, max_keepalive_connections=max_connections)
+        extra["http_client"] = openai.DefaultHttpxClient(limits=limits)
+    return openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key, max_retries=0,
+                         timeout=openai.Timeout(None, connect=connect_timeout_s), **extra)
 
 
 def stream_openai(client, spec: RequestSpec, obs: StreamObserver) -> Outcome:

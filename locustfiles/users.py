@@ -23,7 +23,7 @@ from envelope.stream import StreamObserver
 from locustfiles.context import EnvelopeRun
 from locustfiles.open_loop import concurrency_share
 from locustfiles.sources import ConversationState, RequestPlan, dataset_prompt
-from locustfiles.transports import RequestSpec, stream_fasthttp, stream_openai
+from locustfiles.transports import RequestSpec, openai_client, stream_fasthttp, stream_openai
 
 __all__ = ["LLMUser", "LLMRequestError", "build_request", "send_one", "report"]
 
@@ -84,16 +84,8 @@ class LLMUser(FastHttpUser):
 
     def _openai_client(self):
         if self._openai is None:
-            import httpx
-            import openai
-
             key = self.ctx.api_key.get() if self.ctx.api_key else "EMPTY"
-            self._openai = openai.OpenAI(
-                base_url=self.host.rstrip("/") + "/v1",
-                api_key=key,
-                max_retries=0,
-                timeout=httpx.Timeout(None, connect=self.connection_timeout),
-            )
+            self._openai = openai_client(self.host, key, self.connection_timeout)
         return self._openai
 
     @task

@@ -83,6 +83,20 @@ def test_a_constant_rate_is_delivered_on_schedule_and_its_send_lag_recorded(sim_
     assert (row["trustworthy"] == "True") == (achieved >= 20.0 * 0.98 and not row["untrustworthy_reasons"])
 
 
+def test_an_open_loop_stage_sends_through_the_openai_sdk(sim_url, tmp_path):
+    # the open-loop dispatcher makes its own SDK client, with a connection pool as large as its cap
+    # (the closed-loop users' client is the one test_client_vs_sim_truth drives)
+    scenario = _scenario(tmp_path, "      - {name: c10, rate_per_s: 10, arrival: constant, duration_s: 2}\n")
+    scenario.write_text(scenario.read_text().replace("defaults:\n", "defaults:\n  client: openai\n"))
+    run_dir = tmp_path / "run"
+    proc = run_locust(sim_url, None, scenario, run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = records(run_dir)
+    assert len(recs) == 20 == locust_request_count(run_dir)
+    assert [r["error_category"] for r in recs if r["error_category"]] == []
+    assert all(r["output_tokens"] == 8 for r in recs)
+
+
 def test_two_processes_share_the_rate_exactly(sim_url, tmp_path):
     # 20/s for 3 s: the same 60 arrivals a stage as 10/s for 6 s, in half the time
     scenario = _scenario(tmp_path, "      - {name: c20, rate_per_s: 20, arrival: constant, duration_s: 3}\n"

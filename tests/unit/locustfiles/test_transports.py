@@ -10,7 +10,7 @@ from geventhttpclient.client import HTTPClientPool
 
 from envelope.records import ErrorCategory
 from envelope.stream import StreamObserver
-from locustfiles.transports import RequestSpec, stream_fasthttp, stream_openai
+from locustfiles.transports import RequestSpec, openai_client, stream_fasthttp, stream_openai
 from server.sim import FaultSpec, SimConfig, SimServer
 
 
@@ -21,10 +21,10 @@ def _request(base_url: str, *, first_token_s: float = 5.0, total_s: float = 10.0
     spec = RequestSpec(path="/v1/chat/completions", body=body, headers={}, connect_timeout_s=2,
                        first_token_timeout_s=first_token_s, total_timeout_s=total_s)
     obs = StreamObserver(time.perf_counter())
-    if transport == "openai":
-        import openai
-
-        with openai.OpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=30) as client:
+    if transport.startswith("openai"):
+        # the clients the users (one connection) and the open-loop dispatcher (a pool) make
+        pool = 4 if transport == "openai-pool" else None
+        with openai_client(base_url, "EMPTY", spec.connect_timeout_s, max_connections=pool) as client:
             out = stream_openai(client, spec, obs)
     else:
         pool = HTTPClientPool(connection_timeout=2, network_timeout=30)
@@ -47,7 +47,7 @@ def _sim(*faults: FaultSpec):
         server.stop()
 
 
-@pytest.mark.parametrize("transport", ["fasthttp", "openai"])
+@pytest.mark.parametrize("transport", ["fasthttp", "openai", "openai-pool"])
 def test_a_clean_stream_is_recorded_whole(transport):
     with _sim() as base:
         out, rec = _request(base, transport=transport)
