@@ -36,7 +36,7 @@ lock:
 	$(BIN)/python -c 'import json, sys; r = json.load(open(sys.argv[1])); \
 	pins = sorted((i["metadata"]["name"].lower().replace("_", "-"), i["metadata"]["version"]) for i in r["install"]); \
 	print("# Written by make lock from pyproject.toml: every package make setup installs, pinned."); \
-	print("\n".join(f"{n}=={v}" for n, v in pins if n != "llm-envelope"))' $(VENV)/lock-report.json > $(LOCK)
+	print("\n".join(f"{n}=={v}" for n, v in pins if n != "llm-envelope"))' $(VENV)/lock-report.json > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 # The web UI test drives Debian's chromium through Playwright (never `playwright install`:
 # its download is unreachable here). Installed when we can (root with apt, as in CI);
